@@ -1,0 +1,32 @@
+# firekit: `make demo` and `make test` work on a fresh machine (they create .venv first).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first and pinned: a CPU build of 2.13.0 is what the project is tested with.
+# Elsewhere, point pip at a CPU wheel index (PIP_EXTRA_INDEX_URL) or set TORCH_SPEC to your build.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.firekit-installed
+DEMO_OUT ?= results
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/firekit demo --out $(DEMO_OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) bench/model_cost.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build *.egg-info

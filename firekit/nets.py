@@ -1,0 +1,187 @@
+"""n-D building blocks of FIRE (Sections 3.2-3.3): encoder G, decoder F, affine and flow heads.
+
+Every block is written once; ``ndim`` (2 or 3) picks ``Conv2d``/``Conv3d`` etc.
+Tensors are ``(B, C, *spatial)``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as nnf
+
+__all__ = ["ConvBlock", "ResBlock", "Encoder", "Decoder", "AffineHead", "FlowHead"]
+
+
+def _conv(ndim: int) -> type[nn.Module]:
+    return getattr(nn, f"Conv{ndim}d")
+
+
+def _instance_norm(ndim: int, channels: int) -> nn.Module:
+    return getattr(nn, f"InstanceNorm{ndim}d")(channels, affine=False)
+
+
+def _activation(leaky: float | None) -> nn.Module:
+    return nn.LeakyReLU(leaky, inplace=True) if leaky else nn.ReLU(inplace=True)
+
+
+class ConvBlock(nn.Sequential):
+    """Conv -> instance norm (optional) -> ReLU / LeakyReLU.
+
+    The conv has no bias when a norm follows it (instance norm removes it anyway,
+    and a bias with zero gradient would only confuse gradient checks).
+    """
+
+    def __init__(
+        self,
+        ndim: int,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        norm: bool = True,
+        leaky: float | None = None,
+    ):
+        layers: list[nn.Module] = [
+            _conv(ndim)(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=not norm)
+        ]
+        if norm:
+            layers.append(_instance_norm(ndim, out_channels))
+        layers.append(_activation(leaky))
+        super().__init__(*layers)
+
+
+class ResBlock(nn.Module):
+    """CycleGAN residual block: x + IN(conv(act(IN(conv(x)))))."""
+
+    def __init__(self, ndim: int, channels: int, leaky: float | None = None):
+        super().__init__()
+        conv = _conv(ndim)
+        self.body = nn.Sequential(
+            conv(channels, channels, 3, padding=1, bias=False),
+            _instance_norm(ndim, channels),
+            _activation(leaky),
+            conv(channels, channels, 3, padding=1, bias=False),
+            _instance_norm(ndim, channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Encoder(nn.Module):
+    """G: 7x7 conv (stride 1), two 3x3 stride-2 convs, residual blocks (Section 3.2).
+
+    Maps ``(B, in_channels, *S)`` to latent features ``(B, widths[2], *S/4)``.
+    """
+
+    def __init__(self, ndim: int, in_channels: int, widths: Sequence[int], n_res: int):
+        super().__init__()
+        w0, w1, w2 = widths
+        self.net = nn.Sequential(
+            ConvBlock(ndim, in_channels, w0, 7),
+            ConvBlock(ndim, w0, w1, 3, stride=2),
+            ConvBlock(ndim, w1, w2, 3, stride=2),
+            *[ResBlock(ndim, w2) for _ in range(n_res)],
+        )
+        self.out_channels = w2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """F: residual blocks, two x2 upsampling 3x3 convs, a 7x7 conv block, 1x1 conv + tanh.
+
+    Maps features ``(B, widths[2], *S/4)`` to an image ``(B, out_channels, *S)`` in [-1, 1].
+    Upsampling is resize-then-convolve (stride-1 convs, as Section 3.2 states).
+    """
+
+    def __init__(
+        self, ndim: int, out_channels: int, widths: Sequence[int], n_res: int, head_channels: int = 3
+    ):
+        super().__init__()
+        w0, w1, w2 = widths
+        self.mode = "bilinear" if ndim == 2 else "trilinear"
+        self.res = nn.Sequential(*[ResBlock(ndim, w2) for _ in range(n_res)])
+        self.up1 = ConvBlock(ndim, w2, w1, 3)
+        self.up2 = ConvBlock(ndim, w1, w0, 3)
+        self.head = nn.Sequential(
+            ConvBlock(ndim, w0, head_channels, 7),
+            _conv(ndim)(head_channels, out_channels, 1),
+            nn.Tanh(),
+        )
+
+    def _upsample(self, x: torch.Tensor) -> torch.Tensor:
+        return nnf.interpolate(x, scale_factor=2, mode=self.mode, align_corners=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.res(features)
+        x = self.up1(self._upsample(x))
+        x = self.up2(self._upsample(x))
+        return self.head(x)
+
+
+class AffineHead(nn.Module):
+    """T_af: conv stack on concatenated features, global average pooling, two dense layers.
+
+    Three stride-2 convs (kernels 7, 5, 3) with LeakyReLU; instance norm on the first
+    two only. An instance norm right before the pooling would make every pooled
+    channel a constant (its mean is zero by construction), and the head would ignore
+    its input (measured, see FINDINGS.md). The last dense layer starts at zero weight
+    and identity bias, so the head starts at the identity transform.
+
+    ``forward(features (B, 2*C, *s)) -> theta (B, ndim, ndim + 1)`` in normalised coordinates.
+    """
+
+    def __init__(
+        self,
+        ndim: int,
+        in_channels: int,
+        channels: Sequence[int] = (8, 10, 20),
+        hidden: int = 32,
+        leaky: float = 0.2,
+    ):
+        super().__init__()
+        c1, c2, c3 = channels
+        self.ndim = ndim
+        self.features = nn.Sequential(
+            ConvBlock(ndim, in_channels, c1, 7, stride=2, leaky=leaky),
+            ConvBlock(ndim, c1, c2, 5, stride=2, leaky=leaky),
+            ConvBlock(ndim, c2, c3, 3, stride=2, norm=False, leaky=leaky),
+        )
+        self.dense = nn.Sequential(nn.Linear(c3, hidden), nn.LeakyReLU(leaky, inplace=True))
+        self.out = nn.Linear(hidden, ndim * (ndim + 1))
+        nn.init.zeros_(self.out.weight)
+        with torch.no_grad():
+            self.out.bias.copy_(torch.eye(ndim, ndim + 1).flatten())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.features(features)
+        x = x.flatten(2).mean(dim=2)  # global average pooling
+        theta = self.out(self.dense(x))
+        return theta.view(-1, self.ndim, self.ndim + 1)
+
+
+class FlowHead(nn.Module):
+    """T_nr: parallel conv branches on the two features, concatenation, residual block, conv + tanh.
+
+    ``forward(moving (B, C, *s), fixed (B, C, *s)) -> u (B, ndim, *s)``, a displacement in
+    normalised coordinates (tanh keeps it in [-1, 1], the whole field of view). The last
+    conv starts with tiny weights so the initial field is almost zero but gradients flow.
+    """
+
+    def __init__(self, ndim: int, in_channels: int, channels: int = 64, leaky: float = 0.2):
+        super().__init__()
+        self.moving_branch = ConvBlock(ndim, in_channels, channels, 3, leaky=leaky)
+        self.fixed_branch = ConvBlock(ndim, in_channels, channels, 3, leaky=leaky)
+        self.res = ResBlock(ndim, 2 * channels, leaky=leaky)
+        self.out = _conv(ndim)(2 * channels, ndim, 3, padding=1)
+        nn.init.normal_(self.out.weight, std=1e-5)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.moving_branch(moving), self.fixed_branch(fixed)], dim=1)
+        return torch.tanh(self.out(self.res(x)))
