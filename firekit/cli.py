@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=60.0, help="stop training after this many seconds (default 60)")
     demo.add_argument("--size", type=int, default=64, help="image side in pixels, a multiple of 4 >= 32 (default 64)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--modality-b", default="t1", choices=["t1", "t2", "flair"],
-                      help="contrast of the fixed image; the moving one is T1 (default t1: mono-modal)")
+    demo.add_argument("--modality-b", default="t2", choices=["t1", "t2", "flair"],
+                      help="contrast of the fixed image; the moving one is T1 (default t2: multi-modal; t1: mono-modal)")
     demo.set_defaults(func=_demo)
     return parser
 

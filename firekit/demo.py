@@ -26,7 +26,7 @@ def _dice_line(labels_warped: torch.Tensor, labels_fixed: torch.Tensor) -> str:
 
 
 def run_demo(out: Path, steps: int = 400, seconds: float = 60.0, size: int = 64, seed: int = 0,
-             modality_b: str = "t1") -> dict:
+             modality_b: str = "t2") -> dict:
     """Train, register, and write ``model.pt``, ``losses.csv``, ``metrics.txt``, ``registration.png``.
 
     Returns:
@@ -46,7 +46,7 @@ def run_demo(out: Path, steps: int = 400, seconds: float = 60.0, size: int = 64,
     print(f"  Dice before registration: {_dice_line(pair.labels_a, pair.labels_b)}")
     rows, start = [], time.perf_counter()
     for step in range(steps):
-        loss = train_step(model, optimizers, pair.x_a, pair.x_b, train_config.grad_clip)
+        loss = train_step(model, optimizers, pair.x_a, pair.x_b, train_config.grad_clip, step, train_config.warmup_steps)
         elapsed = time.perf_counter() - start
         rows.append({"step": step, "seconds": round(elapsed, 3), **loss.as_floats()})
         if step % 25 == 0 or step == steps - 1:

