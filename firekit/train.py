@@ -50,7 +50,7 @@ TRAIN_PRESETS: dict[str, dict] = {
     # Section 3.8, for 144,000 iterations.
     "paper": dict(lr_affine=1e-5, lr_nonrigid=5e-5, lr_synthesis=1e-4),
     # Chosen by experiment for a few hundred CPU steps (README, "Presets").
-    "small": dict(lr_affine=5e-3, lr_nonrigid=1e-3, lr_synthesis=1e-3),
+    "small": dict(lr_affine=3e-3, lr_nonrigid=1e-3, lr_synthesis=1e-3),
 }
 
 
