@@ -84,11 +84,14 @@ def train_step(
         the loss terms, detached.
     """
     model.train()
-    ramp = 1.0 if not warmup_steps or step is None else min(1.0, (step + 1) / warmup_steps)
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
-        for group in optimizer.param_groups:
-            group["lr"] = group.setdefault("initial_lr", group["lr"]) * ramp
+    if warmup_steps and step is not None:
+        # Touch the rates only while warming up, so a caller's own rates or schedulers stand.
+        ramp = min(1.0, (step + 1) / warmup_steps)
+        for optimizer in optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * ramp
     loss = fire_loss(model(x_a, x_b), x_a, x_b)
     if not torch.isfinite(loss.total):
         raise FirekitError(f"loss became {float(loss.total)}; lower the learning rates or check the inputs")

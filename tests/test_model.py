@@ -132,3 +132,17 @@ def test_bad_inputs_raise_one_line_errors(tmp_path):
     with pytest.raises(FirekitError, match="not a loadable firekit checkpoint") as info:
         load(tmp_path / "junk.pt")
     assert "\n" not in str(info.value)
+
+
+def test_warmup_ramps_rates_and_leaves_them_alone_when_off():
+    model = tiny(2)
+    x_a, x_b = pair(2)
+    optimizers = make_optimizers(model, TrainConfig.from_preset("small"))
+    optimizers["affine"].param_groups[0]["lr"] = 0.5  # a caller's own rate
+    train_step(model, optimizers, x_a, x_b)
+    assert optimizers["affine"].param_groups[0]["lr"] == 0.5
+    optimizers = make_optimizers(model, TrainConfig.from_preset("small"))
+    train_step(model, optimizers, x_a, x_b, step=0, warmup_steps=4)
+    assert optimizers["synthesis"].param_groups[0]["lr"] == 1e-3 / 4
+    train_step(model, optimizers, x_a, x_b, step=9, warmup_steps=4)
+    assert optimizers["synthesis"].param_groups[0]["lr"] == 1e-3
