@@ -45,6 +45,10 @@ __all__ = [
     "mm_to_voxel",
     "jacobian_determinant",
     "inverse_consistency_error",
+    "voxel_grid",
+    "sample",
+    "normalised_affine_to_voxel",
+    "voxel_affine_to_normalised",
 ]
 
 _GRID_CACHE: dict[tuple, torch.Tensor] = {}
@@ -421,3 +425,69 @@ def inverse_consistency_error(forward: torch.Tensor, backward: torch.Tensor) -> 
     """
     residual = compose(forward, backward)
     return normalised_to_voxel(residual).norm(dim=1)
+
+
+def voxel_grid(shape: Sequence[int], like: torch.Tensor | None = None) -> torch.Tensor:
+    """Voxel index coordinates ``(1, ndim, *shape)``: channel ``i`` holds the index along axis ``i``."""
+    kwargs = {} if like is None else {"dtype": like.dtype, "device": like.device}
+    axes = [torch.arange(int(s), **kwargs) for s in shape]
+    kind = like.dtype if like is not None and like.is_floating_point() else torch.float32
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0).to(kind)
+
+
+def sample(
+    image: torch.Tensor,
+    points: torch.Tensor,
+    mode: str = "linear",
+    padding_mode: str = "zeros",
+) -> torch.Tensor:
+    """Sample ``image`` at continuous voxel coordinates (index units, not normalised).
+
+    Args:
+        image: ``(B, C, *spatial_in)``.
+        points: ``(B, ndim, *spatial_out)``; channel ``i`` is the voxel index along axis ``i``
+            of ``image`` (0 = centre of the first voxel). Batch 1 broadcasts.
+        mode: ``"linear"`` or ``"nearest"``.
+        padding_mode: ``"zeros"``, ``"border"`` or ``"reflection"``.
+
+    Returns:
+        ``(B, C, *spatial_out)``.
+    """
+    ndim = _check_field(points, "points")
+    if image.ndim != ndim + 2:
+        raise ValueError(f"image must be (B, C, *spatial) with {ndim} spatial dims, got {tuple(image.shape)}")
+    sizes = torch.tensor([max(int(s) - 1, 1) for s in image.shape[2:]], dtype=points.dtype, device=points.device)
+    normalised = points / sizes.reshape(1, ndim, *([1] * ndim)) * 2.0 - 1.0
+    normalised = normalised - identity_grid(points.shape[2:], like=points)
+    return warp(image, normalised.to(image.dtype) if image.is_floating_point() else normalised,
+                mode=mode, padding_mode=padding_mode)
+
+
+def _normalising_matrix(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """Homogeneous ``N`` with ``x_voxel = N @ x_normalised`` for a grid of ``shape``."""
+    n = len(shape)
+    matrix = torch.eye(n + 1, dtype=like.dtype, device=like.device)
+    for i, s in enumerate(shape):
+        matrix[i, i] = (int(s) - 1) / 2.0
+        matrix[i, n] = (int(s) - 1) / 2.0
+    return matrix
+
+
+def normalised_affine_to_voxel(theta: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Re-express an affine acting on normalised coordinates in voxel indices of a grid of ``shape``.
+
+    Args:
+        theta: ``(B, ndim, ndim + 1)`` normalised.
+    Returns:
+        ``(B, ndim, ndim + 1)`` with ``v' = M[:, :n] v + M[:, n]`` in voxel indices.
+    """
+    ndim = _check_theta(theta)
+    norm = _normalising_matrix(shape, theta)
+    return (norm @ _homogeneous(theta) @ torch.linalg.inv(norm))[:, :ndim]
+
+
+def voxel_affine_to_normalised(matrix: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Inverse of :func:`normalised_affine_to_voxel`: ``(B, ndim, ndim + 1)`` voxel -> normalised."""
+    ndim = _check_theta(matrix)
+    norm = _normalising_matrix(shape, matrix)
+    return (torch.linalg.inv(norm) @ _homogeneous(matrix) @ norm)[:, :ndim]

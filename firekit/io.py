@@ -1,0 +1,302 @@
+"""NIfTI in and out with nibabel, keeping affines and headers; one-line errors; atomic writes.
+
+This module (with :mod:`firekit.data` and :mod:`firekit.register`) is where millimetres and
+voxel-to-world affines live. Inside, an n-D image is a :class:`Volume`: its array in NIfTI voxel
+order, and its ``(n + 1, n + 1)`` voxel-to-world affine (RAS+ mm, nibabel's convention). A 2D image
+may be stored as ``(X, Y)`` or ``(X, Y, 1)``; both load as 2D, and 2D uses the in-plane block of the
+file's 4x4 affine (the same 2D physical space ITK/SimpleITK read from such a file).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import nibabel as nib
+import numpy as np
+
+from .errors import FirekitError
+
+__all__ = [
+    "Volume",
+    "load_volume",
+    "load_labels",
+    "save_nifti",
+    "save_volume",
+    "check_output_path",
+    "nd_affine",
+    "affine_4x4",
+    "spacing",
+    "canonical_orientation",
+    "to_canonical",
+    "from_canonical",
+    "normalise_intensity",
+    "NIFTI_INTENT_VECTOR",
+]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NIFTI_INTENT_VECTOR = 1007
+
+
+@dataclass
+class Volume:
+    """An image or label map with its geometry.
+
+    Attributes:
+        data: ``(*spatial)`` array in voxel order (2 or 3 spatial dims).
+        affine: ``(n + 1, n + 1)`` voxel index -> world mm (RAS+), n = ``data.ndim``.
+        header: the NIfTI header it came with (None for arrays).
+        path: the file it came from (None for arrays).
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    header: nib.Nifti1Header | None = field(default=None, repr=False)
+    path: Path | None = None
+
+    def __post_init__(self):
+        n = self.data.ndim
+        if n not in (2, 3):
+            raise FirekitError(f"{self.name}: expected a 2D or 3D image, got array shape {self.data.shape}")
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if self.affine.shape != (n + 1, n + 1):
+            raise FirekitError(f"{self.name}: affine must be {(n + 1, n + 1)} for a {n}D image, got {self.affine.shape}")
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.data.shape)
+
+    @property
+    def spacing(self) -> np.ndarray:
+        """Voxel size in mm along each array axis."""
+        return spacing(self.affine)
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else "array"
+
+    def with_data(self, data: np.ndarray) -> "Volume":
+        """Same geometry and header, new array (same spatial shape)."""
+        if data.shape[: self.ndim] != self.shape:
+            raise ValueError(f"new data shape {data.shape} does not match {self.shape}")
+        return replace(self, data=data, path=None)
+
+
+def spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel sizes (mm) of an ``(n + 1, n + 1)`` affine: column norms of its linear part."""
+    affine = np.asarray(affine, dtype=np.float64)
+    n = affine.shape[0] - 1
+    return np.sqrt((affine[:n, :n] ** 2).sum(axis=0))
+
+
+def nd_affine(affine4: np.ndarray, ndim: int) -> np.ndarray:
+    """The ``(n + 1, n + 1)`` affine of an n-D image from a NIfTI 4x4 (2D: the in-plane block)."""
+    affine4 = np.asarray(affine4, dtype=np.float64)
+    if ndim == 3:
+        return affine4.copy()
+    keep = [0, 1, 3]
+    return affine4[np.ix_(keep, keep)].copy()
+
+
+def affine_4x4(affine: np.ndarray, template4: np.ndarray | None = None) -> np.ndarray:
+    """NIfTI 4x4 from an n-D affine; 2D keeps the third row/column of ``template4`` (default identity)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape == (4, 4):
+        return affine.copy()
+    if affine.shape != (3, 3):
+        raise ValueError(f"affine must be 3x3 (2D) or 4x4 (3D), got {affine.shape}")
+    out = np.eye(4) if template4 is None else np.asarray(template4, dtype=np.float64).copy()
+    keep = [0, 1, 3]
+    out[np.ix_(keep, keep)] = affine
+    out[:2, 2] = 0.0 if template4 is None else out[:2, 2]
+    return out
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _load_image(path: str | os.PathLike, what: str) -> nib.Nifti1Image:
+    path = Path(path)
+    if not path.exists():
+        raise FirekitError(f"{path}: {what} not found; check the path")
+    if path.is_dir():
+        raise FirekitError(f"{path}: is a directory; pass a .nii or .nii.gz {what} file")
+    if not _is_nifti(path):
+        raise FirekitError(f"{path}: not a NIfTI file (.nii or .nii.gz); convert it first (e.g. dcm2niix)")
+    try:
+        image = nib.load(str(path))
+    except Exception as exc:  # nibabel ImageFileError, gzip/zlib errors, bad headers
+        raise FirekitError(f"{path}: cannot read as NIfTI ({_first_line(exc)}); re-export the file") from None
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise FirekitError(f"{path}: not a NIfTI image; convert it to .nii.gz")
+    return image
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
+
+
+def _read_array(image: nib.Nifti1Image, path: Path, dtype) -> np.ndarray:
+    try:
+        return np.asarray(image.dataobj, dtype=dtype)
+    except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
+        raise FirekitError(f"{path}: file is truncated or corrupt ({_first_line(exc)}); re-export or re-download it") from None
+
+
+def _spatial_array(array: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """Squeeze to 2D/3D: (X, Y, 1) -> 2D; trailing singleton time/component axes dropped."""
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim > 3:
+        raise FirekitError(
+            f"{path}: {what} has shape {array.shape} (4D or more) where a 2D/3D image is expected; "
+            "pass one volume (for cardiac cine use register-cine)"
+        )
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    if array.ndim < 2 or min(array.shape) < 2:
+        raise FirekitError(f"{path}: {what} has shape {array.shape}; need at least 2 voxels along 2 axes")
+    return array
+
+
+def load_volume(path: str | os.PathLike, what: str = "image", allow_nonfinite: bool = False) -> Volume:
+    """Load a 2D or 3D NIfTI image as float32, keeping its affine and header.
+
+    Raises :class:`FirekitError` (one line, naming the file) for a missing, unreadable, truncated or
+    4D file, and for NaN/Inf voxels unless ``allow_nonfinite``.
+    """
+    path = Path(path)
+    image = _load_image(path, what)
+    data = _spatial_array(_read_array(image, path, np.float32), path, what)
+    if not allow_nonfinite and not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise FirekitError(f"{path}: {bad} NaN/Inf voxels; replace them (e.g. with 0) before registering")
+    return Volume(data, nd_affine(image.affine, data.ndim), image.header.copy(), path)
+
+
+def load_labels(path: str | os.PathLike, what: str = "label map") -> Volume:
+    """Load an integer label map (values rounded to int32)."""
+    path = Path(path)
+    image = _load_image(path, what)
+    data = _spatial_array(_read_array(image, path, np.float64), path, what)
+    if not np.isfinite(data).all():
+        raise FirekitError(f"{path}: label map has NaN/Inf values; labels must be integers")
+    rounded = np.rint(data)
+    if np.abs(rounded - data).max() > 1e-3:
+        raise FirekitError(f"{path}: label map has non-integer values; pass an integer segmentation")
+    return Volume(rounded.astype(np.int32), nd_affine(image.affine, data.ndim), image.header.copy(), path)
+
+
+def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Refuse an output path that is (or resolves to) an input; refuse non-NIfTI names."""
+    path = Path(path)
+    if not _is_nifti(path):
+        raise FirekitError(f"{path}: output name must end in .nii or .nii.gz")
+    target = path.resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item)
+        if target == source.resolve() or (path.exists() and source.exists() and path.samefile(source)):
+            raise FirekitError(f"{path}: output would overwrite an input; choose another --out path")
+    if path.is_dir():
+        raise FirekitError(f"{path}: is a directory; give a file name ending in .nii.gz")
+    return path
+
+
+def save_nifti(
+    data: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    header: nib.Nifti1Header | None = None,
+    dtype=None,
+    intent: int | None = None,
+    protect: Sequence[str | os.PathLike | None] = (),
+) -> Path:
+    """Write a NIfTI file atomically (temp file in the same folder, then rename).
+
+    Args:
+        data: array in voxel order (2D arrays are written as ``(X, Y, 1)``).
+        affine: ``(3, 3)`` (2D) or ``(4, 4)`` voxel-to-world (RAS+ mm); a 2D affine keeps the third
+            row/column of ``header``'s affine when a header is given.
+        path: ``.nii`` or ``.nii.gz``; never one of ``protect`` (the inputs).
+        header: header to start from (its dims, dtype and scaling are reset).
+        dtype: on-disk dtype (default: the array's).
+        intent: NIfTI intent code, e.g. :data:`NIFTI_INTENT_VECTOR` for displacement fields.
+    """
+    path = check_output_path(path, protect)
+    data = np.asarray(data)
+    if data.ndim == 2:
+        data = data[:, :, None]
+    template = header.get_best_affine() if header is not None else None
+    affine4 = affine_4x4(affine, template)
+    new_header = header.copy() if header is not None else nib.Nifti1Header()
+    image = nib.Nifti1Image(data.astype(dtype) if dtype is not None else data, affine4, new_header)
+    image.set_data_dtype(dtype if dtype is not None else data.dtype)
+    image.header.set_slope_inter(None, None)
+    image.set_qform(affine4, code=1)
+    image.set_sform(affine4, code=1)
+    image.header.set_xyzt_units("mm", "sec")
+    if intent is not None:
+        image.header.set_intent(intent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_volume(volume: Volume, path: str | os.PathLike, dtype=None, protect=()) -> Path:
+    """Write a :class:`Volume` keeping its header (see :func:`save_nifti`)."""
+    return save_nifti(volume.data, volume.affine, path, header=volume.header, dtype=dtype, protect=protect)
+
+
+def canonical_orientation(affine: np.ndarray) -> np.ndarray:
+    """nibabel orientation array taking the voxel axes of ``affine`` to RAS+ (or RA+ in 2D)."""
+    return nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+
+
+def to_canonical(volume: Volume) -> Volume:
+    """Reorder/flip voxel axes so they run R, A(, S) (no resampling, the world is unchanged)."""
+    ornt = canonical_orientation(volume.affine)
+    data = nib.orientations.apply_orientation(volume.data, ornt)
+    inv = nib.orientations.inv_ornt_aff(ornt, volume.shape)
+    return replace(volume, data=np.ascontiguousarray(data), affine=volume.affine @ inv, path=None)
+
+
+def from_canonical(data: np.ndarray, original: Volume) -> np.ndarray:
+    """Bring an array in ``to_canonical(original)``'s voxel order back to ``original``'s."""
+    ornt = canonical_orientation(original.affine)
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")[: original.ndim]), ornt)
+    return np.ascontiguousarray(nib.orientations.apply_orientation(data, back))
+
+
+def normalise_intensity(data: np.ndarray, low: float = 0.5, high: float = 99.5, name: str = "image") -> np.ndarray:
+    """Map the ``low``..``high`` percentiles to [-1, 1] and clip (the network's range).
+
+    Raises :class:`FirekitError` for a constant image (nothing to register).
+    """
+    values = np.asarray(data, dtype=np.float32)
+    lo, hi = np.percentile(values, [low, high])
+    if not hi > lo:
+        lo, hi = float(values.min()), float(values.max())
+        if not hi > lo:
+            raise FirekitError(f"{name}: image is constant ({lo:g}); nothing to register")
+    return np.clip((values - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)
