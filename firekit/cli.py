@@ -3,44 +3,191 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from . import __version__
 from .errors import FirekitError
 
+CONVENTIONS = (
+    "Conventions: the displacement u lives on the fixed image's grid, in mm, with ITK/LPS signs "
+    "(ANTs and SimpleITK apply it directly), and warped(x) = moving(x + u(x)). A 2D registration writes "
+    "a 2-component field of shape (X, Y, 1, 1, 2), also for 2D images stored as (X, Y, 1). "
+    "--direction a2b: the moving image is modality A and the fixed is B (the model's A->B path); b2a the reverse. "
+    "--out-labels is an integer image on the fixed grid."
+)
+
+
+def _data_demo(args: argparse.Namespace) -> None:
+    from .braindata import build_demo_dataset
+
+    info = build_demo_dataset(Path(args.out), subjects=args.subjects, seed=args.seed, spacing=args.spacing,
+                              progress=not args.quiet, overwrite=args.overwrite)
+    print(f"demo data in {args.out}: {json.dumps(info.get('splits', info), default=str)[:300]}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .workflows import train_on_files
+
+    result = train_on_files(
+        args.a, args.b, args.out, labels=args.labels, ndim=args.ndim, preset=args.preset,
+        iterations=args.iterations, batch_size=args.batch_size, val_a=args.val_a, val_b=args.val_b,
+        val_labels=args.val_labels, spacing=args.spacing, seed=args.seed, augment=not args.no_augment,
+        resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
+        val_every=args.val_every, checkpoint_every=args.checkpoint_every,
+    )
+    best = getattr(result, "best_val_dice", None)
+    print(f"trained {getattr(result, 'steps', '?')} steps -> {Path(args.out) / 'model.pt'}"
+          + (f" (best validation Dice {best:.3f})" if best is not None else ""))
+
+
+def _register(args: argparse.Namespace) -> None:
+    from .register import load
+    from .workflows import register_files
+
+    model = load(args.model)
+    result = register_files(
+        model, args.moving, args.fixed, args.out, direction=args.direction, moving_labels=args.moving_labels,
+        out_labels=args.out_labels, field=args.field, affine=args.affine, affine_only=args.affine_only,
+        spacing=args.spacing, device=args.device,
+    )
+    written = [p for p in (args.out, args.out_labels, args.field, args.affine) if p]
+    folding = float((result.jacobian_determinant() <= 0).mean() * 100)
+    print(f"wrote {', '.join(map(str, written))} (|J| <= 0: {folding:.3f} %)")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import evaluate_files, format_scores
+
+    scores = evaluate_files(args.fixed_labels, args.warped_labels, args.field)
+    print(json.dumps(scores, indent=2) if args.json else format_scores(scores))
+
 
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(Path(args.out), steps=args.steps, seconds=args.seconds, size=args.size, seed=args.seed,
-             modality_b=args.modality_b)
+    run_demo(Path(args.data), Path(args.out), retrain=args.train, iterations=args.iterations,
+             pairs=args.pairs, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="firekit",
         description="FIRE image registration: affine + non-rigid, 2D/3D, one network for both directions.",
+        epilog=CONVENTIONS,
     )
     parser.add_argument("--version", action="version", version=f"firekit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = commands.add_parser(
+    # ---------------------------------------------------------------- data
+    data = commands.add_parser("data", help="build datasets (demo brain data)")
+    data_commands = data.add_subparsers(dest="data_command", metavar="DATASET", required=True)
+    demo_data = data_commands.add_parser(
         "demo",
-        help="train a small 2D FIRE model on a synthetic phantom pair and write results + a figure",
+        help="multi-modal brain set from the MNI152 template shipped in nilearn (offline)",
         description=(
-            "Build a synthetic 2D head phantom pair related by a known affine, train a small FIRE model on it "
-            "on the CPU, and write model.pt, losses.csv, metrics.txt and registration.png to --out."
+            "Build T1 (the real MNI ICBM152 2009 template), T2-like and FLAIR-like contrasts (synthesised from "
+            "its GM/WM maps), CSF/GM/WM labels and per-subject deformations with the exact mapping to template "
+            "space, in train/val/test folders with one subfolder per subject."
         ),
     )
-    demo.add_argument("--out", default="results", help="output folder (created; existing demo files are replaced)")
-    demo.add_argument("--steps", type=int, default=400, help="maximum training steps (default 400)")
-    demo.add_argument("--seconds", type=float, default=60.0, help="stop training after this many seconds (default 60)")
-    demo.add_argument("--size", type=int, default=64, help="image side in pixels, a multiple of 4 >= 32 (default 64)")
+    demo_data.add_argument("--out", required=True, help="output folder (created)")
+    demo_data.add_argument("--subjects", type=int, default=10, help="number of subjects (default 10: 6/2/2 split)")
+    demo_data.add_argument("--spacing", type=float, default=1.28, help="voxel size in mm (default 1.28)")
+    demo_data.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo_data.add_argument("--overwrite", action="store_true", help="replace an existing dataset with other settings")
+    demo_data.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo_data.set_defaults(func=_data_demo)
+
+    # ---------------------------------------------------------------- train
+    train = commands.add_parser(
+        "train",
+        help="train a FIRE model on paired images matched per subject",
+        description=(
+            "Train FIRE on subjects matched from two globs (one folder per subject, or names that differ only "
+            "by the modality). Writes RUN_DIR/model.pt, checkpoint.pt, config.yaml, losses.csv and "
+            "validation.csv. An existing non-empty RUN_DIR needs --resume or --overwrite."
+        ),
+    )
+    train.add_argument("--a", required=True, help="glob of modality A images, e.g. 'data/train/*/T1.nii.gz'")
+    train.add_argument("--b", required=True, help="glob of modality B images, e.g. 'data/train/*/T2.nii.gz'")
+    train.add_argument("--labels", help="glob of label maps (one per subject, valid for A and B) for validation Dice")
+    train.add_argument("--val-a", help="glob of held-out modality A images for validation")
+    train.add_argument("--val-b", help="glob of held-out modality B images")
+    train.add_argument("--val-labels", help="glob of held-out label maps")
+    train.add_argument("--ndim", type=int, choices=[2, 3], default=2,
+                       help="2: the model trains on axial slices; 3: on volumes (default 2)")
+    train.add_argument("--iterations", type=int, default=1000, help="training steps (default 1000)")
+    train.add_argument("--preset", choices=["small", "paper"], default="small",
+                       help="model widths and learning rates (default small; paper = Section 3)")
+    train.add_argument("--batch-size", type=int, default=1, help="pairs per step (default 1)")
+    train.add_argument("--spacing", type=float, default=1.28, help="resample to this voxel size in mm (default 1.28)")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument("--no-augment", action="store_true", help="turn off the paper's random affine + elastic augmentation")
+    train.add_argument("--val-every", type=int, default=100, help="validation every N steps (default 100)")
+    train.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps (default 100)")
+    train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    train.add_argument("--out", required=True, help="run folder (created)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="start again in a non-empty --out")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
+
+    # ---------------------------------------------------------------- register
+    register = commands.add_parser(
+        "register",
+        help="register a moving image onto a fixed image with a trained model",
+        description="Register --moving onto --fixed and write the warped image on the fixed grid. " + CONVENTIONS
+        + " 2D models register 3D volumes slice by slice (axial).",
+    )
+    register.add_argument("--model", default="default",
+                          help="model.pt from firekit train (default: the shipped 2D T1 <-> T2-like model)")
+    register.add_argument("--moving", required=True, help="moving image (.nii/.nii.gz)")
+    register.add_argument("--fixed", required=True, help="fixed image (.nii/.nii.gz); outputs use its grid")
+    register.add_argument("--direction", choices=["a2b", "b2a"], default="a2b",
+                          help="a2b: moving is modality A, fixed is B (default); b2a the reverse")
+    register.add_argument("--out", required=True, help="warped image (.nii.gz), never an input path")
+    register.add_argument("--moving-labels", help="label map on the moving grid to warp along")
+    register.add_argument("--out-labels", help="warped labels (integer image on the fixed grid)")
+    register.add_argument("--field", help="write the ITK displacement field (mm, LPS) here")
+    register.add_argument("--affine", help="write the affine part as an ITK transform file (.tfm/.txt) here")
+    register.add_argument("--affine-only", action="store_true", help="use only the affine subnet")
+    register.add_argument("--spacing", type=float, default=1.28, help="network voxel size in mm (default 1.28)")
+    register.add_argument("--device", help="cpu, cuda ... (default cpu)")
+    register.set_defaults(func=_register)
+
+    # ---------------------------------------------------------------- evaluate
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="Dice and HD95 per label, and folding of a displacement field",
+        description="Score warped labels against fixed labels (same grid): Dice and HD95 (mm) per label, "
+        "and the % of voxels with Jacobian determinant <= 0 of --field.",
+    )
+    evaluate.add_argument("--fixed-labels", required=True, help="label map of the fixed image")
+    evaluate.add_argument("--warped-labels", required=True, help="moving labels warped onto the fixed grid")
+    evaluate.add_argument("--field", help="ITK displacement field written by firekit register")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate.set_defaults(func=_evaluate)
+
+    # ---------------------------------------------------------------- demo
+    demo = commands.add_parser(
+        "demo",
+        help="register held-out demo brain pairs with the shipped model; write NIfTI outputs and figures",
+        description=(
+            "Build the demo brain data if missing, make held-out test pairs (T2-like moving, T1 fixed, the "
+            "moving one randomly transformed as in the paper's test protocol), register them with the shipped "
+            "2D model (or one retrained with --train), print Dice before/after per label and write NIfTI "
+            "outputs and PNG figures to --out."
+        ),
+    )
+    demo.add_argument("--data", default="data/demo", help="demo data folder (built if missing; default data/demo)")
+    demo.add_argument("--out", default="results", help="output folder (default results)")
+    demo.add_argument("--train", action="store_true", help="retrain the 2D model from scratch first")
+    demo.add_argument("--iterations", type=int, default=1500, help="training steps with --train (default 1500)")
+    demo.add_argument("--pairs", type=int, default=8, help="test pairs to register (default 8)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo.add_argument("--modality-b", default="t2", choices=["t1", "t2", "flair"],
-                      help="contrast of the fixed image; the moving one is T1 (default t2: multi-modal; t1: mono-modal)")
     demo.set_defaults(func=_demo)
     return parser
 

@@ -276,17 +276,25 @@ class Fire(nn.Module):
         self.check_input(image)
         return self._decoder(direction)(self.encoder(image))
 
-    def register(
-        self, moving: torch.Tensor, fixed: torch.Tensor, direction: str = "a2b", affine_only: bool = False
-    ) -> Registration:
+    def register(self, moving, fixed, direction: str = "a2b", affine_only: bool = False, **options):
         """Register ``moving`` onto ``fixed`` running only G and one T (Section 3.4).
 
         Args:
-            moving: ``(B, C, *S)``, modality A for ``"a2b"``, B for ``"b2a"``.
-            fixed: ``(B, C, *S)``, the other modality, same shape.
+            moving: ``(B, C, *S)`` normalised tensor, modality A for ``"a2b"``, B for ``"b2a"``; or a
+                path, nibabel image or 2D/3D array (then see :func:`firekit.register.register`,
+                which handles resampling and millimetres, and returns a ``RegistrationResult``).
+            fixed: the other modality, same form (tensors: same shape).
             direction: ``"a2b"`` (T_AB) or ``"b2a"`` (T_BA).
             affine_only: skip the non-rigid subnet.
+
+        Returns:
+            :class:`Registration` (normalised units) for tensors.
         """
+        if not (isinstance(moving, torch.Tensor) and isinstance(fixed, torch.Tensor)
+                and moving.ndim == fixed.ndim == self.ndim + 2):
+            from .register import register  # files and millimetres live outside the model
+
+            return register(self, moving, fixed, direction=direction, affine_only=affine_only, **options)
         self.check_input(moving, "moving")
         self.check_input(fixed, "fixed")
         if moving.shape != fixed.shape:

@@ -47,6 +47,7 @@ __all__ = [
     "inverse_consistency_error",
     "voxel_grid",
     "sample",
+    "invert_displacement",
     "normalised_affine_to_voxel",
     "voxel_affine_to_normalised",
 ]
@@ -491,3 +492,19 @@ def voxel_affine_to_normalised(matrix: torch.Tensor, shape: Sequence[int]) -> to
     ndim = _check_theta(matrix)
     norm = _normalising_matrix(shape, matrix)
     return (torch.linalg.inv(norm) @ _homogeneous(matrix) @ norm)[:, :ndim]
+
+
+def invert_displacement(displacement: torch.Tensor, iterations: int = 40) -> torch.Tensor:
+    """Inverse of a smooth invertible field by fixed-point iteration ``v(x) = -u(x + v(x))``.
+
+    Args:
+        displacement: ``(B, ndim, *spatial)`` normalised.
+
+    Returns:
+        ``(B, ndim, *spatial)`` normalised ``v`` with ``(x + v) + u(x + v) = x``.
+    """
+    _check_field(displacement)
+    inverse = -displacement
+    for _ in range(iterations):
+        inverse = -warp(displacement, inverse)
+    return inverse

@@ -1,0 +1,293 @@
+"""Register images (files, nibabel images or arrays) with a FIRE model; results in millimetres.
+
+Conventions (also in the README and ``firekit register --help``):
+
+* The result lives on the **fixed** image's grid. ``warped(x) = moving(x + u(x))``.
+* ``u`` is in mm in ITK's LPS sign convention (x and y of nibabel's RAS world negated), so the
+  saved field is an ITK/ANTs displacement field (``antsApplyTransforms``, SimpleITK
+  ``DisplacementFieldTransform``) that maps fixed physical points to moving physical points.
+* A 2D registration has 2 components, also when the 2D image was stored as ``(X, Y, 1)``.
+* ``direction="a2b"``: the moving image is modality A, the fixed is B (the model's A->B path).
+
+Inside, both images are resampled onto the *network grid* (the fixed image's field of view in
+canonical RAS axes at ``spacing`` mm, padded to the network's size rules) after placing them in
+the world by their own affines; the network's displacement is then carried back through world
+space onto the fixed grid, and the moving image is sampled once, on its own grid.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from . import io, spatial
+from .data import DEFAULT_SPACING, map_points, network_grid, to_network
+from .errors import FirekitError
+from .model import Fire, load_checkpoint
+
+__all__ = [
+    "RegistrationResult",
+    "NetworkView",
+    "register",
+    "as_volume",
+    "load",
+    "DEFAULT_MODEL",
+    "write_itk_affine",
+    "itk_field_array",
+]
+
+DEFAULT_MODEL = Path(__file__).parent / "weights" / "fire2d_t1_t2like_small.pt"
+
+
+def load(path: str | os.PathLike | None = None, map_location: str | torch.device = "cpu") -> Fire:
+    """Load a model; ``None`` or ``"default"`` gives the shipped 2D T1 <-> T2-like model."""
+    if path is None or str(path) == "default":
+        path = DEFAULT_MODEL
+    model, _ = load_checkpoint(path, map_location)
+    model.eval()
+    return model
+
+
+def as_volume(image, name: str = "image") -> io.Volume:
+    """A :class:`~firekit.io.Volume` from a path, nibabel image, Volume or 2D/3D array (1 mm voxels)."""
+    if isinstance(image, io.Volume):
+        return image
+    if isinstance(image, (str, os.PathLike)):
+        return io.load_volume(image, name)
+    if isinstance(image, nib.spatialimages.SpatialImage):
+        data = np.squeeze(np.asarray(image.dataobj, dtype=np.float32))
+        if data.ndim not in (2, 3):
+            raise FirekitError(f"{name}: nibabel image of shape {image.shape} is not 2D or 3D")
+        return io.Volume(data, io.nd_affine(image.affine, data.ndim), image.header.copy())
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim not in (2, 3):
+        raise FirekitError(f"{name}: array of shape {array.shape} is not 2D or 3D")
+    if not np.isfinite(array).all():
+        raise FirekitError(f"{name}: array has NaN/Inf values; replace them before registering")
+    return io.Volume(array, np.eye(array.ndim + 1))
+
+
+@dataclass
+class NetworkView:
+    """What the network saw and produced, on the network grid (for figures and explanations).
+
+    Attributes:
+        moving, fixed: ``(B, 1, *S)`` normalised inputs (B = slices for a 2D model on 3D data).
+        warped: ``(B, 1, *S)`` moving warped by the network.
+        displacement: ``(B, n, *S)`` normalised network displacement.
+        theta: ``(B, n, n + 1)`` normalised affine part.
+        affine: ``(m + 1, m + 1)`` voxel-to-world affine of the network grid.
+    """
+
+    moving: torch.Tensor
+    fixed: torch.Tensor
+    warped: torch.Tensor
+    displacement: torch.Tensor
+    theta: torch.Tensor
+    affine: np.ndarray
+
+
+@dataclass
+class RegistrationResult:
+    """A registration, in the fixed image's space.
+
+    Attributes:
+        warped: the moving image resampled onto the fixed grid (moving intensities).
+        displacement: ``(*fixed.shape, n)`` mm, ITK/LPS signs: moving point = fixed point + u.
+        affine: ``(n + 1, n + 1)`` world (RAS mm) map fixed point -> moving point of the affine part,
+            or None for a 2D model run slice by slice on a 3D volume (one affine per slice).
+        fixed, moving: the inputs.
+        direction: ``"a2b"`` or ``"b2a"``.
+        network: the network-grid view (:class:`NetworkView`).
+    """
+
+    warped: io.Volume
+    displacement: np.ndarray
+    affine: np.ndarray | None
+    fixed: io.Volume
+    moving: io.Volume
+    direction: str
+    network: NetworkView = field(repr=False)
+    moving_points: torch.Tensor = field(repr=False)  # (1, n, *fixed.shape) moving voxel indices
+
+    def apply(self, image, labels: bool = True) -> io.Volume:
+        """Warp another image on the moving grid (e.g. its labels) onto the fixed grid.
+
+        Args:
+            image: path, nibabel image, Volume or array with the moving image's shape.
+            labels: nearest-neighbour and integer output (True) or linear interpolation.
+        """
+        volume = io.load_labels(image) if labels and isinstance(image, (str, os.PathLike)) else as_volume(image)
+        if volume.shape != self.moving.shape:
+            raise FirekitError(
+                f"{volume.name}: shape {volume.shape} differs from the moving image's {self.moving.shape}; "
+                "pass labels drawn on the moving image"
+            )
+        source = torch.as_tensor(np.asarray(volume.data, dtype=np.float32))[None, None]
+        mode = "nearest" if labels else "linear"
+        out = spatial.sample(source, self.moving_points.float(), mode=mode, padding_mode="zeros")[0, 0].numpy()
+        out = np.rint(out).astype(np.int32) if labels else out.astype(np.float32)
+        return io.Volume(out, self.fixed.affine, self.fixed.header)
+
+    def jacobian_determinant(self) -> np.ndarray:
+        """Jacobian determinant of ``x -> x + u(x)`` on the fixed grid, ``(*fixed.shape)``."""
+        return field_jacobian(self.displacement, self.fixed.affine)
+
+    def save(
+        self,
+        out: str | os.PathLike,
+        field: str | os.PathLike | None = None,
+        affine_path: str | os.PathLike | None = None,
+        protect: Sequence[str | os.PathLike | None] = (),
+    ) -> None:
+        """Write the warped image (and the ITK displacement field / ITK affine transform file)."""
+        protect = [*protect, self.fixed.path, self.moving.path]
+        io.save_nifti(self.warped.data, self.fixed.affine, out, header=self.fixed.header, dtype=np.float32,
+                      protect=protect)
+        if field is not None:
+            io.save_nifti(itk_field_array(self.displacement), self.fixed.affine, field, header=self.fixed.header,
+                          dtype=np.float32, intent=io.NIFTI_INTENT_VECTOR, protect=protect)
+        if affine_path is not None:
+            if self.affine is None:
+                raise FirekitError(
+                    f"{affine_path}: a 2D model registered this 3D volume slice by slice; there is no single affine"
+                )
+            write_itk_affine(self.affine, affine_path)
+
+
+def _lps_flip(n: int) -> np.ndarray:
+    return np.array([-1.0, -1.0, 1.0][:n])
+
+
+def itk_field_array(displacement: np.ndarray) -> np.ndarray:
+    """``(*S, n)`` displacement -> the NIfTI layout ITK reads as a displacement field.
+
+    3D: ``(X, Y, Z, 1, 3)``; 2D: ``(X, Y, 1, 1, 2)``.
+    """
+    n = displacement.shape[-1]
+    spatial_shape = displacement.shape[:-1] + (1,) * (3 - n)
+    return np.ascontiguousarray(displacement.reshape(*spatial_shape, 1, n).astype(np.float32))
+
+
+def field_jacobian(displacement: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Jacobian determinant of ``x -> x + u(x)`` for an ITK/LPS mm field ``(*S, n)`` on a grid."""
+    n = displacement.shape[-1]
+    u_ras = torch.as_tensor(displacement * _lps_flip(n), dtype=torch.float64).movedim(-1, 0)[None]
+    voxels = spatial.mm_to_voxel(u_ras, affine)
+    return spatial.jacobian_determinant(spatial.voxel_to_normalised(voxels))[0].numpy()
+
+
+def write_itk_affine(affine: np.ndarray, path: str | os.PathLike) -> Path:
+    """Write a world (RAS) fixed->moving point map as an ITK ``AffineTransform`` text file (LPS)."""
+    affine = np.asarray(affine, dtype=np.float64)
+    n = affine.shape[0] - 1
+    flip = np.diag([*_lps_flip(n), 1.0])
+    lps = flip @ affine @ flip
+    params = " ".join(f"{v:.10g}" for v in [*lps[:n, :n].ravel(), *lps[:n, n]])
+    text = (
+        "#Insight Transform File V1.0\n#Transform 0\n"
+        f"Transform: AffineTransform_double_{n}_{n}\nParameters: {params}\n"
+        f"FixedParameters: {' '.join(['0'] * n)}\n"
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _network_affine_to_world(theta: torch.Tensor, shape: Sequence[int], grid_affine: np.ndarray) -> np.ndarray:
+    """Normalised ``(1, n, n + 1)`` on a grid -> world ``(n + 1, n + 1)`` map (RAS mm)."""
+    n = len(shape)
+    voxel = np.eye(n + 1)
+    voxel[:n] = spatial.normalised_affine_to_voxel(theta.double().cpu(), shape)[0].numpy()
+    return grid_affine @ voxel @ np.linalg.inv(grid_affine)
+
+
+def register(
+    model: Fire,
+    moving,
+    fixed,
+    direction: str = "a2b",
+    affine_only: bool = False,
+    spacing: float | None = DEFAULT_SPACING,
+    device: str | torch.device | None = None,
+    slice_batch: int = 16,
+) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed`` with a FIRE model.
+
+    Args:
+        model: a :class:`Fire` model (2D models register 3D volumes slice by slice, axially).
+        moving, fixed: paths, nibabel images, Volumes or 2D/3D arrays (arrays: 1 mm voxels).
+        direction: ``"a2b"`` (moving is modality A) or ``"b2a"``.
+        affine_only: use only the affine subnet.
+        spacing: mm per network voxel (default 1.28, the paper's); None keeps the fixed image's.
+        device: where the network runs (default: the model's device).
+        slice_batch: slices per forward pass in slice-by-slice mode.
+    """
+    moving = as_volume(moving, "moving image")
+    fixed = as_volume(fixed, "fixed image")
+    if moving.ndim != fixed.ndim:
+        raise FirekitError(
+            f"{moving.name} is {moving.ndim}D but {fixed.name} is {fixed.ndim}D; register images of the same ndim"
+        )
+    n = fixed.ndim
+    if model.ndim > n:
+        raise FirekitError(f"{fixed.name}: a {model.ndim}D model cannot register {n}D images; use a {n}D model")
+    slicewise = model.ndim < n
+    grid_spacing = [spacing, spacing, None] if slicewise else spacing
+    shape, grid_affine = network_grid(fixed, grid_spacing, model.size_multiple, model.min_size)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    x_fixed = to_network(fixed, shape, grid_affine)
+    x_moving = to_network(moving, shape, grid_affine)
+    model.eval()
+    with torch.inference_mode():
+        if slicewise:
+            xm, xf = x_moving[0, 0].movedim(-1, 0)[:, None], x_fixed[0, 0].movedim(-1, 0)[:, None]
+            parts = [model.register(m.to(device), f.to(device), direction, affine_only)
+                     for m, f in zip(xm.split(slice_batch), xf.split(slice_batch))]
+            theta = torch.cat([p.theta for p in parts]).cpu()
+            disp = torch.cat([p.displacement for p in parts]).cpu()
+            warped_net = torch.cat([p.warped for p in parts]).cpu()
+            in_plane = spatial.normalised_to_voxel(disp)  # (Z, 2, X, Y)
+            voxels = torch.cat([in_plane, torch.zeros_like(in_plane[:, :1])], dim=1).movedim(0, -1)[None]
+            world_affine = None
+            view = NetworkView(xm, xf, warped_net, disp, theta, grid_affine)
+        else:
+            reg = model.register(x_moving.to(device), x_fixed.to(device), direction, affine_only)
+            theta, disp = reg.theta.cpu(), reg.displacement.cpu()
+            voxels = spatial.normalised_to_voxel(disp)
+            world_affine = _network_affine_to_world(theta, shape, grid_affine)
+            view = NetworkView(x_moving, x_fixed, reg.warped.cpu(), disp, theta, grid_affine)
+    voxels = voxels.double()
+    fixed_in_grid = map_points(
+        torch.as_tensor((np.linalg.inv(grid_affine) @ fixed.affine)[:n])[None],
+        spatial.voxel_grid(fixed.shape, like=voxels),
+    )
+    step = spatial.sample(voxels, fixed_in_grid, padding_mode="border")
+    moving_points = map_points(
+        torch.as_tensor((np.linalg.inv(moving.affine) @ grid_affine)[:n])[None], fixed_in_grid + step
+    )
+    u_ras = spatial.voxel_to_mm(step, grid_affine)[0].movedim(0, -1).numpy()
+    displacement = (u_ras * _lps_flip(n)).astype(np.float32)
+    source = torch.as_tensor(np.asarray(moving.data, dtype=np.float32))[None, None]
+    warped = spatial.sample(source, moving_points.float(), padding_mode="zeros")[0, 0].numpy()
+    return RegistrationResult(
+        warped=io.Volume(warped, fixed.affine, fixed.header),
+        displacement=displacement,
+        affine=world_affine,
+        fixed=fixed,
+        moving=moving,
+        direction=direction,
+        network=view,
+        moving_points=moving_points,
+    )

@@ -1,0 +1,145 @@
+"""End-to-end jobs behind the CLI: train a model from file globs, register files to files.
+
+Each is a plain function so Python users, notebooks and the napari plugin run the same code.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import io
+from .data import DEFAULT_SPACING, PairDataset, find_pairs, load_subject
+from .errors import FirekitError
+from .model import Fire, FireConfig
+
+__all__ = ["build_dataset", "train_on_files", "register_files"]
+
+
+def build_dataset(
+    a: str,
+    b: str,
+    labels: str | None,
+    ndim: int,
+    spacing: float = DEFAULT_SPACING,
+    seed: int = 0,
+    augment=True,
+    pairing: str = "subject",
+    progress: bool = True,
+) -> PairDataset:
+    """Match, load and wrap subjects from globs into a :class:`PairDataset`.
+
+    Args:
+        augment: True for the paper's augmentation (``AugmentConfig()``), False for none, or an
+            ``AugmentConfig``.
+    """
+    from tqdm.auto import tqdm
+
+    from .augment import AugmentConfig
+
+    subjects = find_pairs(a, b, labels)
+    # A 2D model on 3D volumes trains on axial slices: keep the native through-plane spacing.
+    grid_spacing = (spacing, spacing, None if ndim == 2 else spacing)
+    loaded = [load_subject(s, grid_spacing) for s in
+              tqdm(subjects, desc="loading subjects", disable=not progress, leave=False)]
+    data_ndim = loaded[0].a.ndim - 2
+    if ndim > data_ndim:
+        raise FirekitError(f"--ndim {ndim} but {subjects[0].a} is {data_ndim}D; use --ndim {data_ndim}")
+    config = AugmentConfig() if augment is True else (augment or None)
+    info = {"a": a, "b": b, "labels": labels}
+    return PairDataset(loaded, ndim, config, seed=seed, pairing=pairing, spacing=spacing, info=info)
+
+
+def train_on_files(
+    a: str,
+    b: str,
+    out: str | os.PathLike,
+    labels: str | None = None,
+    ndim: int = 2,
+    preset: str = "small",
+    iterations: int = 1000,
+    batch_size: int = 1,
+    val_a: str | None = None,
+    val_b: str | None = None,
+    val_labels: str | None = None,
+    val_pairs: int = 8,
+    spacing: float = DEFAULT_SPACING,
+    seed: int = 0,
+    augment=True,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    **train_options,
+):
+    """Train a FIRE model on subjects matched from globs; writes the run folder (see ``train``).
+
+    Validation uses the ``val_*`` globs when given, else fixed augmented pairs of the training
+    subjects (only when labels are given).
+    """
+    from .train import TrainConfig, train
+
+    dataset = build_dataset(a, b, labels, ndim, spacing, seed, augment, progress=progress)
+    validation = None
+    if val_a or val_b:
+        if not (val_a and val_b):
+            raise FirekitError("--val-a and --val-b go together; pass both or neither")
+        held_out = build_dataset(val_a, val_b, val_labels, ndim, spacing, seed, augment, progress=progress)
+        held_out.shape = dataset.shape
+        validation = held_out.validation(val_pairs)
+    elif labels is not None:
+        validation = dataset.validation(val_pairs)
+    if validation is not None and "labels_a" not in validation[0]:
+        validation = None
+    config = TrainConfig.from_preset(preset, iterations=iterations, batch_size=batch_size, seed=seed, **train_options)
+    model = Fire(FireConfig.from_preset(preset, ndim=ndim))
+    extra = {"modalities": {"a": a, "b": b}, "spacing": spacing}
+    return train(model, dataset, config, out, validation=validation, resume=resume, overwrite=overwrite,
+                 device=device, progress=progress, extra=extra)
+
+
+def register_files(
+    model: Fire,
+    moving: str | os.PathLike,
+    fixed: str | os.PathLike,
+    out: str | os.PathLike,
+    direction: str = "a2b",
+    moving_labels: str | os.PathLike | None = None,
+    out_labels: str | os.PathLike | None = None,
+    field: str | os.PathLike | None = None,
+    affine: str | os.PathLike | None = None,
+    affine_only: bool = False,
+    spacing: float | None = DEFAULT_SPACING,
+    device: str | None = None,
+):
+    """Register ``moving`` onto ``fixed`` and write the outputs; returns the ``RegistrationResult``.
+
+    Every output path is checked before any work: none may be an input or another output.
+    """
+    from .register import register
+
+    inputs = [moving, fixed, moving_labels]
+    outputs = [p for p in (out, out_labels, field) if p is not None]
+    if (out_labels is None) != (moving_labels is None):
+        raise FirekitError("--moving-labels and --out-labels go together; pass both or neither")
+    for path in outputs:
+        io.check_output_path(path, inputs)
+    resolved = [Path(p).resolve() for p in outputs + ([affine] if affine else [])]
+    if len(set(resolved)) != len(resolved):
+        raise FirekitError("two outputs share one path; give --out, --out-labels, --field and --affine distinct names")
+    if affine is not None and Path(affine).resolve() in {Path(p).resolve() for p in inputs if p}:
+        raise FirekitError(f"{affine}: would overwrite an input; choose another --affine path")
+    labels_volume = io.load_labels(moving_labels, "moving label map") if moving_labels is not None else None
+    result = register(model, moving, fixed, direction=direction, affine_only=affine_only, spacing=spacing,
+                      device=device)
+    if labels_volume is not None and labels_volume.shape != result.moving.shape:
+        raise FirekitError(
+            f"{moving_labels}: shape {labels_volume.shape} differs from {moving} {result.moving.shape}; "
+            "pass labels drawn on the moving image"
+        )
+    result.save(out, field=field, affine_path=affine, protect=inputs)
+    if labels_volume is not None:
+        warped_labels = result.apply(labels_volume, labels=True)
+        io.save_nifti(warped_labels.data, result.fixed.affine, out_labels, header=result.fixed.header,
+                      dtype="int16" if warped_labels.data.max() < 32768 else "int32", protect=inputs)
+    return result

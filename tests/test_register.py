@@ -1,0 +1,129 @@
+"""Registration from files: geometry through world space, ITK fields checked with SimpleITK."""
+
+import numpy as np
+import pytest
+import torch
+
+from firekit import io, spatial
+from firekit.errors import FirekitError
+from firekit.model import Fire, FireConfig
+from firekit.register import register
+
+sitk = pytest.importorskip("SimpleITK")
+
+LPS = np.array([[-1.5, 0, 0, 30.0], [0, -1.4, 0, 35.0], [0, 0, 1.6, -20.0], [0, 0, 0, 1]])
+
+
+def model_with_affine(theta: torch.Tensor, ndim: int) -> Fire:
+    """A model whose affine subnet outputs ``theta`` for any input and whose non-rigid part is zero."""
+    torch.manual_seed(0)
+    model = Fire(FireConfig.from_preset("small", ndim=ndim))
+    for net in (model.transform_ab, model.transform_ba):
+        with torch.no_grad():
+            net.affine.out.weight.zero_()
+            net.affine.out.bias.copy_(theta.flatten())
+            for p in net.nonrigid.parameters():
+                p.zero_()
+    return model
+
+
+def blobs(shape) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    centre = np.array([0.2, -0.1, 0.0][: len(shape)]).reshape(-1, *[1] * len(shape))
+    other = np.array([-0.4, 0.4, 0.3][: len(shape)]).reshape(-1, *[1] * len(shape))
+    return (np.exp(-((grid - centre) ** 2).sum(0) / 0.15) + 0.5 * np.exp(-((grid - other) ** 2).sum(0) / 0.05)).astype(np.float32)
+
+
+def sitk_2d(path):
+    image = sitk.ReadImage(str(path))
+    return image[:, :, 0] if image.GetDimension() == 3 else image
+
+
+def to_numpy(image, ndim):
+    array = sitk.GetArrayFromImage(image)
+    return array.T if ndim == 3 else array.reshape(array.shape[-2:]).T
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_written_field_and_affine_match_simpleitk(tmp_path, ndim):
+    """SimpleITK's DisplacementFieldTransform / AffineTransform reproduce firekit's warp."""
+    shape = (40, 48, 36)[:ndim]
+    image = blobs(shape)
+    io.save_nifti(image, LPS, tmp_path / "fixed.nii.gz")
+    io.save_nifti(image, LPS, tmp_path / "moving.nii.gz")
+    rotation = 12 if ndim == 2 else (0, 4, 12)
+    theta = spatial.affine_matrix(ndim, rotation=rotation, scale=[1.1, 0.95, 1.0][:ndim],
+                                  translation=[0.05, -0.05, 0.02][:ndim])
+    result = register(model_with_affine(theta[0], ndim), tmp_path / "moving.nii.gz", tmp_path / "fixed.nii.gz",
+                      spacing=1.5)
+    result.save(tmp_path / "warped.nii.gz", field=tmp_path / "field.nii.gz", affine_path=tmp_path / "affine.tfm")
+    assert np.abs(result.displacement).max() > 3.0  # a real transform, in mm
+    assert result.displacement.shape == (*shape, ndim)
+    read = sitk_2d if ndim == 2 else (lambda p: sitk.ReadImage(str(p)))
+    fixed, moving = read(tmp_path / "fixed.nii.gz"), read(tmp_path / "moving.nii.gz")
+    field = sitk.ReadImage(str(tmp_path / "field.nii.gz"), sitk.sitkVectorFloat64)
+    assert field.GetDimension() == ndim and field.GetNumberOfComponentsPerPixel() == ndim
+    by_field = sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field), sitk.sitkLinear, 0.0)
+    by_affine = sitk.Resample(moving, fixed, sitk.ReadTransform(str(tmp_path / "affine.tfm")), sitk.sitkLinear, 0.0)
+    value_range = image.max() - image.min()
+    assert np.abs(to_numpy(by_field, ndim) - result.warped.data).mean() < 1e-3 * value_range
+    assert np.abs(to_numpy(by_affine, ndim) - result.warped.data).mean() < 1e-3 * value_range
+    assert result.warped.data.std() > 0.1 * value_range
+
+
+def test_identity_model_undoes_a_header_only_reorientation():
+    """Moving = fixed's voxels flipped with a matching affine: the identity lands on the fixed exactly."""
+    image = blobs((30, 34, 26))
+    fixed = io.Volume(image, LPS)
+    flip = np.array([[-1, 0, 0, 29], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    moving = io.Volume(image[::-1].copy(), LPS @ flip)
+    result = register(model_with_affine(torch.eye(3, 4), 3), moving, fixed)
+    np.testing.assert_allclose(result.warped.data, image, atol=1e-4)
+    assert np.abs(result.displacement).max() < 1e-3
+
+
+def test_output_keeps_an_lps_input_in_its_own_orientation(tmp_path):
+    image = blobs((30, 34, 26))
+    io.save_nifti(image, LPS, tmp_path / "fixed.nii.gz")
+    io.save_nifti(image, LPS, tmp_path / "moving.nii.gz")
+    result = register(model_with_affine(torch.eye(3, 4), 3), tmp_path / "moving.nii.gz", tmp_path / "fixed.nii.gz")
+    result.save(tmp_path / "out.nii.gz")
+    out = io.load_volume(tmp_path / "out.nii.gz")
+    np.testing.assert_allclose(out.affine, LPS)
+    np.testing.assert_allclose(out.data, image, atol=1e-4)
+
+
+def test_2d_model_registers_3d_volume_slice_by_slice(tmp_path):
+    image = blobs((36, 40, 12))
+    theta = spatial.affine_matrix(2, translation=(0.1, 0.0))
+    result = register(model_with_affine(theta[0], 2), io.Volume(image, LPS), io.Volume(image, LPS))
+    assert result.affine is None and result.displacement.shape == (36, 40, 12, 3)
+    assert np.abs(result.displacement[..., 2]).max() == 0.0
+    assert np.abs(result.displacement[..., 0]).max() > 1.0
+
+
+def test_numpy_and_nibabel_inputs_and_apply_labels():
+    import nibabel as nib
+
+    image = blobs((48, 52))
+    labels = (image > 0.5).astype(np.int32) + (image > 0.8)
+    model = model_with_affine(torch.eye(2, 3), 2)
+    result = model.register(image, nib.Nifti1Image(image[:, :, None], np.eye(4)), direction="b2a")
+    warped_labels = result.apply(labels)
+    assert warped_labels.data.dtype == np.int32
+    np.testing.assert_array_equal(warped_labels.data, labels)
+
+
+def test_mismatched_ndim_is_refused(tmp_path):
+    model = model_with_affine(torch.eye(2, 3), 2)
+    with pytest.raises(FirekitError, match="same ndim"):
+        register(model, blobs((40, 40)), blobs((40, 40, 40)))
+    with pytest.raises(FirekitError, match="3D model cannot register 2D"):
+        register(model_with_affine(torch.eye(3, 4), 3), blobs((40, 40)), blobs((40, 40)))
+
+
+def test_small_images_are_padded_not_refused():
+    image = blobs((12, 10))
+    result = register(model_with_affine(torch.eye(2, 3), 2), image, image, spacing=None)
+    assert result.warped.shape == (12, 10)
+    np.testing.assert_allclose(result.warped.data, image, atol=1e-4)
