@@ -342,7 +342,7 @@ class PairDataset:
         from .augment import random_transform
 
         moved = random_transform(self.shape, self.spacing, generator, self.augment)
-        x = spatial.warp(x + 1.0, moved.displacement, padding_mode="zeros") - 1.0
+        x = (spatial.warp(x + 1.0, moved.displacement, padding_mode="zeros") - 1.0).clamp(-1.0, 1.0)
         if labels is not None:
             labels = spatial.warp_labels(labels, moved.displacement)
         return x, labels

@@ -1,0 +1,89 @@
+"""Pair matching, network grids and training pairs from files."""
+
+import numpy as np
+import pytest
+import torch
+
+from firekit import io
+from firekit.data import PairDataset, find_pairs, load_subject, network_grid
+from firekit.errors import FirekitError
+
+
+def write(path, shape=(20, 24, 16), affine=None, value=None):
+    rng = np.random.default_rng(abs(hash(str(path))) % 2**32)
+    data = rng.random(shape).astype(np.float32) if value is None else np.full(shape, value, np.float32)
+    return io.save_nifti(data, np.eye(4) if affine is None else affine, path)
+
+
+def test_mrbrains_folder_layout_matches_by_folder(tmp_path):
+    for subject in ("1", "2", "3"):
+        for name in ("T1.nii", "T2_FLAIR.nii", "IR.nii"):
+            write(tmp_path / subject / name)
+        io.save_nifti(np.zeros((20, 24, 16), np.int16), np.eye(4), tmp_path / subject / "segm.nii")
+    pairs = find_pairs(f"{tmp_path}/*/T1.nii", f"{tmp_path}/*/T2_FLAIR.nii", f"{tmp_path}/*/segm.nii")
+    assert [p.name for p in pairs] == ["1", "2", "3"]
+    for pair in pairs:
+        assert pair.a.parent == pair.b.parent == pair.labels.parent
+        assert pair.b.name == "T2_FLAIR.nii"
+
+
+def test_flat_names_match_by_subject_token(tmp_path):
+    for subject in ("sub01", "sub02"):
+        write(tmp_path / f"{subject}_T1w.nii.gz")
+        write(tmp_path / f"{subject}_T2w.nii.gz")
+    pairs = find_pairs(f"{tmp_path}/*_T1w.nii.gz", f"{tmp_path}/*_T2w.nii.gz")
+    assert [(p.name, p.a.name, p.b.name) for p in pairs] == [
+        ("sub01", "sub01_T1w.nii.gz", "sub01_T2w.nii.gz"), ("sub02", "sub02_T1w.nii.gz", "sub02_T2w.nii.gz")]
+
+
+def test_bad_globs_are_refused_in_one_line(tmp_path):
+    with pytest.raises(FirekitError, match="matched no files"):
+        find_pairs(f"{tmp_path}/*.nii.gz", f"{tmp_path}/*.nii.gz")
+    for subject in ("a", "b"):
+        write(tmp_path / subject / "T1.nii.gz")
+    write(tmp_path / "a" / "T2.nii.gz")
+    with pytest.raises(FirekitError, match="unequal numbers"):
+        find_pairs(f"{tmp_path}/*/T1.nii.gz", f"{tmp_path}/*/T2.nii.gz")
+    write(tmp_path / "c" / "T2.nii.gz")
+    with pytest.raises(FirekitError, match="cannot match"):
+        find_pairs(f"{tmp_path}/*/T1.nii.gz", f"{tmp_path}/*/T2.nii.gz")
+
+
+def test_network_grid_is_canonical_resampled_and_padded():
+    lps = np.array([[-0.5, 0, 0, 10.0], [0, -0.5, 0, 12.0], [0, 0, 3.0, -5.0], [0, 0, 0, 1]])
+    volume = io.Volume(np.zeros((100, 60, 10), np.float32), lps)
+    shape, affine = network_grid(volume, 1.28)
+    assert all(s % 4 == 0 and s >= 32 for s in shape)
+    np.testing.assert_allclose(np.diag(affine)[:3], [1.28, 1.28, 1.28])  # RAS, 1.28 mm
+    centre_in = lps @ [49.5, 29.5, 4.5, 1]
+    centre_out = affine @ [*(np.array(shape) - 1) / 2, 1]
+    np.testing.assert_allclose(centre_in, centre_out, atol=1e-6)
+    shape2, affine2 = network_grid(volume, [1.28, 1.28, None])
+    assert affine2[2, 2] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize("model_ndim", [2, 3])
+def test_pair_dataset_is_deterministic_per_step(tmp_path, model_ndim):
+    from firekit.augment import AugmentConfig
+
+    for subject in ("s1", "s2"):
+        image = np.zeros((40, 44, 36), np.float32)
+        image[8:32, 8:36, 6:30] = 1.0
+        io.save_nifti(image, np.eye(4), tmp_path / subject / "A.nii.gz")
+        io.save_nifti(image * 2, np.eye(4), tmp_path / subject / "B.nii.gz")
+        io.save_nifti(image.astype(np.int16), np.eye(4), tmp_path / subject / "L.nii.gz")
+    subjects = [load_subject(s, 1.5) for s in find_pairs(f"{tmp_path}/*/A.nii.gz", f"{tmp_path}/*/B.nii.gz",
+                                                        f"{tmp_path}/*/L.nii.gz")]
+    dataset = PairDataset(subjects, model_ndim, AugmentConfig(), seed=3, spacing=1.5)
+    first, again, other = dataset.sample(5, 2), dataset.sample(5, 2), dataset.sample(6, 2)
+    assert set(first) == {"x_a", "x_b", "labels_a", "labels_b"}
+    assert first["x_a"].shape[:2] == (2, 1) and first["x_a"].ndim == model_ndim + 2
+    assert first["labels_a"].dtype == torch.int64
+    for key in first:
+        assert torch.equal(first[key], again[key])
+    assert not torch.equal(first["x_a"], other["x_a"])
+    assert first["x_a"].min() >= -1.0 and first["x_a"].max() <= 1.0
+    # A and B get independent transforms: their masks differ after augmentation
+    assert not torch.equal(first["labels_a"], first["labels_b"])
+    validation = dataset.validation(2)
+    assert torch.equal(validation[0]["x_a"], dataset.validation(2)[0]["x_a"])
