@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.firekit-installed
 DEMO_OUT ?= results
+DEMO_DATA ?= data/demo
+# `make demo TRAIN=1` retrains the 2D model from scratch (progress bar) instead of using the shipped one.
+TRAIN ?=
 
 .PHONY: venv demo test bench clean
 
@@ -20,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/firekit demo --out $(DEMO_OUT)
+	$(VENV)/bin/firekit demo --data $(DEMO_DATA) --out $(DEMO_OUT) $(if $(TRAIN),--train)
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -29,4 +32,4 @@ bench: $(STAMP)
 	$(PY) bench/model_cost.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_DATA) .pytest_cache build *.egg-info

@@ -2,8 +2,9 @@
 
 from .errors import FirekitError
 from .losses import FireLoss, fire_loss, smooth_lambda
-from .model import Fire, FireConfig, FireOutput, Registration, Transform, load
-from .train import TrainConfig, make_optimizers, train_step
+from .model import Fire, FireConfig, FireOutput, Registration, Transform
+from .register import RegistrationResult, load, register
+from .train import TrainConfig, TrainResult, make_optimizers, train, train_step
 
 __version__ = "0.1.0"
 
@@ -14,12 +15,16 @@ __all__ = [
     "FireLoss",
     "FirekitError",
     "Registration",
+    "RegistrationResult",
     "TrainConfig",
+    "TrainResult",
     "Transform",
     "fire_loss",
     "load",
     "make_optimizers",
     "smooth_lambda",
+    "register",
+    "train",
     "train_step",
     "__version__",
 ]

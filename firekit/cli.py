@@ -22,9 +22,18 @@ CONVENTIONS = (
 def _data_demo(args: argparse.Namespace) -> None:
     from .braindata import build_demo_dataset
 
-    info = build_demo_dataset(Path(args.out), subjects=args.subjects, seed=args.seed, spacing=args.spacing,
-                              progress=not args.quiet, overwrite=args.overwrite)
+    info = build_demo_dataset(Path(args.out), subjects=args.subjects, splits=_splits(args.subjects), seed=args.seed,
+                              spacing=args.spacing, shape=tuple(args.shape), progress=not args.quiet,
+                              overwrite=args.overwrite)
     print(f"demo data in {args.out}: {json.dumps(info.get('splits', info), default=str)[:300]}")
+
+
+def _splits(subjects: int) -> tuple[int, int, int]:
+    """6/2/2 for 10 subjects; at least one validation and one test subject."""
+    if subjects < 3:
+        raise FirekitError(f"--subjects {subjects}: need at least 3 (train, validation, test)")
+    held = max(1, round(subjects * 0.2))
+    return subjects - 2 * held, held, held
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -96,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--out", required=True, help="output folder (created)")
     demo_data.add_argument("--subjects", type=int, default=10, help="number of subjects (default 10: 6/2/2 split)")
     demo_data.add_argument("--spacing", type=float, default=1.28, help="voxel size in mm (default 1.28)")
+    demo_data.add_argument("--shape", type=int, nargs=3, default=[128, 160, 128], metavar=("X", "Y", "Z"),
+                           help="grid size in voxels (default 128 160 128; the brain must fit at --spacing)")
     demo_data.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo_data.add_argument("--overwrite", action="store_true", help="replace an existing dataset with other settings")
     demo_data.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -256,11 +256,18 @@ def save_nifti(
     os.close(fd)
     try:
         nib.save(image, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_volume(volume: Volume, path: str | os.PathLike, dtype=None, protect=()) -> Path:

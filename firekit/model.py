@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,8 +291,8 @@ class Fire(nn.Module):
         Returns:
             :class:`Registration` (normalised units) for tensors.
         """
-        if not (isinstance(moving, torch.Tensor) and isinstance(fixed, torch.Tensor)
-                and moving.ndim == fixed.ndim == self.ndim + 2):
+        batched = isinstance(moving, torch.Tensor) and isinstance(fixed, torch.Tensor) and moving.ndim >= 4
+        if not batched:
             from .register import register  # files and millimetres live outside the model
 
             return register(self, moving, fixed, direction=direction, affine_only=affine_only, **options)
@@ -405,7 +406,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise FirekitError(f"{path}: checkpoint not found; pass the model.pt written by training")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # pickle errors, truncated zips, disallowed globals
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FirekitError(

@@ -1,17 +1,59 @@
-"""One FIRE training step with the paper's three Adam optimisers (Section 3.8)."""
+"""Training FIRE: one step with the paper's three Adam optimisers (Section 3.8), and the loop around it.
+
+A run folder holds everything one training run writes; :func:`train` fills it and can resume it:
+
+* ``checkpoint.pt``: model, the three optimisers' states, step, RNG state (what resuming needs).
+* ``model.pt``: the model alone, for :func:`firekit.load`.
+* ``model_best.pt``: the model at the best validation Dice (only with validation data).
+* ``config.yaml``: model, training and data settings.
+* ``losses.csv``: one row per step, every term of :class:`~firekit.losses.FireLoss`.
+* ``validation.csv``: Dice of each validation (only with validation data).
+
+Steps are counted from 1 in these files: row ``step = k`` is the k-th optimisation step, trained on
+``source.sample(k - 1, batch_size)``, and a checkpoint at step ``k`` resumes with step ``k + 1``.
+"""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
+import math
+import os
+import signal
+import tempfile
+import threading
+import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
+import yaml
+from tqdm.auto import tqdm
 
+from . import metrics, spatial
 from .errors import FirekitError
 from .losses import FireLoss, fire_loss
-from .model import Fire
+from .model import Fire, load_checkpoint
 
-__all__ = ["TrainConfig", "TRAIN_PRESETS", "make_optimizers", "train_step"]
+__all__ = [
+    "TrainConfig",
+    "TRAIN_PRESETS",
+    "TrainResult",
+    "PairSource",
+    "RUN_FILES",
+    "make_optimizers",
+    "train_step",
+    "train",
+]
+
+# Files train() owns in a run folder; ``overwrite`` removes these and nothing else.
+RUN_FILES = ("checkpoint.pt", "model.pt", "model_best.pt", "config.yaml", "losses.csv", "validation.csv")
+
+# Settings a resumed run may change without leaving the path an uninterrupted run would take.
+_FREE_ON_RESUME = {"iterations", "val_every", "checkpoint_every", "amp"}
 
 
 @dataclass
@@ -27,6 +69,13 @@ class TrainConfig:
             first steps move every weight by about ``lr`` whatever the gradient's size; on the
             affine head's output layer that adds up over its inputs and, with the noisy
             gradients of an untrained synthesis, can throw the affine off (measured: README).
+        iterations: total optimisation steps of the run (a resumed run counts those done).
+        batch_size: pairs per step.
+        seed: seeds torch when a run starts (a resumed run restores the saved RNG state).
+        val_every: validate every this many steps and at the end (0: only at the end).
+        checkpoint_every: write checkpoint.pt and model.pt every this many steps and at the
+            end (0: only at the end).
+        amp: bf16 autocast for the forward pass; used on CUDA only.
     """
 
     lr_affine: float = 1e-5
@@ -35,6 +84,22 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = None
     warmup_steps: int = 0
+    iterations: int = 1000
+    batch_size: int = 1
+    seed: int = 0
+    val_every: int = 100
+    checkpoint_every: int = 100
+    amp: bool = True
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        if len(self.betas) != 2:
+            raise FirekitError(f"TrainConfig.betas needs 2 values, got {list(self.betas)}")
+        minimum = {"iterations": 1, "batch_size": 1, "val_every": 0, "checkpoint_every": 0, "warmup_steps": 0}
+        for name, low in minimum.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise FirekitError(f"TrainConfig.{name} must be an integer >= {low}, got {value!r}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "TrainConfig":
@@ -45,22 +110,83 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        """Inverse of :meth:`to_dict` (e.g. the ``train`` section of a run's config.yaml)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise FirekitError(f"training config has unknown fields {sorted(unknown)}; upgrade firekit")
+        return cls(**data)
+
 
 TRAIN_PRESETS: dict[str, dict] = {
     # Section 3.8, for 144,000 iterations.
-    "paper": dict(lr_affine=1e-5, lr_nonrigid=5e-5, lr_synthesis=1e-4),
+    "paper": dict(
+        lr_affine=1e-5, lr_nonrigid=5e-5, lr_synthesis=1e-4, iterations=144_000, val_every=1000,
+        checkpoint_every=1000,
+    ),
     # Chosen by experiment for a few hundred CPU steps (README, "Presets").
     "small": dict(lr_affine=3e-3, lr_nonrigid=1e-3, lr_synthesis=1e-3),
 }
 
 
+class PairSource(Protocol):
+    """What :func:`train` draws its training pairs from (e.g. the datasets of :mod:`firekit.data`)."""
+
+    ndim: int
+
+    def sample(self, step: int, batch_size: int) -> dict[str, torch.Tensor]:
+        """Batch for 0-based ``step``, a deterministic function of the source's seed and ``step``.
+
+        Returns:
+            ``{"x_a", "x_b"}``: ``(B, 1, *S)`` float32 in [-1, 1]; optionally ``"labels_a"``,
+            ``"labels_b"``: ``(B, 1, *S)`` int64.
+        """
+        ...
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did.
+
+    Attributes:
+        out_dir: the run folder.
+        steps: optimisation steps done, counting those before a resume.
+        losses: every FireLoss term of the last step (empty when no step was ever run).
+        best_val_dice: best mean validation Dice (a2b and b2a averaged), or None without validation.
+        seconds: training wall time, counting the time before a resume.
+        best_step: step of ``best_val_dice``.
+    """
+
+    out_dir: Path
+    steps: int
+    losses: dict[str, float]
+    best_val_dice: float | None
+    seconds: float
+    best_step: int | None = None
+
+
+def _rates(config: TrainConfig) -> dict[str, float]:
+    return {"affine": config.lr_affine, "nonrigid": config.lr_nonrigid, "synthesis": config.lr_synthesis}
+
+
 def make_optimizers(model: Fire, config: TrainConfig) -> dict[str, torch.optim.Adam]:
     """The three Adam optimisers, keyed like :meth:`Fire.param_groups`."""
-    rates = {"affine": config.lr_affine, "nonrigid": config.lr_nonrigid, "synthesis": config.lr_synthesis}
+    rates = _rates(config)
     return {
         name: torch.optim.Adam(params, lr=rates[name], betas=tuple(config.betas))
         for name, params in model.param_groups().items()
     }
+
+
+def _to_float32(value):
+    """Cast the floating tensors of a (nested) named tuple to float32."""
+    if torch.is_tensor(value):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*[_to_float32(v) for v in value])
+    return value
 
 
 def train_step(
@@ -71,6 +197,7 @@ def train_step(
     grad_clip: float | None = None,
     step: int | None = None,
     warmup_steps: int = 0,
+    autocast: bool = False,
 ) -> FireLoss:
     """One step: forward both directions, Eq. 1, one backward, each optimiser steps its own group.
 
@@ -79,6 +206,8 @@ def train_step(
         grad_clip: clip each optimiser's gradient norm (None: off).
         step: index of this step (from 0), for the warm-up.
         warmup_steps: linear learning-rate warm-up length (0: off).
+        autocast: run the network in bf16 autocast on the inputs' device; the loss is taken in
+            float32 either way.
 
     Returns:
         the loss terms, detached.
@@ -92,9 +221,17 @@ def train_step(
         for optimizer in optimizers.values():
             for group in optimizer.param_groups:
                 group["lr"] = group.setdefault("initial_lr", group["lr"]) * ramp
-    loss = fire_loss(model(x_a, x_b), x_a, x_b)
+    if autocast:
+        with torch.autocast(x_a.device.type, dtype=torch.bfloat16):
+            out = model(x_a, x_b)
+        # bf16 keeps 8 bits of mantissa: too few for RMS of small residuals or for the second
+        # differences of the bending energy.
+        out = _to_float32(out)
+    else:
+        out = model(x_a, x_b)
+    loss = fire_loss(out, x_a, x_b)
     if not torch.isfinite(loss.total):
-        raise FirekitError(f"loss became {float(loss.total)}; lower the learning rates or check the inputs")
+        raise FirekitError(f"loss became {float(loss.total.detach())}; lower the learning rates or check the inputs")
     loss.total.backward()
     for optimizer in optimizers.values():
         if grad_clip is not None:
@@ -102,3 +239,449 @@ def train_step(
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
     return FireLoss(*[v.detach() if torch.is_tensor(v) else v for v in loss])
+
+
+# ---------------------------------------------------------------------------------------- the loop
+def train(
+    model: Fire,
+    source: PairSource,
+    config: TrainConfig,
+    out_dir: str | os.PathLike,
+    validation: list[dict[str, torch.Tensor]] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    extra: dict | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on pairs from ``source``, writing a resumable run folder.
+
+    Args:
+        model: the model to train; moved to ``device``. With ``resume`` its weights are replaced
+            by the checkpoint's, and its config must match the checkpoint's.
+        source: ``source.sample(step, batch_size)`` gives the batch of 0-based ``step`` (see
+            :class:`PairSource`); ``source.describe()``, if present, is saved as the ``data`` section.
+        config: optimisation settings; ``iterations`` counts the steps of the whole run.
+        out_dir: run folder; created if missing. A non-empty one needs ``resume`` or ``overwrite``.
+        validation: fixed batches like ``source``'s, each with ``labels_a`` and ``labels_b``;
+            scored by mean Dice over non-zero labels every ``config.val_every`` steps and at the end.
+        resume: continue from ``out_dir/checkpoint.pt``: the steps after it compute the same
+            losses an uninterrupted run computes (bitwise on the CPU).
+        overwrite: start again, removing only :data:`RUN_FILES` from ``out_dir``.
+        device: ``"cuda"`` when available, else ``"cpu"``, by default.
+        progress: show a tqdm bar (total, syn, reg, smooth = lambda R_smooth, latest val Dice).
+        extra: plain data added to ``model.pt``'s extra (e.g. the command line).
+
+    Returns:
+        a :class:`TrainResult`.
+
+    Raises:
+        FirekitError: a run-folder conflict, an unusable checkpoint, bad batches or a non-finite loss.
+        KeyboardInterrupt: after checkpointing the last completed step. Ctrl-C lets the running
+            step finish first; a second Ctrl-C stops at once, keeping the previous checkpoint.
+    """
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    source_ndim = getattr(source, "ndim", model.ndim)
+    if source_ndim != model.ndim:
+        raise FirekitError(
+            f"the data are {source_ndim}D but the model is {model.ndim}D; build the model with ndim={source_ndim}"
+        )
+    describe = getattr(source, "describe", None)
+    data = _plain(describe() if callable(describe) else {}, "source.describe()")
+    extra = _plain(extra or {}, "extra")
+    validation = [_check_validation_batch(batch, i) for i, batch in enumerate(validation or [])]
+    run_dir = _prepare_run_dir(Path(out_dir), resume, overwrite)
+    if not resume:
+        torch.manual_seed(config.seed)
+
+    model.to(device)
+    optimizers = make_optimizers(model, config)
+    state = _RunState()
+    if resume:
+        state = _resume(run_dir, model, optimizers, config, data, device)
+    use_amp = config.amp and device.type == "cuda"
+    _write_config_yaml(run_dir, model, config, data)
+
+    loss_fields = ["step", *FireLoss._fields, "seconds"]
+    keep = state.step if resume else None
+    losses_log = _CsvLog(run_dir / "losses.csv", loss_fields, keep)
+    val_fields = ["step", "dice_a2b", "dice_b2a", "dice_mean"]
+    val_log = _CsvLog(run_dir / "validation.csv", val_fields, keep) if validation else None
+
+    started = time.perf_counter()
+    seconds_before = state.seconds
+
+    def seconds() -> float:
+        return seconds_before + time.perf_counter() - started
+
+    def save() -> None:
+        state.seconds = seconds()
+        _save_run(run_dir, model, optimizers, config, data, extra, state, device)
+
+    bar = tqdm(
+        total=config.iterations, initial=state.step, disable=not progress, unit="step", desc=run_dir.name,
+        dynamic_ncols=True,
+    )
+    in_step = False
+    try:
+        with _HeldInterrupt() as interrupt:
+            for index in range(state.step, config.iterations):
+                batch = source.sample(index, config.batch_size)
+                x_a, x_b = (_batch_tensor(batch, key, f"source.sample({index})", device) for key in ("x_a", "x_b"))
+                in_step = True
+                try:
+                    loss = train_step(
+                        model, optimizers, x_a, x_b, config.grad_clip, index, config.warmup_steps, autocast=use_amp
+                    )
+                except FirekitError as exc:
+                    # train_step checks the loss before any optimiser steps: the last step stands.
+                    if state.step > state.saved_step:
+                        save()
+                    kept = f"; {run_dir / 'checkpoint.pt'} holds step {state.saved_step}" if state.saved_step else ""
+                    raise FirekitError(f"step {index + 1}: {exc}{kept}") from None
+                in_step = False
+                state.step = index + 1
+                state.losses = loss.as_floats()
+                losses_log.write({"step": state.step, **state.losses, "seconds": seconds()})
+                last = state.step == config.iterations
+                if val_log is not None and (last or _due(state.step, config.val_every)):
+                    scores = _validate(model, validation, device)
+                    val_log.write({"step": state.step, **scores})
+                    state.latest_dice = scores["dice_mean"]
+                    if not math.isnan(scores["dice_mean"]) and (
+                        state.best_val_dice is None or scores["dice_mean"] > state.best_val_dice
+                    ):
+                        state.best_val_dice, state.best_step = scores["dice_mean"], state.step
+                        model.save(run_dir / "model_best.pt", extra=_model_extra(config, data, extra, state))
+                if last or _due(state.step, config.checkpoint_every):
+                    save()
+                bar.set_postfix(_postfix(loss, state.latest_dice), refresh=False)
+                bar.update(1)
+                if interrupt.pending:
+                    raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        # Mid-step (a second Ctrl-C) the groups may be half updated: keep the last checkpoint then.
+        if not in_step and state.step > state.saved_step:
+            save()
+        bar.write(
+            f"interrupted; {run_dir / 'checkpoint.pt'} holds step {state.saved_step}"
+            if state.saved_step else "interrupted before the first checkpoint"
+        )
+        raise
+    finally:
+        bar.close()
+        losses_log.close()
+        if val_log is not None:
+            val_log.close()
+    return TrainResult(run_dir, state.step, state.losses, state.best_val_dice, seconds(), state.best_step)
+
+
+@dataclass
+class _RunState:
+    """What a checkpoint carries besides the weights and optimiser states."""
+
+    step: int = 0
+    saved_step: int = 0
+    seconds: float = 0.0
+    losses: dict = dataclasses.field(default_factory=dict)
+    best_val_dice: float | None = None
+    best_step: int | None = None
+    latest_dice: float | None = None
+
+
+def _due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _postfix(loss: FireLoss, dice: float | None) -> dict[str, str]:
+    shown = {
+        "total": float(loss.total),
+        "syn": float(loss.syn),
+        "reg": float(loss.reg),
+        "smooth": loss.smooth_weight * float(loss.r_smooth),
+    }
+    postfix = {k: f"{v:.4f}" for k, v in shown.items()}
+    if dice is not None:
+        postfix["dice"] = f"{dice:.3f}"
+    return postfix
+
+
+class _HeldInterrupt:
+    """Hold the first Ctrl-C until the running step ends, so no checkpoint holds half a step.
+
+    Python delivers SIGINT to the main thread only; elsewhere this does nothing.
+    """
+
+    def __enter__(self) -> "_HeldInterrupt":
+        self.pending = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if previous not in (signal.SIG_IGN, None):
+                self._previous = previous
+                signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ------------------------------------------------------------------------------------ run folder
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
+    if resume and overwrite:
+        raise FirekitError("pass --resume or --overwrite, not both")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FirekitError(f"{run_dir} is a file; pass a folder for the run")
+    if resume:
+        if not (run_dir / "checkpoint.pt").is_file():
+            raise FirekitError(
+                f"{run_dir / 'checkpoint.pt'} not found; nothing to resume (drop --resume to start a new run)"
+            )
+        return run_dir
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise FirekitError(f"{run_dir} is not empty; pass --resume to continue or --overwrite to start again")
+        for name in RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
+            for tmp in run_dir.glob(f".{name}.*.tmp"):  # left by a crash mid-write
+                tmp.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="") as file:
+            file.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plain(value: Any, where: str) -> Any:
+    """``value`` as plain data, safe for yaml.safe_dump and torch.load(weights_only=True)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {k if isinstance(k, (str, int)) else str(k): _plain(v, where) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where) for v in value]
+    if hasattr(value, "tolist"):  # numpy and torch scalars and small arrays
+        return _plain(value.tolist(), where)
+    raise FirekitError(f"{where} holds a {type(value).__name__}; use plain data (str, numbers, lists, dicts)")
+
+
+def _write_config_yaml(run_dir: Path, model: Fire, config: TrainConfig, data: dict) -> None:
+    from . import __version__  # the package is fully imported by the time train() runs
+
+    document = {
+        "model": model.config.to_dict(),
+        "train": config.to_dict(),
+        "data": data,
+        "firekit_version": __version__,
+    }
+    _atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(document, sort_keys=False))
+
+
+def _model_extra(config: TrainConfig, data: dict, extra: dict, state: _RunState) -> dict:
+    return {"train": config.to_dict(), "step": state.step, "data": data, **extra}
+
+
+def _save_run(
+    run_dir: Path,
+    model: Fire,
+    optimizers: dict[str, torch.optim.Optimizer],
+    config: TrainConfig,
+    data: dict,
+    extra: dict,
+    state: _RunState,
+    device: torch.device,
+) -> None:
+    """Write model.pt, then checkpoint.pt (each atomically) for ``state.step``."""
+    model.save(run_dir / "model.pt", extra=_model_extra(config, data, extra, state))
+    rng = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    model.save(
+        run_dir / "checkpoint.pt",
+        extra={
+            "step": state.step,
+            "train": config.to_dict(),
+            "data": data,
+            "optimizers": {name: optimizer.state_dict() for name, optimizer in optimizers.items()},
+            "rng": rng,
+            "seconds": state.seconds,
+            "losses": state.losses,
+            "best_val_dice": state.best_val_dice,
+            "best_step": state.best_step,
+            "latest_dice": state.latest_dice,
+        },
+    )
+    state.saved_step = state.step
+
+
+def _resume(
+    run_dir: Path,
+    model: Fire,
+    optimizers: dict[str, torch.optim.Optimizer],
+    config: TrainConfig,
+    data: dict,
+    device: torch.device,
+) -> _RunState:
+    """Load checkpoint.pt into ``model`` and ``optimizers``; return the saved run state."""
+    path = run_dir / "checkpoint.pt"
+    saved_model, saved = load_checkpoint(path, map_location="cpu")
+    missing = [key for key in ("step", "train", "optimizers") if key not in saved]
+    if missing:
+        raise FirekitError(
+            f"{path}: not a training checkpoint (no {', '.join(missing)}); pass --overwrite to start again"
+        )
+    ours = {k: v for k, v in model.config.to_dict().items() if k != "preset"}
+    theirs = {k: v for k, v in saved_model.config.to_dict().items() if k != "preset"}
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if differ:
+        changes = ", ".join(f"{k}: {theirs.get(k)} saved, {ours.get(k)} given" for k in differ)
+        raise FirekitError(
+            f"{path} holds a different model ({changes}); build it from {run_dir / 'config.yaml'} or pass --overwrite"
+        )
+    step = int(saved["step"])
+    if step > config.iterations:
+        raise FirekitError(
+            f"{path} is at step {step}, past iterations={config.iterations}; raise iterations to continue"
+        )
+    model.load_state_dict(saved_model.state_dict())
+    if set(saved["optimizers"]) != set(optimizers):
+        raise FirekitError(f"{path}: optimisers {sorted(saved['optimizers'])} do not match {sorted(optimizers)}")
+    for name, optimizer in optimizers.items():
+        try:
+            optimizer.load_state_dict(saved["optimizers"][name])
+        except (ValueError, KeyError) as exc:
+            raise FirekitError(f"{path}: {name} optimiser state does not fit the model ({exc})") from None
+
+    saved_config = saved["train"]
+    changed = sorted(
+        k for k, v in config.to_dict().items() if k not in _FREE_ON_RESUME and saved_config.get(k, v) != v
+    )
+    if saved.get("data", data) != data:
+        changed.append("data")
+    if changed:
+        warnings.warn(
+            f"resuming {run_dir} with changed {', '.join(changed)}: the run will differ from an uninterrupted one",
+            stacklevel=3,
+        )
+        _apply_rates(optimizers, config)
+
+    rng = saved.get("rng", {})
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+    return _RunState(
+        step=step, saved_step=step, seconds=float(saved.get("seconds", 0.0)), losses=dict(saved.get("losses", {})),
+        best_val_dice=saved.get("best_val_dice"), best_step=saved.get("best_step"),
+        latest_dice=saved.get("latest_dice"),
+    )
+
+
+def _apply_rates(optimizers: dict[str, torch.optim.Optimizer], config: TrainConfig) -> None:
+    """Put ``config``'s rates and betas into restored optimisers (train_step redoes any warm-up ramp)."""
+    rates = _rates(config)
+    for name, optimizer in optimizers.items():
+        for group in optimizer.param_groups:
+            group["betas"] = tuple(config.betas)
+            group["lr"] = rates[name]
+            if "initial_lr" in group:
+                group["initial_lr"] = rates[name]
+
+
+class _CsvLog:
+    """A CSV log flushed every row. With ``keep_until``, rows past that step are dropped first."""
+
+    def __init__(self, path: Path, fields: list[str], keep_until: int | None = None):
+        rows = []
+        if keep_until is not None and path.is_file():
+            with open(path, newline="") as file:
+                rows = [row for row in csv.DictReader(file) if _row_step(row) <= keep_until]
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fields, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        _atomic_write_text(path, text.getvalue())
+        self._file = open(path, "a", newline="")
+        self._writer = csv.DictWriter(self._file, fields, restval="", extrasaction="ignore")
+
+    def write(self, row: dict) -> None:
+        self._writer.writerow(row)  # floats print as repr: they read back exactly
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _row_step(row: dict) -> int | float:
+    try:
+        return int(row.get("step") or "")
+    except ValueError:
+        return math.inf
+
+
+# -------------------------------------------------------------------------------------- batches
+def _batch_tensor(batch: dict, key: str, where: str, device: torch.device) -> torch.Tensor:
+    if not isinstance(batch, dict) or key not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise FirekitError(f"{where} must give a dict with {key!r}, got {keys}")
+    value = batch[key]
+    if not torch.is_tensor(value):
+        raise FirekitError(f"{where}[{key!r}] must be a tensor (B, 1, *spatial), got {type(value).__name__}")
+    if key.startswith("labels"):
+        return value.to(device=device, dtype=torch.int64)
+    return value.to(device=device, dtype=torch.float32)
+
+
+def _check_validation_batch(batch: dict, index: int) -> dict:
+    for key in ("x_a", "x_b", "labels_a", "labels_b"):
+        if not isinstance(batch, dict) or key not in batch or not torch.is_tensor(batch[key]):
+            raise FirekitError(
+                f"validation batch {index} needs tensors x_a, x_b, labels_a, labels_b; {key!r} is missing"
+            )
+    return batch
+
+
+def _mean_label_dice(warped: torch.Tensor, fixed: torch.Tensor) -> list[float]:
+    """Per sample, the mean Dice over the non-zero labels of either map (samples with none skipped)."""
+    scores = []
+    for moved, target in zip(warped.cpu(), fixed.cpu()):
+        per_label = metrics.dice(moved, target)
+        if per_label:
+            scores.append(sum(per_label.values()) / len(per_label))
+    return scores
+
+
+@torch.no_grad()
+def _validate(model: Fire, batches: list[dict], device: torch.device) -> dict[str, float]:
+    """Mean label Dice of A warped onto B (a2b) and B onto A (b2a), in eval mode."""
+    model.eval()
+    scores: dict[str, list[float]] = {"a2b": [], "b2a": []}
+    for i, batch in enumerate(batches):
+        x_a, x_b, labels_a, labels_b = (
+            _batch_tensor(batch, key, f"validation batch {i}", device) for key in ("x_a", "x_b", "labels_a", "labels_b")
+        )
+        for direction, moving, fixed, moving_labels, fixed_labels in (
+            ("a2b", x_a, x_b, labels_a, labels_b),
+            ("b2a", x_b, x_a, labels_b, labels_a),
+        ):
+            displacement = model.register(moving, fixed, direction).displacement
+            scores[direction] += _mean_label_dice(spatial.warp_labels(moving_labels, displacement), fixed_labels)
+    model.train()
+    mean = {k: sum(v) / len(v) if v else math.nan for k, v in scores.items()}
+    return {"dice_a2b": mean["a2b"], "dice_b2a": mean["b2a"], "dice_mean": (mean["a2b"] + mean["b2a"]) / 2}

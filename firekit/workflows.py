@@ -92,6 +92,9 @@ def train_on_files(
     if validation is not None and "labels_a" not in validation[0]:
         validation = None
     config = TrainConfig.from_preset(preset, iterations=iterations, batch_size=batch_size, seed=seed, **train_options)
+    import torch
+
+    torch.manual_seed(seed)  # the weights' initialisation is part of the run's seed
     model = Fire(FireConfig.from_preset(preset, ndim=ndim))
     extra = {"modalities": {"a": a, "b": b}, "spacing": spacing}
     return train(model, dataset, config, out, validation=validation, resume=resume, overwrite=overwrite,
