@@ -3,8 +3,8 @@
 from .errors import FirekitError
 from .losses import FireLoss, fire_loss, smooth_lambda
 from .model import Fire, FireConfig, FireOutput, Registration, Transform
-from .register import RegistrationResult, load, register
-from .train import TrainConfig, TrainResult, make_optimizers, train, train_step
+from .register import RegistrationResult, load
+from .train import TrainConfig, TrainResult, make_optimizers, train_step
 
 __version__ = "0.1.0"
 
@@ -23,8 +23,6 @@ __all__ = [
     "load",
     "make_optimizers",
     "smooth_lambda",
-    "register",
-    "train",
     "train_step",
     "__version__",
 ]

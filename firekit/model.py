@@ -387,6 +387,7 @@ class Fire(nn.Module):
         os.close(fd)
         try:
             torch.save(payload, tmp)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -140,3 +140,19 @@ def test_bad_checkpoint_is_refused(tmp_path, workspace):
     result = run("register", "--model", bogus, "--moving", data / "test/subj002/T2.nii.gz", "--fixed",
                  data / "val/subj001/T1.nii.gz", "--out", tmp_path / "w.nii.gz")
     assert_one_line_error(result, "checkpoint")
+
+
+def test_demo_registers_test_pairs_with_the_shipped_model(workspace):
+    root, data, _ = workspace
+    out = root / "results"
+    result = run("demo", "--data", data, "--out", out, "--pairs", 2)
+    assert result.returncode == 0, result.stderr
+    assert "unaligned" in result.stdout and "FIRE full" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["pairs"] == 2 and 0 <= summary["after"]["mean"] <= 1
+    pngs = list(out.glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    pair = out / "pairs" / "subj002" / "pair000"
+    for name in ("moving", "fixed", "warped", "warped_labels", "field", "true_field"):
+        assert (pair / f"{name}.nii.gz").is_file(), name
+    assert (pair / "affine.tfm").read_text().startswith("#Insight Transform File")
