@@ -24,7 +24,7 @@ def _mean_dice(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
     return metrics.dice(torch.as_tensor(a), torch.as_tensor(b), labels=list(LABEL_NAMES))
 
 
-def _figure(result, path: Path, title: str) -> None:
+def _figure(result, synthesised, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -35,12 +35,43 @@ def _figure(result, path: Path, title: str) -> None:
     view = result.network
     fig = registration_figure(
         view.moving[0], view.fixed[0], view.warped[0], view.displacement[:1],
-        synthesised=getattr(result, "synthesised", None),
+        synthesised=synthesised,
         titles=("moving (T2-like)", "fixed (T1)", "warped moving"),
     )
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+@torch.no_grad()
+def _register_pairs(model, records: list[dict], out: Path) -> tuple[list[dict], list[float]]:
+    """Register each pair file to file, score it, and draw the first few; returns rows and seconds."""
+    from .register import register
+    from .workflows import register_files
+
+    rows, seconds = [], []
+    for index, pair in enumerate(records):
+        pair_dir = Path(pair["moving"]).parent
+        tick = time.perf_counter()
+        result = register_files(model, pair["moving"], pair["fixed"], pair_dir / "warped.nii.gz", direction="b2a",
+                                moving_labels=pair["moving_labels"], out_labels=pair_dir / "warped_labels.nii.gz",
+                                field=pair_dir / "field.nii.gz", affine=pair_dir / "affine.tfm")
+        seconds.append(time.perf_counter() - tick)
+        fixed_labels = io.load_labels(pair["fixed_labels"]).data
+        moving_labels = io.load_labels(pair["moving_labels"]).data
+        after = _mean_dice(result.apply(moving_labels).data, fixed_labels)
+        affine_result = register(model, pair["moving"], pair["fixed"], "b2a", affine_only=True)
+        affine_dice = _mean_dice(affine_result.apply(moving_labels).data, fixed_labels)
+        before = _mean_dice(moving_labels, fixed_labels)
+        folding = float((result.jacobian_determinant() <= 0).mean() * 100)
+        rows.append({"pair": f"{pair['subject']}/{pair_dir.name}", "before": before, "affine_only": affine_dice,
+                     "after": after, "folding_percent": folding})
+        if index < 4:
+            synthesised = model.synthesise(result.network.moving[:1], "b2a")[0]
+            _figure(result, synthesised, out / f"{pair['subject']}_{pair_dir.name}.png",
+                    f"{pair['subject']}/{pair_dir.name}: mean Dice {np.mean(list(before.values())):.3f} -> "
+                    f"{np.mean(list(after.values())):.3f}")
+    return rows, seconds
 
 
 def run_demo(
@@ -60,8 +91,8 @@ def run_demo(
     """
     from .braindata import build_demo_dataset
     from .protocol import make_test_pairs
-    from .register import load, register
-    from .workflows import register_files, train_on_files
+    from .register import load
+    from .workflows import train_on_files
 
     start = time.perf_counter()
     data, out = Path(data), Path(out)
@@ -80,7 +111,6 @@ def run_demo(
     else:
         model = load("default")
         model_name = "the shipped model"
-    torch.set_grad_enabled(False)
     test_subjects = sorted(p for p in (data / "test").iterdir() if p.is_dir())
     if not test_subjects:
         raise FirekitError(f"{data / 'test'}: no test subjects; rebuild with firekit data demo --overwrite")
@@ -90,29 +120,7 @@ def run_demo(
         if count:
             records += make_test_pairs(subject, out / "pairs" / subject.name, count, ndim=2, moving="T2",
                                        fixed="T1", seed=seed + len(records))
-    rows, seconds = [], []
-    for index, pair in enumerate(records):
-        pair_dir = Path(pair["moving"]).parent
-        tick = time.perf_counter()
-        result = register_files(model, pair["moving"], pair["fixed"], pair_dir / "warped.nii.gz", direction="b2a",
-                                moving_labels=pair["moving_labels"], out_labels=pair_dir / "warped_labels.nii.gz",
-                                field=pair_dir / "field.nii.gz", affine=pair_dir / "affine.tfm")
-        seconds.append(time.perf_counter() - tick)
-        fixed_labels = io.load_labels(pair["fixed_labels"]).data
-        moving_labels = io.load_labels(pair["moving_labels"]).data
-        after = _mean_dice(result.apply(moving_labels).data, fixed_labels)
-        affine_result = register(model, pair["moving"], pair["fixed"], "b2a", affine_only=True)
-        affine_dice = _mean_dice(affine_result.apply(moving_labels).data, fixed_labels)
-        before = _mean_dice(moving_labels, fixed_labels)
-        folding = float((result.jacobian_determinant() <= 0).mean() * 100)
-        rows.append({"pair": f"{pair['subject']}/{pair_dir.name}", "before": before, "affine_only": affine_dice,
-                     "after": after, "folding_percent": folding})
-        if index < 4:
-            with torch.no_grad():
-                result.synthesised = model.synthesise(result.network.moving[:1], "b2a")[0]
-            _figure(result, out / f"{pair['subject']}_{pair_dir.name}.png",
-                    f"{pair['subject']}/{pair_dir.name}: mean Dice {np.mean(list(before.values())):.3f} -> "
-                    f"{np.mean(list(after.values())):.3f}")
+    rows, seconds = _register_pairs(model, records, out)
     summary = {key: {name: float(np.mean([r[key][label] for r in rows])) for label, name in LABEL_NAMES.items()}
                for key in ("before", "affine_only", "after")}
     for key in summary:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import torch
 
@@ -13,22 +10,6 @@ from .errors import FirekitError
 from .register import field_jacobian
 
 __all__ = ["evaluate_files", "format_scores"]
-
-
-def _load_field(path: str | os.PathLike, grid: io.Volume) -> np.ndarray:
-    """An ITK displacement field NIfTI ``(X, Y[, Z], 1, n)`` as ``(*S, n)`` mm on ``grid``."""
-    image = io._load_image(Path(path), "displacement field")
-    data = io._read_array(image, Path(path), np.float32)
-    n = grid.ndim
-    if data.ndim != 5 or data.shape[3] != 1 or data.shape[4] != n:
-        raise FirekitError(
-            f"{path}: shape {data.shape} is not an ITK {n}D displacement field (X, Y, Z, 1, {n}); "
-            "pass the --field written by firekit register"
-        )
-    field = data.reshape(*data.shape[: n], n) if n == 3 else data[:, :, 0, 0, :]
-    if field.shape[:-1] != grid.shape:
-        raise FirekitError(f"{path}: field grid {field.shape[:-1]} differs from the labels' {grid.shape}")
-    return field
 
 
 def evaluate_files(fixed_labels, warped_labels, field=None) -> dict:
@@ -51,7 +32,7 @@ def evaluate_files(fixed_labels, warped_labels, field=None) -> dict:
     hd = metrics.hd95(fixed.data, warped.data, fixed.spacing, labels)
     folding = None
     if field is not None:
-        jac = field_jacobian(_load_field(field, fixed), fixed.affine)
+        jac = field_jacobian(io.load_field(field, fixed), fixed.affine)
         folding = float((jac <= 0).mean() * 100.0)
     return {
         "dice": dice,

@@ -26,6 +26,7 @@ __all__ = [
     "Volume",
     "load_volume",
     "load_labels",
+    "load_field",
     "save_nifti",
     "save_volume",
     "check_output_path",
@@ -196,6 +197,24 @@ def load_labels(path: str | os.PathLike, what: str = "label map") -> Volume:
     if np.abs(rounded - data).max() > 1e-3:
         raise FirekitError(f"{path}: label map has non-integer values; pass an integer segmentation")
     return Volume(rounded.astype(np.int32), nd_affine(image.affine, data.ndim), image.header.copy(), path)
+
+
+def load_field(path: str | os.PathLike, grid: Volume) -> np.ndarray:
+    """Load an ITK displacement field NIfTI ``(X, Y[, Z], 1, n)`` on ``grid`` as ``(*grid.shape, n)`` mm."""
+    path = Path(path)
+    data = _read_array(_load_image(path, "displacement field"), path, np.float32)
+    n = grid.ndim
+    if data.ndim != 5 or data.shape[3] != 1 or data.shape[4] != n:
+        raise FirekitError(
+            f"{path}: shape {data.shape} is not an ITK {n}D displacement field (X, Y, Z, 1, {n}); "
+            "pass the --field written by firekit register"
+        )
+    field = data[:, :, :, 0, :] if n == 3 else data[:, :, 0, 0, :]
+    if field.shape[:-1] != grid.shape:
+        raise FirekitError(f"{path}: field grid {field.shape[:-1]} differs from {grid.name} {grid.shape}")
+    if not np.isfinite(field).all():
+        raise FirekitError(f"{path}: field has NaN/Inf values; re-run the registration")
+    return field
 
 
 def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
