@@ -55,15 +55,27 @@ def _register(args: argparse.Namespace) -> None:
     from .register import load
     from .workflows import register_files
 
-    model = load(args.model)
+    model = None if args.no_network else load(args.model)
     result = register_files(
         model, args.moving, args.fixed, args.out, direction=args.direction, moving_labels=args.moving_labels,
         out_labels=args.out_labels, field=args.field, affine=args.affine, affine_only=args.affine_only,
-        spacing=args.spacing, device=args.device,
+        spacing=args.spacing, device=args.device, refine=args.refine, seed=args.seed,
     )
     written = [p for p in (args.out, args.out_labels, args.field, args.affine) if p]
     folding = float((result.jacobian_determinant() <= 0).mean() * 100)
     print(f"wrote {', '.join(map(str, written))} (|J| <= 0: {folding:.3f} %)")
+
+
+def _refine_steps(value: str):
+    if value == "auto":
+        return value
+    try:
+        steps = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--refine takes 'auto' or a number of steps, got {value!r}") from None
+    if steps < 0:
+        raise argparse.ArgumentTypeError(f"--refine must be >= 0, got {steps}")
+    return steps
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -164,7 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--out-labels", help="warped labels (integer image on the fixed grid)")
     register.add_argument("--field", help="write the ITK displacement field (mm, LPS) here")
     register.add_argument("--affine", help="write the affine part as an ITK transform file (.tfm/.txt) here")
-    register.add_argument("--affine-only", action="store_true", help="use only the affine subnet")
+    register.add_argument("--affine-only", action="store_true", help="use only the affine subnet (network alone)")
+    register.add_argument("--refine", type=_refine_steps, default="auto", metavar="K",
+                          help="per-pair refinement after the network: 'auto' (default, the tuned schedule), "
+                          "K Adam steps per pyramid level, or 0 for the network alone")
+    register.add_argument("--no-network", action="store_true",
+                          help="classical mode: refinement alone from a moments initialisation (no weights needed)")
+    register.add_argument("--seed", type=int, default=0, help="refinement seed (default 0; results are deterministic)")
     register.add_argument("--spacing", type=float, default=1.28, help="network voxel size in mm (default 1.28)")
     register.add_argument("--device", help="cpu, cuda ... (default cpu)")
     register.set_defaults(func=_register)

@@ -195,11 +195,13 @@ class Registration(NamedTuple):
         theta: ``(B, ndim, ndim + 1)`` affine part.
         displacement: ``(B, ndim, *S)`` full displacement on the fixed grid.
         warped: ``(B, C, *S)`` moving image warped onto the fixed image.
+        flow: ``(B, ndim, *s)`` the non-rigid part u_nr alone, on G's grid (zero when affine-only).
     """
 
     theta: torch.Tensor
     displacement: torch.Tensor
     warped: torch.Tensor
+    flow: torch.Tensor | None = None
 
 
 def _split(x: torch.Tensor, parts: int) -> tuple[torch.Tensor, ...]:
@@ -305,7 +307,7 @@ class Fire(nn.Module):
         feat_moving, feat_fixed = _split(features, 2)
         transform = net(feat_moving, feat_fixed, affine_only=affine_only)
         displacement = transform.displacement(moving.shape[2:])
-        return Registration(transform.theta, displacement, spatial.warp(moving, displacement))
+        return Registration(transform.theta, displacement, spatial.warp(moving, displacement), transform.flow)
 
     def forward(self, x_a: torch.Tensor, x_b: torch.Tensor) -> FireOutput:
         """Full training graph for a pair ``x_a``, ``x_b`` of shape ``(B, C, *S)``.

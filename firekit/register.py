@@ -213,8 +213,78 @@ def _network_affine_to_world(theta: torch.Tensor, shape: Sequence[int], grid_aff
     return grid_affine @ voxel @ np.linalg.inv(grid_affine)
 
 
+def refine_config(refine, ndim: int, seed: int = 0):
+    """A ``RefineConfig`` from ``register``'s ``refine`` argument (None when refinement is off).
+
+    ``refine``: 0/None/False off; ``"auto"``/True the tuned preset; an int K: the preset with K
+    Adam steps at every affine and non-rigid level; or a ``RefineConfig``.
+    """
+    from .refine import RefineConfig
+
+    if refine is None or refine is False or (isinstance(refine, int) and not isinstance(refine, bool) and refine == 0):
+        return None
+    if isinstance(refine, RefineConfig):
+        return refine
+    config = RefineConfig.preset(ndim, seed=seed)
+    if refine is True or refine == "auto":
+        return config
+    if isinstance(refine, int) and refine > 0:
+        return RefineConfig.preset(
+            ndim, seed=seed,
+            affine_iterations=(refine,) * len(config.affine_levels),
+            field_iterations=(refine,) * len(config.field_levels),
+        )
+    raise FirekitError(f"refine must be 0 (off), 'auto' or a positive number of steps per level, got {refine!r}")
+
+
+def _better_start(moving: torch.Tensor, fixed: torch.Tensor, thetas: list[torch.Tensor], config) -> torch.Tensor:
+    """Per sample, the index of the affine in ``thetas`` that the similarity prefers (at 1/4 size)."""
+    import torch.nn.functional as nnf
+
+    similarity = config.similarity_fn()
+    n = fixed.ndim - 2
+    factor = max(1, min(4, min(fixed.shape[2:]) // 16))
+    pool = getattr(nnf, f"avg_pool{n}d")
+    small_moving, small_fixed = pool(moving, factor), pool(fixed, factor)
+    fixed_features = similarity.features(small_fixed)
+    scores = []
+    for theta in thetas:
+        warped = spatial.warp(small_moving, spatial.affine_to_displacement(theta, small_fixed.shape[2:]))
+        scores.append(similarity.compare(similarity.features(warped), fixed_features, None))
+    return torch.stack(scores).argmin(dim=0)
+
+
+def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, direction: str, affine_only: bool,
+           config, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Network and/or refinement on same-ndim tensors -> (theta, displacement, warped), normalised."""
+    from .refine import moments_init, refine
+
+    theta = flow = None
+    if model is not None:
+        with torch.inference_mode():
+            reg = model.register(x_moving.to(device), x_fixed.to(device), direction, affine_only)
+        # clone() outside inference mode: refinement may use these in autograd
+        theta, disp, warped = reg.theta.cpu().clone(), reg.displacement.cpu().clone(), reg.warped.cpu().clone()
+        flow = None if reg.flow is None or affine_only else reg.flow.cpu().clone()
+        if config is None:
+            return theta, disp, warped
+    x_moving, x_fixed = x_moving.to(device), x_fixed.to(device)
+    theta0 = displacement0 = None
+    if theta is not None:
+        # The network's affine competes with the moments' (the probe found moments often better).
+        moments = moments_init(x_moving, x_fixed, similarity=config.similarity, angles=config.scan_angles,
+                               foreground=config.foreground, scan_size=config.scan_size)
+        choice = _better_start(x_moving, x_fixed, [theta.to(moments), moments], config)
+        theta0 = torch.where(choice.view(-1, 1, 1) == 0, theta.to(moments), moments)
+        if flow is not None and bool((choice == 0).all()):
+            displacement0 = flow.to(moments)
+    with torch.enable_grad():  # refinement optimises by gradient, whatever the caller's mode
+        result = refine(x_moving, x_fixed, theta0=theta0, displacement0=displacement0, config=config)
+    return result.theta.cpu(), result.displacement.detach().cpu(), result.warped.detach().cpu()
+
+
 def register(
-    model: Fire,
+    model: Fire | None,
     moving,
     fixed,
     direction: str = "a2b",
@@ -222,17 +292,23 @@ def register(
     spacing: float | None = DEFAULT_SPACING,
     device: str | torch.device | None = None,
     slice_batch: int = 16,
+    refine=0,
+    seed: int = 0,
 ) -> RegistrationResult:
-    """Register ``moving`` onto ``fixed`` with a FIRE model.
+    """Register ``moving`` onto ``fixed`` with a FIRE model, per-pair refinement, or both.
 
     Args:
-        model: a :class:`Fire` model (2D models register 3D volumes slice by slice, axially).
+        model: a :class:`Fire` model (2D models register 3D volumes slice by slice, axially), or
+            None for refinement alone from moments (no weights needed).
         moving, fixed: paths, nibabel images, Volumes or 2D/3D arrays (arrays: 1 mm voxels).
         direction: ``"a2b"`` (moving is modality A) or ``"b2a"``.
-        affine_only: use only the affine subnet.
+        affine_only: use only the affine subnet (network alone).
         spacing: mm per network voxel (default 1.28, the paper's); None keeps the fixed image's.
-        device: where the network runs (default: the model's device).
+        device: where the network and refinement run (default: the model's device, else CPU).
         slice_batch: slices per forward pass in slice-by-slice mode.
+        refine: 0 network alone; ``"auto"`` the tuned refinement; K steps per pyramid level; or a
+            ``RefineConfig``. A 2D model on a 3D volume refines in 3D from moments.
+        seed: refinement seed (results are deterministic for a seed).
     """
     moving = as_volume(moving, "moving image")
     fixed = as_volume(fixed, "fixed image")
@@ -241,33 +317,40 @@ def register(
             f"{moving.name} is {moving.ndim}D but {fixed.name} is {fixed.ndim}D; register images of the same ndim"
         )
     n = fixed.ndim
-    if model.ndim > n:
+    config = refine_config(refine, n, seed)
+    if model is None and config is None:
+        raise FirekitError("no model and no refinement: pass a model, or refine='auto' (--no-network needs --refine)")
+    if model is not None and model.ndim > n:
         raise FirekitError(f"{fixed.name}: a {model.ndim}D model cannot register {n}D images; use a {n}D model")
-    slicewise = model.ndim < n
-    grid_spacing = [spacing, spacing, None] if slicewise else spacing
-    shape, grid_affine = network_grid(fixed, grid_spacing, model.size_multiple, model.min_size)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    slicewise = model is not None and model.ndim < n
+    grid_spacing = [spacing, spacing, None] if slicewise and config is None else spacing
+    multiple, min_size = (model.size_multiple, model.min_size) if model is not None else (Fire.size_multiple, Fire.min_size)
+    shape, grid_affine = network_grid(fixed, grid_spacing, multiple, min_size)
+    if device is None:
+        device = next(model.parameters()).device if model is not None else torch.device("cpu")
+    device = torch.device(device)
     x_fixed = to_network(fixed, shape, grid_affine)
     x_moving = to_network(moving, shape, grid_affine)
-    model.eval()
-    with torch.inference_mode():
-        if slicewise:
+    if model is not None:
+        model.eval()
+    if slicewise and config is None:
+        with torch.inference_mode():
             xm, xf = x_moving[0, 0].movedim(-1, 0)[:, None], x_fixed[0, 0].movedim(-1, 0)[:, None]
             parts = [model.register(m.to(device), f.to(device), direction, affine_only)
                      for m, f in zip(xm.split(slice_batch), xf.split(slice_batch))]
-            theta = torch.cat([p.theta for p in parts]).cpu()
-            disp = torch.cat([p.displacement for p in parts]).cpu()
-            warped_net = torch.cat([p.warped for p in parts]).cpu()
-            in_plane = spatial.normalised_to_voxel(disp)  # (Z, 2, X, Y)
-            voxels = torch.cat([in_plane, torch.zeros_like(in_plane[:, :1])], dim=1).movedim(0, -1)[None]
-            world_affine = None
-            view = NetworkView(xm, xf, warped_net, disp, theta, grid_affine)
-        else:
-            reg = model.register(x_moving.to(device), x_fixed.to(device), direction, affine_only)
-            theta, disp = reg.theta.cpu(), reg.displacement.cpu()
-            voxels = spatial.normalised_to_voxel(disp)
-            world_affine = _network_affine_to_world(theta, shape, grid_affine)
-            view = NetworkView(x_moving, x_fixed, reg.warped.cpu(), disp, theta, grid_affine)
+        theta = torch.cat([p.theta for p in parts]).cpu()
+        disp = torch.cat([p.displacement for p in parts]).cpu()
+        warped_net = torch.cat([p.warped for p in parts]).cpu()
+        in_plane = spatial.normalised_to_voxel(disp)  # (Z, 2, X, Y)
+        voxels = torch.cat([in_plane, torch.zeros_like(in_plane[:, :1])], dim=1).movedim(0, -1)[None]
+        world_affine = None
+        view = NetworkView(xm, xf, warped_net, disp, theta, grid_affine)
+    else:
+        solver_model = None if slicewise else model
+        theta, disp, warped_net = _solve(solver_model, x_moving, x_fixed, direction, affine_only, config, device)
+        voxels = spatial.normalised_to_voxel(disp)
+        world_affine = _network_affine_to_world(theta, shape, grid_affine)
+        view = NetworkView(x_moving, x_fixed, warped_net, disp, theta, grid_affine)
     voxels = voxels.double()
     fixed_in_grid = map_points(
         torch.as_tensor((np.linalg.inv(grid_affine) @ fixed.affine)[:n])[None],

@@ -102,7 +102,7 @@ def train_on_files(
 
 
 def register_files(
-    model: Fire,
+    model: Fire | None,
     moving: str | os.PathLike,
     fixed: str | os.PathLike,
     out: str | os.PathLike,
@@ -114,8 +114,12 @@ def register_files(
     affine_only: bool = False,
     spacing: float | None = DEFAULT_SPACING,
     device: str | None = None,
+    refine=0,
+    seed: int = 0,
 ):
     """Register ``moving`` onto ``fixed`` and write the outputs; returns the ``RegistrationResult``.
+
+    ``model`` None with ``refine`` on registers by refinement alone (see ``register.register``).
 
     Every output path is checked before any work: none may be an input or another output.
     """
@@ -134,7 +138,7 @@ def register_files(
         raise FirekitError(f"{affine}: would overwrite an input; choose another --affine path")
     labels_volume = io.load_labels(moving_labels, "moving label map") if moving_labels is not None else None
     result = register(model, moving, fixed, direction=direction, affine_only=affine_only, spacing=spacing,
-                      device=device)
+                      device=device, refine=refine, seed=seed)
     if labels_volume is not None and labels_volume.shape != result.moving.shape:
         raise FirekitError(
             f"{moving_labels}: shape {labels_volume.shape} differs from {moving} {result.moving.shape}; "

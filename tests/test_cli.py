@@ -147,9 +147,9 @@ def test_demo_registers_test_pairs_with_the_shipped_model(workspace):
     out = root / "results"
     result = run("demo", "--data", data, "--out", out, "--pairs", 2)
     assert result.returncode == 0, result.stderr
-    assert "unaligned" in result.stdout and "FIRE full" in result.stdout
+    assert "unaligned" in result.stdout and "FIRE + refinement" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["pairs"] == 2 and 0 <= summary["after"]["mean"] <= 1
+    assert summary["pairs"] == 2 and 0 <= summary["refined"]["mean"] <= 1
     pngs = list(out.glob("*.png"))
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     pair = out / "pairs" / "subj002" / "pair000"

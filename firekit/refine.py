@@ -1,0 +1,661 @@
+"""Instance optimisation: register one batch of pairs by optimising explicit parameters.
+
+No network is trained here. Each pair's transform ``phi(x) = theta(x + u_nr(x))`` (the same
+form as the network's, see :func:`firekit.spatial.compose_affine_displacement`) is fitted
+directly to the images, in three steps:
+
+1. :func:`moments_init`: centre of mass and principal axes of each image's foreground give the
+   affine up to a rotation in the whitened frame; a set of candidate rotations (every proper
+   signed axis permutation, composed with a scan of small rotations in each plane) is scored by
+   the similarity at low resolution and the best is kept. Skipped when ``theta0`` is given.
+2. The affine is optimised with Adam on an image pyramid (MIND-SSC similarity by default).
+3. A displacement ``u_nr`` on a control grid several times coarser than each pyramid level,
+   upsampled linearly, is optimised with a bending-energy (or diffusion) penalty, coarse to fine.
+
+Everything is written once for 2D and 3D and works on a batch of ``B`` pairs at once (their
+losses are summed, so each pair's parameters see only its own loss). Tensors follow
+:mod:`firekit.spatial`: images ``(B, C, *S)``, displacements ``(B, n, *S)`` normalised,
+affines ``(B, n, n + 1)`` normalised, ``warp(moving, displacement)`` aligns moving to fixed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as nnf
+
+from . import spatial
+from .errors import FirekitError
+from .similarity import SIMILARITIES, Similarity, box_filter, get_similarity
+
+__all__ = [
+    "RefineConfig",
+    "RefineResult",
+    "moments_init",
+    "refine",
+    "diffusion_energy",
+    "bending_energy_per_sample",
+    "candidate_rotations",
+]
+
+# Per-ndim settings, tuned on demo-style pairs (T2-like moving -> T1 fixed; see FINDINGS.md,
+# "Explicit per-pair optimisation beats ANTs on a CPU"). 2D: 128 x 160 slices; 3D: 128 x 160 x 128.
+_PRESETS: dict[int, dict] = {
+    2: dict(
+        scan_angles=tuple(float(a) for a in range(-40, 41, 10)),
+        affine_levels=(4, 2), affine_iterations=(60, 30),
+        field_levels=(2, 1), field_iterations=(60, 40),
+        grid_spacing=6, regulariser="bending", weight=3e-3,
+    ),
+    3: dict(
+        scan_angles=(0.0,),
+        affine_levels=(4, 2), affine_iterations=(60, 20),
+        field_levels=(4, 2), field_iterations=(40, 60),
+        grid_spacing=4, regulariser="diffusion", weight=0.3,
+    ),
+}
+
+
+@dataclass
+class RefineConfig:
+    """Settings of :func:`refine`; :meth:`preset` gives the tuned 2D and 3D ones.
+
+    Attributes:
+        similarity: ``"mind"`` (multi-modal default), ``"ngf"``, ``"lncc"`` or ``"mse"``.
+        mind_radius, mind_dilation: MIND-SSC patch half-width and neighbour distance (voxels of
+            each pyramid level).
+        ngf_eps: NGF edge threshold (intensity per voxel, images in [-1, 1]).
+        lncc_window: LNCC window side (voxels of each level).
+        affine_warp_features, field_warp_features: in the affine / non-rigid stage, compute the
+            moving image's features once per level on its own grid and resample them (fast; MIND
+            is then slightly off where the transform rotates or scales much) instead of
+            recomputing them on the warped image at every step (exact, slower). Ignored (always
+            exact) for NGF, whose gradient vectors turn with the image.
+        foreground: intensity above which a voxel of fixed counts as foreground (moments, mask).
+        field_mask: the non-rigid similarity counts only the foreground of fixed or of moving
+            after the affine, grown by ``mask_margin`` voxels of each level; the regulariser
+            alone shapes the background.
+        mask_margin: see ``field_mask``.
+        scan_angles: rotations (degrees) tried in each plane of the whitened frame, on top of
+            the proper signed axis permutations, when initialising from moments.
+        scan_size: the moment candidates are scored on images downsampled by the largest whole
+            factor that keeps at least this many voxels along the shortest axis (never upsampled).
+        starts: how many of the best moment candidates the affine stage refines (best kept).
+        affine_levels: downsampling factor of each affine pyramid level, coarse to fine.
+        affine_iterations: Adam steps at each affine level.
+        affine_lr: Adam learning rate of the affine entries (normalised units).
+        field_levels: downsampling factor of each non-rigid level, coarse to fine.
+        field_iterations: Adam steps at each non-rigid level.
+        field_lr: Adam learning rate of the control-grid displacements (normalised units).
+        grid_spacing: control-grid spacing in voxels of each level.
+        regulariser: ``"bending"`` (second derivatives) or ``"diffusion"`` (first derivatives),
+            mean over control points, in normalised coordinates.
+        weight: the regulariser's weight lambda.
+        seed: random seed set (locally) while optimising, for reproducibility.
+    """
+
+    similarity: str = "mind"
+    mind_radius: int = 1
+    mind_dilation: int = 1
+    ngf_eps: float = 0.05
+    lncc_window: int = 9
+    affine_warp_features: bool = True
+    field_warp_features: bool = True
+    field_mask: bool = True
+    mask_margin: int = 2
+    foreground: float = -0.9
+    scan_angles: tuple[float, ...] = tuple(float(a) for a in range(-40, 41, 10))
+    scan_size: int = 32
+    starts: int = 1
+    affine_levels: tuple[int, ...] = (4, 2)
+    affine_iterations: tuple[int, ...] = (60, 30)
+    affine_lr: float = 0.01
+    field_levels: tuple[int, ...] = (2, 1)
+    field_iterations: tuple[int, ...] = (60, 40)
+    field_lr: float = 0.01
+    grid_spacing: int = 4
+    regulariser: str = "bending"
+    weight: float = 3e-3
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("scan_angles", "affine_levels", "affine_iterations", "field_levels", "field_iterations"):
+            setattr(self, name, tuple(getattr(self, name)))
+        if self.similarity not in SIMILARITIES:
+            raise FirekitError(f"RefineConfig.similarity must be one of {sorted(SIMILARITIES)}, got {self.similarity!r}")
+        if self.regulariser not in _REGULARISERS:
+            raise FirekitError(f"RefineConfig.regulariser must be one of {sorted(_REGULARISERS)}, got {self.regulariser!r}")
+        for stage in ("affine", "field"):
+            levels, iters = getattr(self, f"{stage}_levels"), getattr(self, f"{stage}_iterations")
+            if len(levels) != len(iters) or any(int(f) < 1 for f in levels) or any(int(i) < 0 for i in iters):
+                raise FirekitError(
+                    f"RefineConfig.{stage}_levels (factors >= 1) and {stage}_iterations (>= 0) must have one "
+                    f"entry per level, got {levels} and {iters}"
+                )
+        if self.grid_spacing < 1 or self.scan_size < 4 or self.starts < 1:
+            raise FirekitError(
+                f"RefineConfig needs grid_spacing >= 1, scan_size >= 4 and starts >= 1, got "
+                f"{self.grid_spacing}, {self.scan_size}, {self.starts}"
+            )
+        if self.weight < 0 or self.affine_lr <= 0 or self.field_lr <= 0:
+            raise FirekitError(
+                f"RefineConfig needs weight >= 0 and positive learning rates, got weight {self.weight}, "
+                f"affine_lr {self.affine_lr}, field_lr {self.field_lr}"
+            )
+
+    @classmethod
+    def preset(cls, ndim: int, **overrides) -> "RefineConfig":
+        """The tuned settings for 2D or 3D images, with any field overridden."""
+        if ndim not in _PRESETS:
+            raise FirekitError(f"RefineConfig presets exist for ndim 2 and 3, got {ndim}")
+        return cls(**{**_PRESETS[ndim], **overrides})
+
+    def to_dict(self) -> dict:
+        """Plain-data form (lists, numbers, strings), JSON- and checkpoint-safe."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RefineConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise FirekitError(f"refine config has unknown fields {sorted(unknown)}; expected some of {sorted(known)}")
+        return cls(**data)
+
+    def similarity_fn(self) -> Similarity:
+        """The configured :class:`~firekit.similarity.Similarity`."""
+        return get_similarity(self.similarity, radius=self.mind_radius, dilation=self.mind_dilation,
+                              eps=self.ngf_eps, window=self.lncc_window)
+
+
+class RefineResult(NamedTuple):
+    """Output of :func:`refine`.
+
+    Attributes:
+        theta: ``(B, n, n + 1)`` fitted affine, normalised.
+        displacement: ``(B, n, *S_fixed)`` normalised displacement of the whole transform
+            ``phi = theta o (Id + u_nr)`` on the fixed grid: ``warp(moving, displacement)`` ~ fixed.
+        warped: ``(B, C, *S_fixed)`` the moving image warped by ``displacement``.
+        history: per-stage losses: ``"moments"`` ``(B,)`` score of the chosen candidate (absent
+            when ``theta0`` was given); ``"affine"`` ``(steps, B)`` similarity; ``"field"`` and
+            ``"regulariser"`` ``(steps, B)``; ``"seconds"`` a dict of wall time per stage.
+        nonrigid: ``(B, n, *S_fixed)`` the non-rigid part ``u_nr`` alone, normalised.
+    """
+
+    theta: torch.Tensor
+    displacement: torch.Tensor
+    warped: torch.Tensor
+    history: dict
+    nonrigid: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+_SCORE_VOXELS = 1 << 21  # voxels of candidate images scored at once by moments_init
+
+
+def _check_images(moving: torch.Tensor, fixed: torch.Tensor) -> int:
+    if fixed.ndim not in (4, 5) or fixed.shape[1] != 1:
+        raise FirekitError(f"fixed must be (B, 1, *spatial) with 2 or 3 spatial dims, got {tuple(fixed.shape)}")
+    if moving.ndim != fixed.ndim or moving.shape[1] != 1 or moving.shape[0] != fixed.shape[0]:
+        raise FirekitError(
+            f"moving must be (B, 1, *spatial) like fixed {tuple(fixed.shape)}, got {tuple(moving.shape)}"
+        )
+    if min(fixed.shape[2:]) < 4 or min(moving.shape[2:]) < 4:
+        raise FirekitError(f"refine needs every spatial size >= 4, got {tuple(moving.shape)} and {tuple(fixed.shape)}")
+    return fixed.ndim - 2
+
+
+def _level_shape(shape: Sequence[int], factor: int) -> tuple[int, ...]:
+    """Grid whose voxels are ``factor`` times larger (same normalised extent), sizes >= 4."""
+    return tuple(max(round((int(s) - 1) / factor) + 1, 4) for s in shape)
+
+
+def _downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
+    """Smooth with a box about ``factor`` voxels wide, then sample the coarser level grid.
+
+    Sampling with ``align_corners=True`` keeps every normalised point where it was (average
+    pooling would shift the grid by half a voxel and shrink it slightly).
+    """
+    if factor == 1:
+        return image
+    ndim = image.ndim - 2
+    smooth = box_filter(image, factor // 2)
+    mode = "bilinear" if ndim == 2 else "trilinear"  # nnf.interpolate names the n-D linear mode by ndim
+    return nnf.interpolate(smooth, size=_level_shape(image.shape[2:], factor), mode=mode, align_corners=True)
+
+
+def diffusion_energy(displacement: torch.Tensor) -> torch.Tensor:
+    """Mean over points of the squared first derivatives of a displacement, per sample.
+
+    Args:
+        displacement: ``(B, n, *S)`` normalised; derivatives are taken in normalised units
+            (axis ``i`` has step ``2 / (S_i - 1)``), so the value does not depend on resolution.
+
+    Returns:
+        ``(B,)``; zero for a constant field.
+    """
+    ndim = displacement.ndim - 2
+    total = displacement.new_zeros(displacement.shape[0])
+    for axis in range(ndim):
+        size = displacement.shape[2 + axis]
+        diff = torch.diff(displacement, dim=2 + axis) * ((size - 1) / 2.0)
+        total = total + diff.square().sum(dim=1).flatten(1).mean(dim=1)
+    return total
+
+
+def bending_energy_per_sample(displacement: torch.Tensor) -> torch.Tensor:
+    """Mean over interior points of the bending energy, per sample (see :func:`firekit.losses.bending_energy`).
+
+    Args:
+        displacement: ``(B, n, *S)`` normalised, every size >= 3; second derivatives are taken
+            in normalised units, so the value does not depend on resolution.
+
+    Returns:
+        ``(B,)``; zero for any affine field. Its batch mean equals
+        ``losses.bending_energy(displacement, reduction="mean")``.
+    """
+    ndim = displacement.ndim - 2
+    shape = displacement.shape[2:]
+    if min(shape) < 3:
+        raise FirekitError(f"bending energy needs every spatial size >= 3, got {tuple(displacement.shape)}")
+
+    def shifted(offsets: dict[int, int]) -> torch.Tensor:
+        index = [slice(None), slice(None)]
+        index += [slice(1 + offsets.get(axis, 0), size - 1 + offsets.get(axis, 0)) for axis, size in enumerate(shape)]
+        return displacement[tuple(index)]
+
+    scale = [(size - 1) / 2.0 for size in shape]  # 1 / step in normalised units
+    centre = shifted({})
+    energy = displacement.new_zeros(displacement.shape[0])
+    for i in range(ndim):
+        d_ii = (shifted({i: 1}) - 2 * centre + shifted({i: -1})) * scale[i] ** 2
+        energy = energy + d_ii.square().sum(dim=1).flatten(1).mean(dim=1)
+        for j in range(i + 1, ndim):
+            d_ij = (shifted({i: 1, j: 1}) - shifted({i: 1, j: -1}) - shifted({i: -1, j: 1})
+                    + shifted({i: -1, j: -1})) * (scale[i] * scale[j] / 4.0)
+            energy = energy + 2 * d_ij.square().sum(dim=1).flatten(1).mean(dim=1)
+    return energy
+
+
+_REGULARISERS = {"bending": bending_energy_per_sample, "diffusion": diffusion_energy}
+
+
+def candidate_rotations(ndim: int, angles: Sequence[float] = (0.0,)) -> torch.Tensor:
+    """Rotations tried by :func:`moments_init` in the whitened frame.
+
+    Every proper signed permutation of the axes (4 in 2D, 24 in 3D), each composed with a
+    rotation by every angle of ``angles`` in each coordinate plane in turn (not their products).
+
+    Args:
+        ndim: 2 or 3.
+        angles: degrees; 0 is always included.
+
+    Returns:
+        ``(K, n, n)`` float64, distinct rotation matrices.
+    """
+    signed = []
+    for perm in itertools.permutations(range(ndim)):
+        for signs in itertools.product((-1.0, 1.0), repeat=ndim):
+            matrix = torch.zeros(ndim, ndim, dtype=torch.float64)
+            for row, (col, sign) in enumerate(zip(perm, signs)):
+                matrix[row, col] = sign
+            if torch.linalg.det(matrix) > 0:
+                signed.append(matrix)
+    turns = [torch.eye(ndim, dtype=torch.float64)]
+    for i, j in itertools.combinations(range(ndim), 2):
+        for angle in angles:
+            if float(angle) % 360.0 == 0.0:
+                continue
+            c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+            turn = torch.eye(ndim, dtype=torch.float64)
+            turn[i, i], turn[i, j], turn[j, i], turn[j, j] = c, -s, s, c
+            turns.append(turn)
+    rotations = torch.stack([p @ t for p in signed for t in turns])
+    # Drop duplicates (e.g. a 90-degree scan step reproduces a permutation).
+    keep = []
+    for k in range(rotations.shape[0]):
+        if all((rotations[k] - rotations[j]).abs().max() > 1e-6 for j in keep):
+            keep.append(k)
+    return rotations[keep]
+
+
+def _foreground_moments(image: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre ``(B, n)`` and covariance ``(B, n, n)`` of ``image > threshold``, in voxel indices."""
+    ndim = image.ndim - 2
+    mask = (image > threshold).to(image.dtype).flatten(2)  # (B, 1, N)
+    counts = mask.sum(dim=-1)  # (B, 1)
+    if bool((counts < ndim + 1).any()):
+        raise FirekitError(
+            f"moments_init found (almost) no voxel above the foreground threshold {threshold}; "
+            f"pass images in [-1, 1] or set RefineConfig.foreground"
+        )
+    points = spatial.voxel_grid(image.shape[2:], like=image).flatten(2).double()  # (1, n, N)
+    mask = mask.double()
+    centre = (mask * points).sum(dim=-1) / counts.double()
+    offsets = points - centre[..., None]
+    cov = torch.einsum("bin,bjn->bij", offsets * mask, offsets) / counts.double()[..., None]
+    return centre, cov
+
+
+def _sqrt_and_inverse(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric square root of SPD matrices ``(B, n, n)`` and its inverse."""
+    values, vectors = torch.linalg.eigh(cov)
+    values = values.clamp_min(values.amax(dim=-1, keepdim=True) * 1e-6 + 1e-12).sqrt()
+    root = vectors @ torch.diag_embed(values) @ vectors.transpose(-1, -2)
+    inverse = vectors @ torch.diag_embed(1.0 / values) @ vectors.transpose(-1, -2)
+    return root, inverse
+
+
+def _voxel_to_normalised_between(matrix: torch.Tensor, moving_shape, fixed_shape) -> torch.Tensor:
+    """Voxel affine fixed -> moving (grids of different shapes) as a normalised ``theta``."""
+    ndim = matrix.shape[1]
+    # Rescale moving indices to fixed's index range; the normalised coordinates then agree.
+    rescale = torch.tensor([(f - 1) / (m - 1) for m, f in zip(moving_shape, fixed_shape)],
+                           dtype=matrix.dtype, device=matrix.device)
+    return spatial.voxel_affine_to_normalised(matrix * rescale.view(1, ndim, 1), fixed_shape)
+
+
+def _score_affines(moving: torch.Tensor, fixed_features: torch.Tensor, thetas: torch.Tensor,
+                   similarity: Similarity) -> torch.Tensor:
+    """Similarity of ``moving`` ``(B, 1, *s_m)`` warped by ``thetas`` ``(B, K, n, n+1)``: ``(B, K)``."""
+    batch, count = thetas.shape[:2]
+    shape = fixed_features.shape[2:]
+    # Chunks of candidates keep the feature maps of all candidates from filling memory.
+    chunk = max(1, _SCORE_VOXELS // math.prod(shape))
+    scores = []
+    for b in range(batch):
+        for start in range(0, count, chunk):
+            part = thetas[b, start:start + chunk]
+            displacement = spatial.affine_to_displacement(part, shape)
+            warped = spatial.warp(moving[b:b + 1].expand(part.shape[0], *moving.shape[1:]), displacement)
+            target = fixed_features[b:b + 1].expand(part.shape[0], *fixed_features.shape[1:])
+            scores.append(similarity.compare(similarity.features(warped), target, None))
+    return torch.cat(scores).view(batch, count)
+
+
+def _moment_candidates(moving: torch.Tensor, fixed: torch.Tensor, config: RefineConfig,
+                       keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``keep`` best moment-based affines ``(B, keep, n, n+1)`` and their scores ``(B, keep)``."""
+    ndim = fixed.ndim - 2
+    centre_m, cov_m = _foreground_moments(moving, config.foreground)
+    centre_f, cov_f = _foreground_moments(fixed, config.foreground)
+    root_m, _ = _sqrt_and_inverse(cov_m)
+    _, inv_root_f = _sqrt_and_inverse(cov_f)
+    rotations = candidate_rotations(ndim, config.scan_angles).to(root_m)  # (K, n, n)
+    # x_m = c_m + C_m^1/2 R C_f^-1/2 (x_f - c_f): maps fixed's foreground ellipsoid onto moving's.
+    linear = root_m[:, None] @ rotations[None] @ inv_root_f[:, None]  # (B, K, n, n)
+    shift = centre_m[:, None] - (linear @ centre_f[:, None, :, None])[..., 0]
+    voxel = torch.cat([linear, shift[..., None]], dim=-1)
+    batch, count = voxel.shape[:2]
+    thetas = _voxel_to_normalised_between(voxel.reshape(batch * count, ndim, ndim + 1), moving.shape[2:],
+                                          fixed.shape[2:]).reshape(batch, count, ndim, ndim + 1).to(fixed)
+    # The identity competes too: it wins for pairs that are nearly aligned already.
+    thetas = torch.cat([spatial.identity_affine(ndim, batch, like=thetas)[:, None], thetas], dim=1)
+    count += 1
+    similarity = config.similarity_fn()
+    factor = max(1, min(fixed.shape[2:]) // config.scan_size)
+    with torch.no_grad():
+        scores = _score_affines(_downsample(moving, factor), similarity.features(_downsample(fixed, factor)), thetas,
+                                similarity)
+    order = scores.argsort(dim=1)[:, : min(keep, count)]
+    best = torch.gather(thetas, 1, order.view(batch, -1, 1, 1).expand(-1, -1, ndim, ndim + 1))
+    return best, torch.gather(scores, 1, order)
+
+
+def moments_init(
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    similarity: str = "mind",
+    angles: Sequence[float] | None = None,
+    foreground: float = -0.9,
+    scan_size: int = 32,
+) -> torch.Tensor:
+    """Affine pre-alignment from the foreground's centre of mass and principal axes.
+
+    The moments fix the affine up to a rotation ``R`` in the whitened frame
+    (``x_m = c_m + C_m^1/2 R C_f^-1/2 (x_f - c_f)``, covariances in voxel units, so grids with
+    axes of different sizes are handled); every candidate ``R`` of :func:`candidate_rotations`
+    (and the identity) is scored by ``similarity`` at low resolution and the best kept per sample.
+
+    Args:
+        moving: ``(B, 1, *S_m)`` images in [-1, 1] (background near -1).
+        fixed: ``(B, 1, *S_f)``.
+        similarity: a key of :data:`firekit.similarity.SIMILARITIES`.
+        angles: degrees scanned in each plane (default: :meth:`RefineConfig.preset`'s: in 2D every
+            10 deg from -40 to 40, which with the 90-degree turns covers the circle; in 3D none,
+            only the 24 axis permutations).
+        foreground: intensity above which a voxel is foreground.
+        scan_size: candidates are scored on fixed downsampled by ``min(S_f) // scan_size`` (>= 1).
+
+    Returns:
+        ``(B, n, n + 1)`` normalised ``theta`` (fixed point -> moving point):
+        ``warp(moving, affine_to_displacement(theta, S_f))`` is roughly aligned with ``fixed``.
+    """
+    ndim = _check_images(moving, fixed)
+    overrides = dict(similarity=similarity, foreground=foreground, scan_size=scan_size)
+    if angles is not None:
+        overrides["scan_angles"] = tuple(angles)
+    best, _ = _moment_candidates(moving.detach().to(fixed), fixed.detach(), RefineConfig.preset(ndim, **overrides),
+                                 keep=1)
+    return best[:, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# optimisation
+
+
+class _Level:
+    """One pyramid level: fixed features computed once, moving features per step or once.
+
+    ``warp_features`` True: the moving image's features are computed once on its own grid and
+    resampled by each candidate transform (fast). Orientation-dependent descriptors such as MIND
+    are then slightly off where the transform rotates or scales much. False: the moving image is
+    resampled and its features recomputed at every step (exact, slower). Features of an image
+    pre-warped by a fixed anchor transform and resampled by a transform near the identity are
+    avoided on purpose: interpolation blurs them less at the anchor than near it, which biases
+    the loss away from the anchor.
+    """
+
+    def __init__(self, moving: torch.Tensor, fixed: torch.Tensor, factor: int, similarity: Similarity,
+                 warp_features: bool):
+        self.shape = _level_shape(fixed.shape[2:], factor)
+        self.moving = _downsample(moving, factor)
+        self.fixed = _downsample(fixed, factor)
+        self.fixed_features = similarity.features(self.fixed)
+        self.similarity = similarity
+        self.moving_features = similarity.features(self.moving) if warp_features and similarity.warpable else None
+        self.mask = None
+
+    def mask_foreground(self, theta: torch.Tensor, threshold: float, margin: int) -> None:
+        """Count only voxels where fixed or moving warped by ``theta`` is foreground (grown by ``margin``).
+
+        Background holds only noise: fitting it would bend the field there for nothing.
+        """
+        with torch.no_grad():
+            moving = spatial.warp(self.moving, spatial.affine_to_displacement(theta, self.shape))
+            inside = ((self.fixed > threshold) | (moving > threshold)).to(self.fixed.dtype)
+            if margin > 0:
+                pool = getattr(nnf, f"max_pool{len(self.shape)}d")
+                inside = pool(inside, 2 * margin + 1, stride=1, padding=margin)
+            self.mask = inside
+
+    def loss(self, displacement: torch.Tensor) -> torch.Tensor:
+        """Similarity ``(B,)`` of moving warped by ``displacement`` ``(B, n, *shape)`` to fixed."""
+        if self.moving_features is not None:
+            warped = spatial.warp(self.moving_features, displacement)
+        else:
+            warped = self.similarity.features(spatial.warp(self.moving, displacement))
+        return self.similarity.compare(warped, self.fixed_features, self.mask)
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(f"[refine] {message}", file=sys.stderr, flush=True)
+
+
+def _optimise_affine(theta: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor, similarity: Similarity,
+                     config: RefineConfig, progress: bool) -> tuple[torch.Tensor, torch.Tensor | None, list]:
+    """Adam on the affine entries, coarse to fine.
+
+    Args:
+        theta: ``(R, n, n + 1)`` starting affines, ``R = B * starts`` (each start a row).
+        moving, fixed: ``(R, 1, *S)`` images, repeated to match.
+
+    Returns:
+        the fitted ``(R, n, n + 1)``, the final similarity ``(R,)`` at the finest level (None
+        without levels), and the per-step similarity history.
+    """
+    theta = theta.detach().clone().requires_grad_(True)
+    history = []
+    level = None
+    for factor, steps in zip(config.affine_levels, config.affine_iterations):
+        if int(steps) == 0:
+            continue
+        level = _Level(moving, fixed, factor, similarity, config.affine_warp_features)
+        optimiser = torch.optim.Adam([theta], lr=config.affine_lr)
+        for _ in range(int(steps)):
+            optimiser.zero_grad(set_to_none=True)
+            losses = level.loss(spatial.affine_to_displacement(theta, level.shape))
+            losses.sum().backward()
+            optimiser.step()
+            history.append(losses.detach())
+        _log(progress, f"affine level {level.shape}: similarity {float(history[-1].mean()):.4f}")
+    final = None
+    if level is not None:
+        with torch.no_grad():
+            final = level.loss(spatial.affine_to_displacement(theta, level.shape))
+    return theta.detach(), final, history
+
+
+def _grid_shape(shape: Sequence[int], spacing: int) -> tuple[int, ...]:
+    """Control grid about ``spacing`` voxels apart covering the level grid, >= 3 points per axis."""
+    return tuple(max(math.ceil((int(s) - 1) / spacing) + 1, 3) for s in shape)
+
+
+def refine(
+    moving: torch.Tensor,
+    fixed: torch.Tensor,
+    theta0: torch.Tensor | None = None,
+    displacement0: torch.Tensor | None = None,
+    config: RefineConfig | None = None,
+    progress: bool = False,
+) -> RefineResult:
+    """Register ``moving`` to ``fixed`` by optimising an affine, then a smooth displacement.
+
+    Args:
+        moving: ``(B, 1, *S_m)`` images, intensities in [-1, 1] (background near -1).
+        fixed: ``(B, 1, *S_f)``; the result lives on this grid. 2D or 3D, any device.
+        theta0: optional ``(B, n, n + 1)`` starting affine (e.g. the network's); default: the
+            best candidate(s) of :func:`moments_init`.
+        displacement0: optional ``(B, n, *s)`` starting non-rigid part ``u_nr`` (e.g. the network's
+            flow at any resolution), normalised; default zero.
+        config: :class:`RefineConfig` (default :meth:`RefineConfig.preset` for the images' ndim).
+        progress: print one line per level to stderr.
+
+    Returns:
+        :class:`RefineResult`; ``warp(moving, result.displacement)`` is aligned with ``fixed``.
+    """
+    ndim = _check_images(moving, fixed)
+    config = config if config is not None else RefineConfig.preset(ndim)
+    if not isinstance(config, RefineConfig):
+        raise FirekitError(f"config must be a RefineConfig, got {type(config).__name__}")
+    batch = fixed.shape[0]
+    if theta0 is not None and (theta0.ndim != 3 or tuple(theta0.shape) != (batch, ndim, ndim + 1)):
+        raise FirekitError(f"theta0 must be ({batch}, {ndim}, {ndim + 1}), got {tuple(theta0.shape)}")
+    if displacement0 is not None and (displacement0.ndim != ndim + 2 or displacement0.shape[:2] != (batch, ndim)):
+        raise FirekitError(f"displacement0 must be ({batch}, {ndim}, *spatial), got {tuple(displacement0.shape)}")
+    moving, fixed = moving.detach().to(fixed), fixed.detach()
+    similarity = config.similarity_fn()
+    history: dict = {"seconds": {}}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        clock = time.perf_counter()
+        if theta0 is None:
+            candidates, scores = _moment_candidates(moving, fixed, config, keep=config.starts)
+            history["moments"] = scores[:, 0]
+        else:
+            candidates = theta0.detach().to(fixed)[:, None]
+        history["seconds"]["moments"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        repeat = candidates.shape[1]
+        theta, final, affine_history = _optimise_affine(
+            candidates.reshape(batch * repeat, ndim, ndim + 1), moving.repeat_interleave(repeat, dim=0),
+            fixed.repeat_interleave(repeat, dim=0), similarity, config, progress)
+        if repeat > 1:
+            rows = torch.arange(batch, device=theta.device)
+            best = final.view(batch, repeat).argmin(dim=1) if final is not None else torch.zeros_like(rows)
+            theta = theta.view(batch, repeat, ndim, ndim + 1)[rows, best]
+            affine_history = [h.view(batch, repeat)[rows, best] for h in affine_history]
+        history["affine"] = torch.stack(affine_history) if affine_history else fixed.new_zeros(0, batch)
+        history["seconds"]["affine"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        nonrigid, field_history, reg_history = _optimise_field(
+            moving, fixed, theta, displacement0, similarity, config, progress)
+        history["field"] = torch.stack(field_history) if field_history else fixed.new_zeros(0, batch)
+        history["regulariser"] = torch.stack(reg_history) if reg_history else fixed.new_zeros(0, batch)
+        with torch.no_grad():
+            displacement = spatial.compose_affine_displacement(theta, nonrigid)
+            warped = spatial.warp(moving, displacement)
+        history["seconds"]["field"] = time.perf_counter() - clock
+    return RefineResult(theta, displacement, warped, history, nonrigid)
+
+
+def _optimise_field(moving, fixed, theta, displacement0, similarity, config, progress):
+    """Coarse-to-fine control-grid optimisation; returns ``u_nr`` on fixed's grid and histories.
+
+    ``u_nr = displacement0 + linear upsampling of the control grid``; the grid starts at zero and
+    is carried (resampled) from level to level, and only it is regularised, so a given
+    ``displacement0`` is kept as it is and corrected smoothly.
+    """
+    shape = fixed.shape[2:]
+    ndim = len(shape)
+    batch = fixed.shape[0]
+    regulariser = _REGULARISERS[config.regulariser]
+    base = None if displacement0 is None else displacement0.detach().to(fixed)
+    grid = None
+    sim_history, reg_history = [], []
+    for factor, steps in zip(config.field_levels, config.field_iterations):
+        if int(steps) == 0:
+            continue
+        level = _Level(moving, fixed, factor, similarity, config.field_warp_features)
+        if config.field_mask:
+            level.mask_foreground(theta, config.foreground, config.mask_margin)
+        grid_shape = _grid_shape(level.shape, config.grid_spacing)
+        level_base = None if base is None else spatial.resize_displacement(base, level.shape)
+        if grid is None:
+            param = fixed.new_zeros(batch, ndim, *grid_shape)
+        else:
+            # Linear resampling of a linearly interpolated grid keeps the field it represents.
+            param = spatial.resize_displacement(grid, grid_shape).clone()
+        param.requires_grad_(True)
+        optimiser = torch.optim.Adam([param], lr=config.field_lr)
+        for _ in range(int(steps)):
+            optimiser.zero_grad(set_to_none=True)
+            dense = spatial.resize_displacement(param, level.shape)
+            if level_base is not None:
+                dense = dense + level_base
+            sim = level.loss(spatial.compose_affine_displacement(theta, dense))
+            reg = regulariser(param)
+            (sim + config.weight * reg).sum().backward()
+            optimiser.step()
+            sim_history.append(sim.detach())
+            reg_history.append(reg.detach())
+        grid = param.detach()
+        _log(progress, f"field level {level.shape}: similarity {float(sim_history[-1].mean()):.4f}")
+    nonrigid = fixed.new_zeros(batch, ndim, *shape)
+    if base is not None:
+        nonrigid = nonrigid + spatial.resize_displacement(base, shape)
+    if grid is not None:
+        nonrigid = nonrigid + spatial.resize_displacement(grid, shape)
+    return nonrigid, sim_history, reg_history

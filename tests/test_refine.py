@@ -1,0 +1,279 @@
+"""Instance optimisation (firekit.refine) and its similarity losses: 2D and 3D, small inputs."""
+
+import pytest
+import torch
+
+from firekit import augment, losses, metrics, phantom, similarity, spatial
+from firekit.errors import FirekitError
+from firekit.refine import (
+    RefineConfig,
+    RefineResult,
+    bending_energy_per_sample,
+    candidate_rotations,
+    diffusion_energy,
+    moments_init,
+    refine,
+)
+
+SHAPES = {2: (64, 64), 3: (40, 40, 40)}
+SPACING_MM = {2: 3.0, 3: 4.5}  # a head-sized field of view (~190 mm) on the small grids
+SIMILARITY_NAMES = ["mind", "ngf", "lncc", "mse"]
+
+
+def head(ndim, seed=0, name="t1"):
+    """Phantom head image (1, 1, *S) in [-1, 1] and its labels (1, 1, *S)."""
+    labels = phantom.head_labels(SHAPES[ndim], seed)[None, None]
+    return phantom.contrast(labels[0, 0], name, seed=seed)[None, None], labels
+
+
+def blob(shape):
+    """An ellipsoid with three different semi-axes and an off-centre bright spot: no symmetry."""
+    ndim = len(shape)
+    grid = spatial.identity_grid(shape)[0]
+    view = (ndim, *([1] * ndim))
+    body = ((grid / torch.tensor([0.55, 0.35, 0.45][:ndim]).view(view)) ** 2).sum(0)
+    spot = (((grid - torch.tensor([0.25, 0.15, -0.2][:ndim]).view(view)) / 0.15) ** 2).sum(0)
+    image = -1 + 1.2 * torch.sigmoid((1 - body) * 12) + 0.8 * torch.sigmoid((1 - spot) * 8)
+    return image.clamp(-1, 1)[None, None]
+
+
+def voxel_error(displacement, truth, where):
+    """Mean end-point error in voxels over the voxels ``where`` (1, *S) bool."""
+    return float(spatial.normalised_to_voxel(displacement - truth).norm(dim=1)[where].mean())
+
+
+def mean_dice(labels_a, labels_b):
+    return sum(metrics.dice(labels_a, labels_b, [1, 2, 3]).values()) / 3
+
+
+def small_config(ndim, **overrides):
+    """The preset with the non-rigid levels at 1/2 and full resolution, as these grids are small."""
+    return RefineConfig.preset(ndim, field_levels=(2, 1), field_iterations=(40, 30), **overrides)
+
+
+# ------------------------------------------------------------------------------------------
+# similarity
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_mind_offsets_are_non_opposite_face_neighbour_pairs(ndim):
+    pairs = similarity.mind_offsets(ndim)
+    assert len(pairs) == {2: 4, 3: 12}[ndim]
+    for p, q in pairs:
+        assert sum(abs(v) for v in p) == sum(abs(v) for v in q) == 1
+        assert any(a + b != 0 for a, b in zip(p, q))
+    assert len({frozenset(pair) for pair in pairs}) == len(pairs)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_mind_ignores_contrast_inversion_and_monotone_remapping(ndim):
+    image, labels = head(ndim, seed=1)
+    other, _ = head(ndim, seed=5)
+    descriptor = similarity.mind_ssc(image)
+    assert descriptor.shape == (1, 2 * ndim * (ndim - 1), *SHAPES[ndim])
+    assert float(descriptor.min()) > 0 and float(descriptor.max()) <= 1
+    inside = (labels > 0).float()
+    # 1 - x is an affine intensity map: the descriptor is exactly the same.
+    assert float(similarity.mind_loss(image, 1 - image)) < 1e-6
+    remapped = similarity.mind_loss(image, image + 0.5 * image**3, mask=inside)
+    different = similarity.mind_loss(image, other, mask=inside)
+    assert float(remapped) < 0.2 * float(different)
+
+
+@pytest.mark.parametrize("name", SIMILARITY_NAMES)
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_similarity_is_zero_for_identical_images_and_grows_with_a_shift(ndim, name):
+    image, _ = head(ndim, seed=2)
+    fn = {
+        "mind": similarity.mind_loss,
+        "ngf": similarity.ngf_loss,
+        "lncc": similarity.lncc_loss,
+        "mse": similarity.mse_loss,
+    }[name]
+    batch = torch.cat([image, image])
+    same = fn(batch, batch)
+    assert same.shape == (2,)
+    assert float(same.abs().max()) < 1e-5
+    one, two = fn(image, torch.roll(image, 1, dims=2)), fn(image, torch.roll(image, 3, dims=2))
+    assert float(one) > 1e-3 and float(two) > float(one)
+    # The registry's split form gives the same numbers.
+    split = similarity.get_similarity(name)
+    assert torch.allclose(split.compare(split.features(image), split.features(torch.roll(image, 3, dims=2)), None),
+                          two, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", SIMILARITY_NAMES)
+def test_similarity_mask_weights_voxels(name):
+    image, _ = head(2, seed=3)
+    spoiled = image.clone()
+    spoiled[..., :, 40:] = torch.rand_like(spoiled[..., :, 40:])
+    mask = torch.zeros_like(image)
+    mask[..., 8:-8, 8:24] = 1.0  # far from the spoiled part and from every filter's reach
+    split = similarity.get_similarity(name)
+    masked = split.compare(split.features(image), split.features(spoiled), mask)
+    whole = split.compare(split.features(image), split.features(spoiled), None)
+    assert float(masked) < 1e-5 < float(whole)
+
+
+def test_similarity_rejects_bad_input():
+    with pytest.raises(FirekitError, match="must be"):
+        similarity.mind_ssc(torch.zeros(1, 2, 8, 8))
+    with pytest.raises(FirekitError, match="one shape"):
+        similarity.mse_loss(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 9))
+    with pytest.raises(FirekitError, match="unknown similarity"):
+        similarity.get_similarity("mutual_information")
+
+
+# ------------------------------------------------------------------------------------------
+# pieces of refine
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_candidate_rotations_are_distinct_proper_rotations(ndim):
+    rotations = candidate_rotations(ndim, RefineConfig.preset(ndim).scan_angles)
+    assert rotations.shape[0] == {2: 36, 3: 24}[ndim]  # 2D: every 10 degrees; 3D: the 24 axis turns
+    eye = torch.eye(ndim, dtype=rotations.dtype)
+    assert torch.allclose(rotations @ rotations.transpose(1, 2), eye.expand_as(rotations), atol=1e-9)
+    assert torch.allclose(torch.linalg.det(rotations), torch.ones(rotations.shape[0], dtype=rotations.dtype))
+    distances = (rotations[:, None] - rotations[None]).flatten(2).abs().amax(-1)
+    assert float((distances + torch.eye(rotations.shape[0], dtype=distances.dtype) * 9).min()) > 0.1
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_regularisers_vanish_for_affine_fields_and_match_losses(ndim):
+    shape = {2: (12, 14), 3: (9, 10, 11)}[ndim]
+    theta = spatial.affine_matrix(ndim, rotation=10.0 if ndim == 2 else (5.0, 5.0, 5.0), scale=1.1).expand(2, -1, -1)
+    affine = spatial.affine_to_displacement(theta, shape)
+    assert float(bending_energy_per_sample(affine).abs().max()) < 1e-6
+    assert float(diffusion_energy(torch.ones(2, ndim, *shape)).abs().max()) == 0.0
+    field = torch.randn(2, ndim, *shape)
+    assert torch.allclose(bending_energy_per_sample(field).mean(), losses.bending_energy(field, reduction="mean"))
+    assert float(diffusion_energy(field).min()) > 0
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_moments_init_recovers_a_large_affine(ndim):
+    shape = SHAPES[ndim]
+    # 35 % scale along axis 0, a shift, and a rotation: 20 degrees in 2D, a quarter turn in 3D
+    # (where only the axis permutations are scanned; the affine stage corrects the rest).
+    rotation = 20.0 if ndim == 2 else (0.0, 0.0, 90.0)
+    theta = spatial.affine_matrix(ndim, rotation=rotation, scale=[1.35] + [1.0] * (ndim - 1),
+                                  translation=[0.1] * ndim)
+    moving = blob(shape)
+    fixed = spatial.warp(moving, spatial.affine_to_displacement(theta, shape))
+    estimate = moments_init(moving, fixed)
+    assert estimate.shape == (1, ndim, ndim + 1)
+    inside = fixed[:, 0] > -0.9
+    truth = spatial.affine_to_displacement(theta, shape)
+    assert voxel_error(spatial.affine_to_displacement(estimate, shape), truth, inside) < 1.0
+    assert voxel_error(torch.zeros_like(truth), truth, inside) > 4.0
+
+
+# ------------------------------------------------------------------------------------------
+# refine
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_refine_recovers_a_smooth_multimodal_warp(ndim):
+    shape = SHAPES[ndim]
+    generator = torch.Generator().manual_seed(1)
+    truth = augment.random_transform(shape, SPACING_MM[ndim], generator, augment.AugmentConfig(strength=0.5))
+    moving, labels = head(ndim, seed=1, name="t2")
+    fixed_labels = augment.apply_labels(labels, truth)
+    fixed = phantom.contrast(fixed_labels[0, 0], "t1", seed=2)[None, None]
+
+    result = refine(moving, fixed, config=small_config(ndim))
+
+    assert isinstance(result, RefineResult)
+    assert result.displacement.shape == (1, ndim, *shape) and result.theta.shape == (1, ndim, ndim + 1)
+    assert result.warped.shape == fixed.shape
+    inside = fixed_labels[:, 0] > 0
+    before = voxel_error(torch.zeros_like(truth.displacement), truth.displacement, inside)
+    after = voxel_error(result.displacement, truth.displacement, inside)
+    assert after < {2: 1.0, 3: 1.5}[ndim]
+    assert after < 0.5 * before
+    assert metrics.folding_fraction(result.displacement) < 1e-3
+    # The parts add up: displacement = theta o (Id + nonrigid).
+    assert torch.allclose(result.displacement, spatial.compose_affine_displacement(result.theta, result.nonrigid),
+                          atol=1e-5)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_refine_aligns_a_t2_to_t1_phantom_pair_far_apart(ndim):
+    shape = SHAPES[ndim]
+    rotation = 20.0 if ndim == 2 else (0.0, 0.0, 12.0)
+    theta = spatial.affine_matrix(ndim, rotation=rotation, scale=[1.3] + [0.95] * (ndim - 1),
+                                  translation=[0.08] + [-0.05] * (ndim - 1))
+    pair = phantom.phantom_pair(shape, theta, seed=3, contrasts=("t2", "t1"))
+    result = refine(pair.x_a, pair.x_b, config=small_config(ndim))
+    before = mean_dice(pair.labels_a, pair.labels_b)
+    after = mean_dice(spatial.warp_labels(pair.labels_a, result.displacement), pair.labels_b)
+    assert after > before + 0.2, (before, after)
+
+
+def test_refine_is_deterministic_and_batches_pairs_independently():
+    moving_a, _ = head(2, seed=4, name="t2")
+    moving_b, _ = head(2, seed=6, name="t2")
+    fixed_a = spatial.warp(head(2, seed=4)[0], spatial.affine_to_displacement(spatial.affine_matrix(2, 8.0, 1.1), (64, 64)))
+    fixed_b = spatial.warp(head(2, seed=6)[0], spatial.affine_to_displacement(spatial.affine_matrix(2, -8.0, 0.9), (64, 64)))
+    config = RefineConfig.preset(2, affine_iterations=(20, 10), field_iterations=(15, 10), seed=3)
+    moving, fixed = torch.cat([moving_a, moving_b]), torch.cat([fixed_a, fixed_b])
+    first = refine(moving, fixed, config=config)
+    second = refine(moving, fixed, config=config)
+    assert torch.equal(first.displacement, second.displacement) and torch.equal(first.theta, second.theta)
+    alone = refine(moving_b, fixed_b, config=config)
+    assert torch.allclose(alone.displacement[0], first.displacement[1], atol=1e-4)
+    assert first.history["affine"].shape == (30, 2) and first.history["field"].shape == (25, 2)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_refine_without_iterations_returns_its_start(ndim):
+    shape = SHAPES[ndim]
+    moving, _ = head(ndim, seed=0, name="t2")
+    fixed, _ = head(ndim, seed=0)
+    theta0 = spatial.affine_matrix(ndim, scale=1.1, translation=0.05)
+    displacement0 = 0.02 * torch.randn(1, ndim, *shape, generator=torch.Generator().manual_seed(0))
+    config = RefineConfig.preset(ndim, affine_iterations=(0, 0), field_iterations=(0, 0))
+    result = refine(moving, fixed, theta0=theta0, displacement0=displacement0, config=config)
+    assert torch.equal(result.theta, theta0)
+    assert torch.equal(result.nonrigid, displacement0)
+    assert torch.allclose(result.displacement, spatial.compose_affine_displacement(theta0, displacement0))
+    assert torch.allclose(result.warped, spatial.warp(moving, result.displacement))
+
+
+@pytest.mark.parametrize("name", ["ngf", "lncc", "mse"])
+def test_refine_runs_with_every_similarity(name):
+    shape = SHAPES[2]
+    fixed, labels = head(2, seed=7)
+    theta = spatial.affine_matrix(2, rotation=10.0, scale=[1.15, 1.0], translation=[0.05, 0.0])
+    moving = spatial.warp(fixed, spatial.affine_to_displacement(spatial.invert_affine(theta), shape))
+    result = refine(moving, fixed, config=RefineConfig.preset(2, similarity=name, field_iterations=(20, 10)))
+    inside = labels[:, 0] > 0
+    truth = spatial.affine_to_displacement(theta, shape)
+    assert voxel_error(result.displacement, truth, inside) < 0.5 * voxel_error(torch.zeros_like(truth), truth, inside)
+
+
+def test_refine_config_round_trips_and_rejects_bad_values():
+    for ndim in (2, 3):
+        config = RefineConfig.preset(ndim, weight=0.5)
+        assert RefineConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(FirekitError, match="unknown fields"):
+        RefineConfig.from_dict({"lr": 1.0})
+    with pytest.raises(FirekitError, match="similarity"):
+        RefineConfig(similarity="nmi")
+    with pytest.raises(FirekitError, match="regulariser"):
+        RefineConfig(regulariser="elastic")
+    with pytest.raises(FirekitError, match="one entry per level"):
+        RefineConfig(affine_levels=(4, 2), affine_iterations=(10,))
+
+
+def test_refine_rejects_bad_input():
+    image = torch.zeros(1, 1, 16, 16)
+    with pytest.raises(FirekitError, match="moving must be"):
+        refine(torch.zeros(2, 1, 16, 16), image)
+    with pytest.raises(FirekitError, match="fixed must be"):
+        refine(image, torch.zeros(1, 16, 16))
+    with pytest.raises(FirekitError, match="theta0"):
+        refine(image, image, theta0=torch.zeros(1, 3, 4))
+    with pytest.raises(FirekitError, match="foreground"):
+        moments_init(image - 1, image - 1)
