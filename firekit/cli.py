@@ -92,8 +92,15 @@ def _demo(args: argparse.Namespace) -> None:
              pairs=args.pairs, seed=args.seed)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (like every other firekit error), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="firekit",
         description="FIRE image registration: affine + non-rigid, 2D/3D, one network for both directions.",
         epilog=CONVENTIONS,

@@ -228,9 +228,10 @@ def _downsample(image: torch.Tensor, factor: int) -> torch.Tensor:
     if factor == 1:
         return image
     ndim = image.ndim - 2
-    smooth = box_filter(image, factor // 2)
-    mode = "bilinear" if ndim == 2 else "trilinear"  # nnf.interpolate names the n-D linear mode by ndim
-    return nnf.interpolate(smooth, size=_level_shape(image.shape[2:], factor), mode=mode, align_corners=True)
+    shape = _level_shape(image.shape[2:], factor)
+    # A zero displacement on the coarse grid samples the image at the coarse grid's points.
+    zero = image.new_zeros(image.shape[0], ndim, *shape)
+    return spatial.warp(box_filter(image, factor // 2), zero)
 
 
 def diffusion_energy(displacement: torch.Tensor) -> torch.Tensor:
@@ -457,12 +458,13 @@ class _Level:
     """One pyramid level: fixed features computed once, moving features per step or once.
 
     ``warp_features`` True: the moving image's features are computed once on its own grid and
-    resampled by each candidate transform (fast). Orientation-dependent descriptors such as MIND
+    resampled by each transform tried (fast). Orientation-dependent descriptors such as MIND
     are then slightly off where the transform rotates or scales much. False: the moving image is
-    resampled and its features recomputed at every step (exact, slower). Features of an image
-    pre-warped by a fixed anchor transform and resampled by a transform near the identity are
-    avoided on purpose: interpolation blurs them less at the anchor than near it, which biases
-    the loss away from the anchor.
+    resampled and its features recomputed at every step (exact, slower).
+
+    Not done, on purpose: features of moving pre-warped by the current transform, resampled by
+    the small remaining one. Interpolation blurs features less at zero offset than near it, so
+    that loss has a spurious minimum structure around each re-anchoring (measured: worse).
     """
 
     def __init__(self, moving: torch.Tensor, fixed: torch.Tensor, factor: int, similarity: Similarity,
@@ -576,7 +578,9 @@ def refine(
     moving, fixed = moving.detach().to(fixed), fixed.detach()
     similarity = config.similarity_fn()
     history: dict = {"seconds": {}}
-    with torch.random.fork_rng(devices=[]):
+    # Nothing here draws random numbers today; the seed fixes any that a variant would draw,
+    # without touching the caller's generator state.
+    with torch.random.fork_rng(devices=[fixed.device] if fixed.device.type == "cuda" else []):
         torch.manual_seed(config.seed)
         clock = time.perf_counter()
         if theta0 is None:

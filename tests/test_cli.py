@@ -103,6 +103,25 @@ def test_register_and_evaluate_end_to_end(workspace):
     assert all(v >= 0 for v in scores["hd95_mm"].values()) and scores["folding_percent"] >= 0
 
 
+def test_register_network_alone_and_refinement_alone(workspace, tmp_path):
+    root, data, run_dir = workspace
+    moving, fixed = data / "test/subj002/T2.nii.gz", data / "val/subj001/T1.nii.gz"
+    common = ["--moving", moving, "--fixed", fixed, "--direction", "b2a", "--spacing", 4,
+              "--moving-labels", data / "test/subj002/labels.nii.gz"]
+    scores = {}
+    for name, extra in (("network", ["--model", run_dir / "model.pt", "--refine", 0]),
+                        ("classical", ["--no-network"])):
+        result = run("register", *common, *extra, "--out", tmp_path / f"{name}.nii.gz",
+                     "--out-labels", tmp_path / f"{name}_labels.nii.gz")
+        assert result.returncode == 0, result.stderr
+        evaluated = run("evaluate", "--fixed-labels", data / "val/subj001/labels.nii.gz",
+                        "--warped-labels", tmp_path / f"{name}_labels.nii.gz", "--json")
+        scores[name] = json.loads(evaluated.stdout)["mean_dice"]
+    # a 3-step network barely moves the image; refinement must register it
+    assert scores["classical"] > scores["network"] + 0.1, scores
+    assert_one_line_error(run("register", *common, "--refine", "-1", "--out", tmp_path / "x.nii.gz"), "--refine")
+
+
 @pytest.mark.parametrize("case", ["missing", "not_nifti", "mismatched_ndim", "out_is_input", "directory"])
 def test_register_bad_inputs_exit_2_in_one_line(workspace, tmp_path, case):
     root, data, run_dir = workspace

@@ -127,3 +127,25 @@ def test_small_images_are_padded_not_refused():
     result = register(model_with_affine(torch.eye(2, 3), 2), image, image, spacing=None)
     assert result.warped.shape == (12, 10)
     np.testing.assert_allclose(result.warped.data, image, atol=1e-4)
+
+
+def test_refinement_alone_recovers_a_shift_and_is_deterministic():
+    """--no-network: refinement from moments, no weights; same seed, same field."""
+    from firekit.phantom import phantom_pair
+
+    theta = spatial.affine_matrix(2, rotation=15, scale=(1.2, 0.95), translation=(0.08, -0.05))
+    pair = phantom_pair((96, 96), theta, seed=1, contrasts=("t2", "t1"))
+    moving, fixed = pair.x_a[0, 0].numpy(), pair.x_b[0, 0].numpy()
+    first = register(None, moving, fixed, refine="auto")
+    again = register(None, moving, fixed, refine="auto")
+    np.testing.assert_array_equal(first.displacement, again.displacement)
+    from firekit import metrics
+
+    labels_moving, labels_fixed = pair.labels_a[0, 0].numpy(), pair.labels_b[0, 0].numpy()
+    before = np.mean(list(metrics.dice(torch.as_tensor(labels_moving), torch.as_tensor(labels_fixed), [1, 2, 3]).values()))
+    warped = first.apply(labels_moving).data
+    after = np.mean(list(metrics.dice(torch.as_tensor(warped), torch.as_tensor(labels_fixed), [1, 2, 3]).values()))
+    assert after > before + 0.2, (before, after)
+    assert (first.jacobian_determinant() <= 0).mean() < 0.001
+    with pytest.raises(FirekitError, match="no model"):
+        register(None, moving, fixed, refine=0)
