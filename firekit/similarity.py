@@ -179,7 +179,7 @@ def _gradient(image: torch.Tensor) -> torch.Tensor:
     return torch.cat(torch.gradient(image, dim=list(range(2, ndim + 2))), dim=1)
 
 
-def ngf_features(image: torch.Tensor, eps: float = 0.05) -> torch.Tensor:
+def ngf_features(image: torch.Tensor, eps: float = 0.005) -> torch.Tensor:
     """Unit vectors ``(grad I, eps) / sqrt(|grad I|^2 + eps^2)`` of the normalised gradient field.
 
     Appending ``eps`` as an extra component makes flat regions point along it, so two identical
@@ -203,7 +203,7 @@ def _ngf_compare(fa: torch.Tensor, fb: torch.Tensor, mask: torch.Tensor | None) 
     return _reduce(1.0 - (fa * fb).sum(dim=1, keepdim=True).square(), mask)
 
 
-def ngf_loss(a: torch.Tensor, b: torch.Tensor, eps: float = 0.05, mask: torch.Tensor | None = None) -> torch.Tensor:
+def ngf_loss(a: torch.Tensor, b: torch.Tensor, eps: float = 0.005, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Normalised gradient fields: mean of ``1 - cos^2`` between the two images' gradients.
 
     Args:
@@ -288,7 +288,7 @@ def _mind(radius: int = 2, dilation: int = 2, **_) -> Similarity:
     return Similarity(lambda x: mind_ssc(x, radius, dilation), _squared_difference)
 
 
-def _ngf(eps: float = 0.05, **_) -> Similarity:
+def _ngf(eps: float = 0.005, **_) -> Similarity:
     return Similarity(lambda x: ngf_features(x, eps), _ngf_compare, warpable=False)
 
 

@@ -92,8 +92,11 @@ def identity_grid(shape: Sequence[int], like: torch.Tensor | None = None) -> tor
     key = (shape, dtype, device)
     grid = _GRID_CACHE.get(key)
     if grid is None:
-        axes = [torch.linspace(-1.0, 1.0, s, dtype=dtype, device=device) for s in shape]
-        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
+        # Built outside inference mode so a grid first made during inference can later be saved
+        # for backward in training (inference tensors cannot).
+        with torch.inference_mode(False):
+            axes = [torch.linspace(-1.0, 1.0, s, dtype=dtype, device=device) for s in shape]
+            grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
         if len(_GRID_CACHE) >= _GRID_CACHE_MAX:
             _GRID_CACHE.clear()
         _GRID_CACHE[key] = grid

@@ -191,3 +191,14 @@ def test_bad_shapes_give_clear_errors():
         spatial.warp(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 2, 8, 8))
     with pytest.raises(ValueError, match=r"\(B, ndim, ndim \+ 1\)"):
         spatial.affine_to_displacement(torch.zeros(1, 2, 2), (8, 8))
+
+
+def test_grid_first_built_in_inference_mode_still_trains():
+    """The grid cache must not hand an inference tensor to a later training step."""
+    shape = (11, 13)
+    spatial._GRID_CACHE.pop(((11, 13), torch.float32, torch.device("cpu")), None)
+    with torch.inference_mode():
+        spatial.affine_to_displacement(spatial.identity_affine(2), shape)
+    theta = spatial.identity_affine(2).requires_grad_(True)
+    spatial.warp(torch.rand(1, 1, *shape), spatial.affine_to_displacement(theta, shape)).sum().backward()
+    assert theta.grad is not None
