@@ -45,6 +45,7 @@ def _train(args: argparse.Namespace) -> None:
         val_labels=args.val_labels, spacing=args.spacing, seed=args.seed, augment=not args.no_augment,
         resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
         val_every=args.val_every, checkpoint_every=args.checkpoint_every,
+        curriculum_steps=args.curriculum_steps, aux_weight=args.aux_weight,
     )
     best = getattr(result, "best_val_dice", None)
     print(f"trained {getattr(result, 'steps', '?')} steps -> {Path(args.out) / 'model.pt'}"
@@ -156,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--spacing", type=float, default=1.28, help="resample to this voxel size in mm (default 1.28)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.add_argument("--no-augment", action="store_true", help="turn off the paper's random affine + elastic augmentation")
+    train.add_argument("--aux-weight", type=float, default=0.0,
+                       help="weight of the auxiliary loss on the augmentation's known transform (not in the paper; "
+                       "default 0 = off)")
+    train.add_argument("--curriculum-steps", type=int, default=0,
+                       help="ramp the augmentation from 25%% to full strength over N steps (default 0 = off)")
     train.add_argument("--val-every", type=int, default=100, help="validation every N steps (default 100)")
     train.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps (default 100)")
     train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")

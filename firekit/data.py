@@ -269,6 +269,9 @@ class PairDataset:
         pairing: ``"subject"`` (A and B of one subject) or ``"random"`` (B of another subject).
         spacing: mm per network voxel, for the augmentation's physical magnitudes.
         min_foreground: slices with less than this fraction of non-background voxels are skipped.
+        curriculum_steps: ramp the augmentation strength from ``curriculum_start`` to 1 over this
+            many steps (0: full strength from the start).
+        targets: also return each pair's known answer (for the auxiliary loss).
     """
 
     def __init__(
@@ -281,6 +284,9 @@ class PairDataset:
         spacing: float = DEFAULT_SPACING,
         min_foreground: float = 0.15,
         info: dict | None = None,
+        curriculum_steps: int = 0,
+        curriculum_start: float = 0.25,
+        targets: bool = True,
     ):
         if not subjects:
             raise FirekitError("no subjects to train on")
@@ -298,6 +304,9 @@ class PairDataset:
         self.pairing = pairing
         self.spacing = float(spacing)
         self.info = dict(info or {})
+        self.curriculum_steps = int(curriculum_steps)
+        self.curriculum_start = float(curriculum_start)
+        self.targets = bool(targets)
         self.slicewise = data_ndim == 3 and ndim == 2
         self.shape = tuple(
             max(s.a.shape[2 + i] for s in self.subjects) for i in range(ndim)
@@ -327,6 +336,8 @@ class PairDataset:
             "seed": self.seed,
             "pairing": self.pairing,
             "augment": None if self.augment is None else self.augment.to_dict(),
+            "curriculum_steps": self.curriculum_steps,
+            "curriculum_start": self.curriculum_start,
         }
 
     def _image(self, subject: SubjectData, key: str, k: int) -> torch.Tensor | None:
@@ -336,21 +347,34 @@ class PairDataset:
         x = x[..., k] if k >= 0 else x
         return _pad_to(x.float(), self.shape, -1.0 if key != "labels" else 0.0)
 
-    def _transform(self, x: torch.Tensor, generator: torch.Generator, labels: torch.Tensor | None):
+    def strength(self, step: int) -> float:
+        """Augmentation strength at ``step``: ramps linearly from ``curriculum_start`` to 1."""
+        if not self.curriculum_steps:
+            return 1.0
+        return min(1.0, self.curriculum_start + (1.0 - self.curriculum_start) * step / self.curriculum_steps)
+
+    def _transform(self, x: torch.Tensor, generator: torch.Generator, labels: torch.Tensor | None, step: int):
+        """Warp ``x`` (and labels) by a random transform; also returns its displacement (or None)."""
         if self.augment is None:
-            return x, labels
+            return x, labels, None
         from .augment import random_transform
 
-        moved = random_transform(self.shape, self.spacing, generator, self.augment)
+        config = self.augment.with_strength(self.augment.strength * self.strength(step))
+        moved = random_transform(self.shape, self.spacing, generator, config)
         x = (spatial.warp(x + 1.0, moved.displacement, padding_mode="zeros") - 1.0).clamp(-1.0, 1.0)
         if labels is not None:
             labels = spatial.warp_labels(labels, moved.displacement)
-        return x, labels
+        return x, labels, moved.displacement
 
     def sample(self, step: int, batch_size: int = 1) -> dict[str, torch.Tensor]:
-        """A batch ``{'x_a', 'x_b', 'labels_a', 'labels_b'}`` of ``(B, 1, *shape)``, a function of (seed, step)."""
+        """A batch of ``(B, 1, *shape)`` tensors, a function of (seed, step).
+
+        Keys: ``x_a``, ``x_b``; ``labels_a``, ``labels_b`` with labels; ``u_a2b``, ``u_b2a``
+        ``(B, ndim, *shape)`` normalised, the known answer of each registration direction, when
+        ``targets`` is on, A and B come from one subject and augmentation is on.
+        """
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
-        out: dict[str, list] = {"x_a": [], "x_b": [], "labels_a": [], "labels_b": []}
+        out: dict[str, list] = {"x_a": [], "x_b": [], "labels_a": [], "labels_b": [], "u_a2b": [], "u_b2a": []}
         for _ in range(batch_size):
             index, k = self.items[int(torch.randint(len(self.items), (1,), generator=generator))]
             subject = self.subjects[index]
@@ -359,17 +383,22 @@ class PairDataset:
                 other = self.subjects[int(torch.randint(len(self.subjects), (1,), generator=generator))]
             labels = self._image(subject, "labels", k)
             labels_other = self._image(other, "labels", k)
-            x_a, labels_a = self._transform(self._image(subject, "a", k), generator,
-                                            None if labels is None else labels.long())
-            x_b, labels_b = self._transform(self._image(other, "b", k), generator,
-                                            None if labels_other is None else labels_other.long())
-            for key, value in zip(out, (x_a, x_b, labels_a, labels_b)):
+            x_a, labels_a, phi_a = self._transform(self._image(subject, "a", k), generator,
+                                                   None if labels is None else labels.long(), step)
+            x_b, labels_b, phi_b = self._transform(self._image(other, "b", k), generator,
+                                                   None if labels_other is None else labels_other.long(), step)
+            u_a2b = u_b2a = None
+            if self.targets and phi_a is not None and other is subject:
+                # A and B of a subject are co-registered, so the a2b answer is phi_a^-1 o phi_b.
+                u_a2b = spatial.compose(spatial.invert_displacement(phi_a), phi_b)
+                u_b2a = spatial.compose(spatial.invert_displacement(phi_b), phi_a)
+            for key, value in zip(out, (x_a, x_b, labels_a, labels_b, u_a2b, u_b2a)):
                 out[key].append(value)
         batch = {key: torch.cat(values) for key, values in out.items() if all(v is not None for v in values)}
         return batch
 
     def validation(self, count: int, seed: int = 12345) -> list[dict[str, torch.Tensor]]:
         """``count`` fixed single-pair batches (same draw every call), for validation Dice."""
-        held = PairDataset(self.subjects, self.ndim, self.augment, seed, self.pairing, self.spacing)
+        held = PairDataset(self.subjects, self.ndim, self.augment, seed, self.pairing, self.spacing, targets=False)
         held.items = self.items
         return [held.sample(i, 1) for i in range(count)]

@@ -31,6 +31,7 @@ __all__ = [
     "reg_acc",
     "reg_ic",
     "r_smooth",
+    "transform_supervision",
     "r_syn",
     "r_reg",
     "bending_energy",
@@ -163,6 +164,9 @@ class FireLoss(NamedTuple):
     r_smooth: torch.Tensor
     smooth_weight: float
     total: torch.Tensor
+    # Not in the paper: weighted into ``total`` by the trainer when the augmentation's own
+    # transform supervises the registration (TrainConfig.aux_weight); 0 otherwise.
+    aux: torch.Tensor | float = 0.0
 
     @property
     def syn(self) -> torch.Tensor:
@@ -182,6 +186,19 @@ class FireLoss(NamedTuple):
     def as_floats(self) -> dict[str, float]:
         """Every term as a Python float, for logs and tables."""
         return {k: float(v) for k, v in self._asdict().items()}
+
+
+def transform_supervision(displacement: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared end-point error between a predicted and a known displacement (normalised units).
+
+    Not a paper term: the auxiliary self-supervised loss on the augmentation's own transform.
+
+    Args:
+        displacement, target: ``(B, ndim, *S)`` normalised fields on the same grid.
+    """
+    if displacement.shape != target.shape:
+        raise ValueError(f"displacement {tuple(displacement.shape)} and target {tuple(target.shape)} differ")
+    return ((displacement - target) ** 2).sum(dim=1).mean()
 
 
 def fire_loss(out, x_a: torch.Tensor, x_b: torch.Tensor, smooth_weight: float | None = None) -> FireLoss:

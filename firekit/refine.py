@@ -58,7 +58,7 @@ _PRESETS: dict[int, dict] = {
     3: dict(
         scan_angles=(0.0,),
         affine_levels=(4, 2), affine_iterations=(60, 20),
-        field_levels=(4, 2), field_iterations=(40, 60),
+        field_levels=(4, 2), field_iterations=(60, 40),
         # Diffusion: bending let 3D fields fold near the borders; no mask: +0.01 Dice here.
         grid_spacing=4, regulariser="diffusion", weight=0.3, field_mask=False,
     ),

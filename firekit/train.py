@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from . import metrics, spatial
 from .errors import FirekitError
-from .losses import FireLoss, fire_loss
+from .losses import FireLoss, fire_loss, transform_supervision
 from .model import Fire, load_checkpoint
 
 __all__ = [
@@ -76,6 +76,8 @@ class TrainConfig:
         checkpoint_every: write checkpoint.pt and model.pt every this many steps and at the
             end (0: only at the end).
         amp: bf16 autocast for the forward pass; used on CUDA only.
+        aux_weight: weight of the auxiliary self-supervised loss on the augmentation's own
+            transform (batches carrying ``u_a2b``/``u_b2a``); not in the paper, 0 = off.
     """
 
     lr_affine: float = 1e-5
@@ -90,6 +92,7 @@ class TrainConfig:
     val_every: int = 100
     checkpoint_every: int = 100
     amp: bool = True
+    aux_weight: float = 0.0
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -198,6 +201,8 @@ def train_step(
     step: int | None = None,
     warmup_steps: int = 0,
     autocast: bool = False,
+    targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+    aux_weight: float = 0.0,
 ) -> FireLoss:
     """One step: forward both directions, Eq. 1, one backward, each optimiser steps its own group.
 
@@ -208,6 +213,9 @@ def train_step(
         warmup_steps: linear learning-rate warm-up length (0: off).
         autocast: run the network in bf16 autocast on the inputs' device; the loss is taken in
             float32 either way.
+        targets: ``(u_a2b, u_b2a)`` known displacements ``(B, ndim, *S)`` (normalised) for the
+            auxiliary loss; used when ``aux_weight`` > 0.
+        aux_weight: weight of :func:`~firekit.losses.transform_supervision` in the total.
 
     Returns:
         the loss terms, detached.
@@ -230,6 +238,9 @@ def train_step(
     else:
         out = model(x_a, x_b)
     loss = fire_loss(out, x_a, x_b)
+    if aux_weight and targets is not None:
+        aux = transform_supervision(out.disp_ab, targets[0]) + transform_supervision(out.disp_ba, targets[1])
+        loss = loss._replace(total=loss.total + aux_weight * aux, aux=aux)
     if not torch.isfinite(loss.total):
         raise FirekitError(f"loss became {float(loss.total.detach())}; lower the learning rates or check the inputs")
     loss.total.backward()
@@ -330,8 +341,13 @@ def train(
                 x_a, x_b = (_batch_tensor(batch, key, f"source.sample({index})", device) for key in ("x_a", "x_b"))
                 in_step = True
                 try:
+                    targets = None
+                    if config.aux_weight and "u_a2b" in batch:
+                        targets = tuple(_batch_tensor(batch, key, f"source.sample({index})", device)
+                                        for key in ("u_a2b", "u_b2a"))
                     loss = train_step(
-                        model, optimizers, x_a, x_b, config.grad_clip, index, config.warmup_steps, autocast=use_amp
+                        model, optimizers, x_a, x_b, config.grad_clip, index, config.warmup_steps, autocast=use_amp,
+                        targets=targets, aux_weight=config.aux_weight,
                     )
                 except FirekitError as exc:
                     # train_step checks the loss before any optimiser steps: the last step stands.

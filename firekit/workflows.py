@@ -26,6 +26,7 @@ def build_dataset(
     augment=True,
     pairing: str = "subject",
     progress: bool = True,
+    curriculum_steps: int = 0,
 ) -> PairDataset:
     """Match, load and wrap subjects from globs into a :class:`PairDataset`.
 
@@ -47,7 +48,8 @@ def build_dataset(
         raise FirekitError(f"--ndim {ndim} but {subjects[0].a} is {data_ndim}D; use --ndim {data_ndim}")
     config = AugmentConfig() if augment is True else (augment or None)
     info = {"a": a, "b": b, "labels": labels}
-    return PairDataset(loaded, ndim, config, seed=seed, pairing=pairing, spacing=spacing, info=info)
+    return PairDataset(loaded, ndim, config, seed=seed, pairing=pairing, spacing=spacing, info=info,
+                       curriculum_steps=curriculum_steps)
 
 
 def train_on_files(
@@ -70,6 +72,7 @@ def train_on_files(
     overwrite: bool = False,
     device: str | None = None,
     progress: bool = True,
+    curriculum_steps: int = 0,
     **train_options,
 ):
     """Train a FIRE model on subjects matched from globs; writes the run folder (see ``train``).
@@ -79,7 +82,8 @@ def train_on_files(
     """
     from .train import TrainConfig, train
 
-    dataset = build_dataset(a, b, labels, ndim, spacing, seed, augment, progress=progress)
+    dataset = build_dataset(a, b, labels, ndim, spacing, seed, augment, progress=progress,
+                            curriculum_steps=curriculum_steps)
     validation = None
     if val_a or val_b:
         if not (val_a and val_b):

@@ -76,7 +76,7 @@ def test_pair_dataset_is_deterministic_per_step(tmp_path, model_ndim):
                                                         f"{tmp_path}/*/L.nii.gz")]
     dataset = PairDataset(subjects, model_ndim, AugmentConfig(), seed=3, spacing=1.5)
     first, again, other = dataset.sample(5, 2), dataset.sample(5, 2), dataset.sample(6, 2)
-    assert set(first) == {"x_a", "x_b", "labels_a", "labels_b"}
+    assert set(first) == {"x_a", "x_b", "labels_a", "labels_b", "u_a2b", "u_b2a"}
     assert first["x_a"].shape[:2] == (2, 1) and first["x_a"].ndim == model_ndim + 2
     assert first["labels_a"].dtype == torch.int64
     for key in first:
@@ -87,3 +87,35 @@ def test_pair_dataset_is_deterministic_per_step(tmp_path, model_ndim):
     assert not torch.equal(first["labels_a"], first["labels_b"])
     validation = dataset.validation(2)
     assert torch.equal(validation[0]["x_a"], dataset.validation(2)[0]["x_a"])
+
+
+@pytest.mark.parametrize("model_ndim", [2, 3])
+def test_known_answer_of_each_augmented_pair(tmp_path, model_ndim):
+    """u_a2b warps the augmented A onto the augmented B (A and B co-registered), and back."""
+    from firekit import spatial
+    from firekit.augment import AugmentConfig
+
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in (40, 44, 36)], indexing="ij"))
+    image = (np.exp(-((grid[0] - 0.2) ** 2 / 0.1 + grid[1] ** 2 / 0.3 + grid[2] ** 2 / 0.2))
+             + 0.6 * np.exp(-((grid + 0.3) ** 2).sum(0) / 0.05)).astype(np.float32)
+    io.save_nifti(image, np.eye(4), tmp_path / "s1" / "A.nii.gz")
+    io.save_nifti(image, np.eye(4), tmp_path / "s1" / "B.nii.gz")
+    subjects = [load_subject(s, 1.0) for s in find_pairs(f"{tmp_path}/*/A.nii.gz", f"{tmp_path}/*/B.nii.gz")]
+    dataset = PairDataset(subjects, model_ndim, AugmentConfig(elastic_mm=3.0), seed=1, spacing=1.0)
+    batch = dataset.sample(0, 2)
+    assert batch["u_a2b"].shape == (2, model_ndim, *batch["x_a"].shape[2:])
+    for moving, fixed, answer in (("x_a", "x_b", "u_a2b"), ("x_b", "x_a", "u_b2a")):
+        before = (batch[moving] - batch[fixed]).abs().mean()
+        after = (spatial.warp(batch[moving], batch[answer]) - batch[fixed]).abs().mean()
+        assert after < 0.25 * before, (before, after)
+
+
+def test_curriculum_ramps_the_augmentation():
+    from firekit.augment import AugmentConfig
+    from firekit.data import SubjectData
+
+    subject = SubjectData("s", torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32), None, np.eye(3))
+    dataset = PairDataset([subject], 2, AugmentConfig(), curriculum_steps=100, curriculum_start=0.2,
+                          min_foreground=0.0)
+    assert dataset.strength(0) == pytest.approx(0.2) and dataset.strength(50) == pytest.approx(0.6)
+    assert dataset.strength(100) == 1.0 and dataset.strength(1000) == 1.0

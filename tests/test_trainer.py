@@ -277,3 +277,19 @@ def test_3d_smoke(tmp_path):
     assert result.steps == 2 and sorted(loss_rows(run / "losses.csv")) == [1, 2]
     assert firekit.load(run / "model.pt").config.ndim == 3
     assert set(RUN_FILES) >= {p.name for p in run.iterdir()}
+
+
+def test_auxiliary_loss_enters_the_total_only_when_weighted():
+    from firekit.train import make_optimizers
+
+    batch = PhantomSource().sample(0, 1)
+    x_a, x_b = batch["x_a"], batch["x_b"]
+    field = torch.full((1, 2, *x_a.shape[2:]), 0.1)
+    model = small_model()
+    off = train_step(model, make_optimizers(model, small_config()), x_a, x_b, targets=(field, field))
+    assert off.aux == 0.0
+    model = small_model()
+    on = train_step(model, make_optimizers(model, small_config()), x_a, x_b, targets=(field, field), aux_weight=2.0)
+    assert float(on.aux) > 0.01
+    fire_total = on.syn + on.reg + on.regularisation
+    assert float(on.total) == pytest.approx(float(fire_total + 2.0 * on.aux), rel=1e-5)
