@@ -1,0 +1,88 @@
+"""Validation Dice against steps and minutes for training runs, as a markdown table (and a PNG).
+
+    python bench/training.py RUN_DIR [RUN_DIR ...] [--out bench/training_runs.md] [--png bench/training.png]
+
+Each RUN_DIR is a ``firekit train --out`` folder (validation.csv, losses.csv, config.yaml). The
+switches that differ between runs (augmentation curriculum, auxiliary loss, rates) are read from
+config.yaml and shown beside the curve, so each row says what was on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def read_run(run: Path) -> dict:
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    with open(run / "losses.csv", newline="") as handle:
+        seconds = {int(r["step"]): float(r["seconds"]) for r in csv.DictReader(handle)}
+    with open(run / "validation.csv", newline="") as handle:
+        points = [(int(r["step"]), float(r["dice_mean"])) for r in csv.DictReader(handle)]
+    train, data = config.get("train", {}), config.get("data", {})
+    switches = {
+        "preset": config.get("model", {}).get("preset"),
+        "aux_weight": train.get("aux_weight", 0.0),
+        "curriculum": data.get("curriculum_steps", 0),
+        "lr": f"{train.get('lr_affine')}/{train.get('lr_nonrigid')}/{train.get('lr_synthesis')}",
+    }
+    curve = [(step, seconds.get(step, float("nan")) / 60.0, dice) for step, dice in points]
+    return {"name": run.name, "switches": switches, "curve": curve}
+
+
+def table(runs: list[dict], baseline: float | None) -> str:
+    lines = ["| run | switches | step | minutes | val Dice (mean a2b/b2a) |", "|---|---|---|---|---|"]
+    for run in runs:
+        switches = ", ".join(f"{k} {v}" for k, v in run["switches"].items())
+        for step, minutes, dice in run["curve"]:
+            lines.append(f"| {run['name']} | {switches} | {step} | {minutes:.1f} | {dice:.3f} |")
+    if baseline is not None:
+        lines.append(f"\nUnaligned validation Dice: {baseline:.3f}.")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for run in runs:
+        steps, minutes, dice = zip(*run["curve"]) if run["curve"] else ((), (), ())
+        axes[0].plot(steps, dice, marker="o", label=run["name"])
+        axes[1].plot(minutes, dice, marker="o", label=run["name"])
+    axes[0].set_xlabel("step")
+    axes[1].set_xlabel("minutes (2 CPU cores)")
+    for ax in axes:
+        ax.set_ylabel("validation Dice")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--baseline", type=float, default=None, help="unaligned validation Dice, for reference")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--png", type=Path, default=None)
+    args = parser.parse_args(argv)
+    runs = [read_run(run) for run in args.runs]
+    text = table(runs, args.baseline)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    if args.png:
+        plot(runs, args.png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
