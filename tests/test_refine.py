@@ -47,8 +47,9 @@ def mean_dice(labels_a, labels_b):
 
 
 def small_config(ndim, **overrides):
-    """The preset with the non-rigid levels at 1/2 and full resolution, as these grids are small."""
-    return RefineConfig.preset(ndim, field_levels=(2, 1), field_iterations=(40, 30), **overrides)
+    """The preset with its levels at 1/2 and full resolution, as these grids are 2-4 times smaller."""
+    return RefineConfig.preset(ndim, affine_levels=(2, 1), field_levels=(2, 1), field_iterations=(40, 30),
+                               **overrides)
 
 
 # ------------------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ def test_candidate_rotations_are_distinct_proper_rotations(ndim):
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_regularisers_vanish_for_affine_fields_and_match_losses(ndim):
     shape = {2: (12, 14), 3: (9, 10, 11)}[ndim]
-    theta = spatial.affine_matrix(ndim, rotation=10.0 if ndim == 2 else (5.0, 5.0, 5.0), scale=1.1).expand(2, -1, -1)
+    theta = spatial.affine_matrix(ndim, rotation={2: 10.0, 3: (5.0, 5.0, 5.0)}[ndim], scale=1.1).expand(2, -1, -1)
     affine = spatial.affine_to_displacement(theta, shape)
     assert float(bending_energy_per_sample(affine).abs().max()) < 1e-6
     assert float(diffusion_energy(torch.ones(2, ndim, *shape)).abs().max()) == 0.0
@@ -156,7 +157,7 @@ def test_moments_init_recovers_a_large_affine(ndim):
     shape = SHAPES[ndim]
     # 35 % scale along axis 0, a shift, and a rotation: 20 degrees in 2D, a quarter turn in 3D
     # (where only the axis permutations are scanned; the affine stage corrects the rest).
-    rotation = 20.0 if ndim == 2 else (0.0, 0.0, 90.0)
+    rotation = {2: 20.0, 3: (0.0, 0.0, 90.0)}[ndim]
     theta = spatial.affine_matrix(ndim, rotation=rotation, scale=[1.35] + [1.0] * (ndim - 1),
                                   translation=[0.1] * ndim)
     moving = blob(shape)
@@ -202,7 +203,7 @@ def test_refine_recovers_a_smooth_multimodal_warp(ndim):
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_refine_aligns_a_t2_to_t1_phantom_pair_far_apart(ndim):
     shape = SHAPES[ndim]
-    rotation = 20.0 if ndim == 2 else (0.0, 0.0, 12.0)
+    rotation = {2: 20.0, 3: (0.0, 0.0, 12.0)}[ndim]
     theta = spatial.affine_matrix(ndim, rotation=rotation, scale=[1.3] + [0.95] * (ndim - 1),
                                   translation=[0.08] + [-0.05] * (ndim - 1))
     pair = phantom.phantom_pair(shape, theta, seed=3, contrasts=("t2", "t1"))
@@ -215,8 +216,9 @@ def test_refine_aligns_a_t2_to_t1_phantom_pair_far_apart(ndim):
 def test_refine_is_deterministic_and_batches_pairs_independently():
     moving_a, _ = head(2, seed=4, name="t2")
     moving_b, _ = head(2, seed=6, name="t2")
-    fixed_a = spatial.warp(head(2, seed=4)[0], spatial.affine_to_displacement(spatial.affine_matrix(2, 8.0, 1.1), (64, 64)))
-    fixed_b = spatial.warp(head(2, seed=6)[0], spatial.affine_to_displacement(spatial.affine_matrix(2, -8.0, 0.9), (64, 64)))
+    turn_a = spatial.affine_to_displacement(spatial.affine_matrix(2, 8.0, 1.1), SHAPES[2])
+    turn_b = spatial.affine_to_displacement(spatial.affine_matrix(2, -8.0, 0.9), SHAPES[2])
+    fixed_a, fixed_b = spatial.warp(head(2, seed=4)[0], turn_a), spatial.warp(head(2, seed=6)[0], turn_b)
     config = RefineConfig.preset(2, affine_iterations=(20, 10), field_iterations=(15, 10), seed=3)
     moving, fixed = torch.cat([moving_a, moving_b]), torch.cat([fixed_a, fixed_b])
     first = refine(moving, fixed, config=config)
