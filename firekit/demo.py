@@ -109,7 +109,8 @@ def run_demo(
         train_on_files(str(data / "train/*/T1.nii.gz"), str(data / "train/*/T2.nii.gz"), run_dir,
                        labels=str(data / "train/*/labels.nii.gz"), val_a=str(data / "val/*/T1.nii.gz"),
                        val_b=str(data / "val/*/T2.nii.gz"), val_labels=str(data / "val/*/labels.nii.gz"),
-                       ndim=2, iterations=iterations, seed=seed, overwrite=True, progress=progress)
+                       ndim=2, iterations=iterations, seed=seed, overwrite=True, progress=progress,
+                       aux_weight=10.0, curriculum_steps=min(600, iterations // 2))  # as the shipped model
         model = load(run_dir / "model.pt")
         model_name = str(run_dir / "model.pt")
     else:
