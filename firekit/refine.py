@@ -8,9 +8,11 @@ directly to the images, in three steps:
    affine up to a rotation in the whitened frame; a set of candidate rotations (every proper
    signed axis permutation, composed with a scan of small rotations in each plane) is scored by
    the similarity at low resolution and the best is kept. Skipped when ``theta0`` is given.
-2. The affine is optimised with Adam on an image pyramid (MIND-SSC similarity by default).
+2. The affine is optimised with Adam on an image pyramid (MIND-SSC similarity by default),
+   from the best ``starts`` candidates; the one best at full resolution is kept.
 3. A displacement ``u_nr`` on a control grid several times coarser than each pyramid level,
-   upsampled linearly, is optimised with a bending-energy (or diffusion) penalty, coarse to fine.
+   upsampled linearly, is optimised with a diffusion or bending-energy penalty, coarse to fine,
+   on the moving image already warped by the affine.
 
 Everything is written once for 2D and 3D and works on a batch of ``B`` pairs at once (their
 losses are summed, so each pair's parameters see only its own loss). Tensors follow
@@ -69,7 +71,11 @@ _PRESETS: dict[int, dict] = {
 
 @dataclass
 class RefineConfig:
-    """Settings of :func:`refine`; :meth:`preset` gives the tuned 2D and 3D ones.
+    """Settings of :func:`refine`.
+
+    The field defaults are a generic configuration (bending energy with a foreground mask);
+    :meth:`preset` gives the settings tuned for 2D slices and 3D volumes, which :func:`refine`
+    uses when given no config.
 
     Attributes:
         similarity: ``"mind"`` (multi-modal default), ``"ngf"``, ``"lncc"`` or ``"mse"``.
@@ -78,10 +84,12 @@ class RefineConfig:
         ngf_eps: NGF edge threshold (intensity per voxel, images in [-1, 1]).
         lncc_window: LNCC window side (voxels of each level).
         affine_warp_features, field_warp_features: in the affine / non-rigid stage, compute the
-            moving image's features once per level on its own grid and resample them (fast; MIND
-            is then slightly off where the transform rotates or scales much) instead of
-            recomputing them on the warped image at every step (exact, slower). Ignored (always
-            exact) for NGF, whose gradient vectors turn with the image.
+            moving image's features once per level and resample them (fast) instead of
+            recomputing them on the warped image at every step (exact, slower). In the affine
+            stage the features are on moving's own grid, so MIND is off where the affine rotates
+            or scales much (default False: exact); in the non-rigid stage they are computed on
+            moving warped by the affine (default True). NGF, whose gradient vectors turn with
+            the image, is always exact.
         foreground: intensity above which a voxel of fixed counts as foreground (moments, mask).
         field_mask: the non-rigid similarity counts only the foreground of fixed or of moving
             after the affine, grown by ``mask_margin`` voxels of each level; the regulariser
@@ -91,7 +99,8 @@ class RefineConfig:
             the proper signed axis permutations, when initialising from moments.
         scan_size: the moment candidates are scored on images downsampled by the largest whole
             factor that keeps at least this many voxels along the shortest axis (never upsampled).
-        starts: how many of the best moment candidates the affine stage refines (best kept).
+        starts: how many of the best moment candidates the affine stage refines at its first
+            level; the one with the best full-resolution similarity goes on.
         affine_levels: downsampling factor of each affine pyramid level, coarse to fine.
         affine_iterations: Adam steps at each affine level.
         affine_lr: Adam learning rate of the affine entries (normalised units).
@@ -591,12 +600,14 @@ def refine(
         theta0: optional ``(B, n, n + 1)`` starting affine (e.g. the network's); default: the
             best candidate(s) of :func:`moments_init`.
         displacement0: optional ``(B, n, *s)`` starting non-rigid part ``u_nr`` (e.g. the network's
-            flow at any resolution), normalised; default zero.
+            flow at any resolution), normalised; kept, and corrected by the regularised grid.
         config: :class:`RefineConfig` (default :meth:`RefineConfig.preset` for the images' ndim).
         progress: print one line per level to stderr.
 
     Returns:
         :class:`RefineResult`; ``warp(moving, result.displacement)`` is aligned with ``fixed``.
+        On CPU the result is bitwise repeatable; on a GPU ``grid_sample``'s backward adds
+        atomically, so the last bits may vary.
     """
     ndim = _check_images(moving, fixed)
     config = config if config is not None else RefineConfig.preset(ndim)

@@ -213,6 +213,19 @@ def test_refine_aligns_a_t2_to_t1_phantom_pair_far_apart(ndim):
     assert after > before + 0.2, (before, after)
 
 
+def test_refine_registers_a_moving_image_on_another_grid():
+    fixed, labels = head(2, seed=2)
+    theta = spatial.affine_matrix(2, rotation=15.0, scale=[1.2, 1.0], translation=[0.05, 0.05])
+    # moving(y) = fixed(theta^-1 y) on an 80 x 56 grid spanning the same normalised extent.
+    moving = spatial.warp(fixed, spatial.affine_to_displacement(spatial.invert_affine(theta), (80, 56)))
+    result = refine(moving, fixed, config=small_config(2))
+    assert result.displacement.shape == (1, 2, *SHAPES[2]) and result.warped.shape == fixed.shape
+    truth = spatial.affine_to_displacement(theta, SHAPES[2])
+    # Where theta maps outside moving's field of view there is nothing to match.
+    inside = (labels[:, 0] > 0) & ((spatial.identity_grid(SHAPES[2]) + truth).abs().amax(dim=1) < 0.95)
+    assert voxel_error(result.displacement, truth, inside) < 0.5
+
+
 def test_refine_is_deterministic_and_batches_pairs_independently():
     moving_a, _ = head(2, seed=4, name="t2")
     moving_b, _ = head(2, seed=6, name="t2")
