@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from . import augment, spatial
+from ._atomic import atomic_write_text
 from .errors import FirekitError
 from .io import NIFTI_INTENT_VECTOR, save_nifti
 
@@ -280,21 +280,6 @@ subjects and the template share the affine in `dataset.json`.
 """
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Atomic text write (temp file in the same folder, then rename), readable as umask allows."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 _PARAMETERS = ("version", "subjects", "split_sizes", "spacing", "shape", "seed")
 
 
@@ -387,7 +372,7 @@ def build_demo_dataset(
     if old is not None:
         (out / "dataset.json").unlink()  # the folder is incomplete until the new one is written
         _remove_stale(out, old, info)
-    _write_text(out / "README.md", _readme(info))
+    atomic_write_text(out / "README.md", _readme(info))
 
     from tqdm.auto import tqdm
 
@@ -400,7 +385,7 @@ def build_demo_dataset(
         save_nifti(arrays["labels"], template.affine, folder / "labels.nii.gz", dtype=np.uint8)
         save_nifti(arrays["to_template"], template.affine, folder / "to_template.nii.gz", dtype=np.float32,
                    intent=NIFTI_INTENT_VECTOR)
-    _write_text(out / "dataset.json", json.dumps(info, indent=2) + "\n")
+    atomic_write_text(out / "dataset.json", json.dumps(info, indent=2) + "\n")
     return info
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Iterable, Sequence
 import nibabel as nib
 import numpy as np
 
+from ._atomic import atomic_path
 from .errors import FirekitError
 
 __all__ = [
@@ -269,24 +269,10 @@ def save_nifti(
     image.header.set_xyzt_units("mm", "sec")
     if intent is not None:
         image.header.set_intent(intent)
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=f".tmp{suffix}") as tmp:  # nibabel picks gzip by extension
         nib.save(image, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_volume(volume: Volume, path: str | os.PathLike, dtype=None, protect=()) -> Path:

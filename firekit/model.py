@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -14,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from . import spatial
+from ._atomic import atomic_path
 from .errors import FirekitError
 from .nets import AffineHead, Decoder, Encoder, FlowHead
 
@@ -385,15 +385,8 @@ class Fire(nn.Module):
             "state_dict": self.state_dict(),
             "extra": extra or {},
         }
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save(payload, tmp)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod

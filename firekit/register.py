@@ -28,6 +28,7 @@ import torch
 
 from . import io, spatial
 from .data import DEFAULT_SPACING, map_points, network_grid, to_network
+from ._atomic import atomic_write_text
 from .errors import FirekitError
 from .model import Fire, load_checkpoint
 
@@ -197,12 +198,7 @@ def write_itk_affine(affine: np.ndarray, path: str | os.PathLike) -> Path:
         f"Transform: AffineTransform_double_{n}_{n}\nParameters: {params}\n"
         f"FixedParameters: {' '.join(['0'] * n)}\n"
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, text)
 
 
 def _network_affine_to_world(theta: torch.Tensor, shape: Sequence[int], grid_affine: np.ndarray) -> np.ndarray:

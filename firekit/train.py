@@ -21,7 +21,6 @@ import io
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 import warnings
@@ -34,6 +33,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import metrics, spatial
+from ._atomic import atomic_write_text
 from .errors import FirekitError
 from .losses import FireLoss, fire_loss, transform_supervision
 from .model import Fire, load_checkpoint
@@ -471,18 +471,6 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as file:
-            file.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _plain(value: Any, where: str) -> Any:
     """``value`` as plain data, safe for yaml.safe_dump and torch.load(weights_only=True)."""
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -507,7 +495,7 @@ def _write_config_yaml(run_dir: Path, model: Fire, config: TrainConfig, data: di
         "data": data,
         "firekit_version": __version__,
     }
-    _atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(document, sort_keys=False))
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(document, sort_keys=False))
 
 
 def _model_extra(config: TrainConfig, data: dict, extra: dict, state: _RunState) -> dict:
@@ -633,7 +621,7 @@ class _CsvLog:
         writer = csv.DictWriter(text, fields, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-        _atomic_write_text(path, text.getvalue())
+        atomic_write_text(path, text.getvalue())
         self._file = open(path, "a", newline="")
         self._writer = csv.DictWriter(self._file, fields, restval="", extrasaction="ignore")
 
