@@ -32,7 +32,7 @@ import torch
 from . import augment, spatial
 from ._atomic import atomic_write_text
 from .errors import FirekitError
-from .io import NIFTI_INTENT_VECTOR, save_nifti
+from .io import NIFTI_INTENT_VECTOR, itk_field_array, lps_flip, save_nifti
 
 __all__ = [
     "VERSION",
@@ -239,9 +239,8 @@ def _subject(template: Template, spacing: float, seed: int, index: int) -> dict[
         noisy = _bias_and_noise(image, spacing, generator)
         out[name] = np.rint(noisy[0, 0].numpy() * INTENSITY_SCALE).astype(np.int16)
     ras = spatial.voxel_to_mm(spatial.normalised_to_voxel(transform.displacement.double()), template.affine.copy())
-    lps = ras[0] * torch.tensor([-1.0, -1.0, 1.0], dtype=ras.dtype).reshape(3, 1, 1, 1)
-    field = np.rint(lps.permute(1, 2, 3, 0).numpy() / _FIELD_STEP) * _FIELD_STEP
-    out["to_template"] = field[:, :, :, None, :].astype(np.float32)
+    lps = ras[0].permute(1, 2, 3, 0).numpy() * lps_flip(3)
+    out["to_template"] = itk_field_array(np.rint(lps / _FIELD_STEP) * _FIELD_STEP)
     return out
 
 
@@ -416,7 +415,7 @@ def load_to_template(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     data = np.asarray(image.dataobj, dtype=np.float64)
     if data.ndim != 5 or data.shape[3:] != (1, 3):
         raise FirekitError(f"{path}: expected an ITK displacement field of shape (X, Y, Z, 1, 3), got {data.shape}")
-    return data[:, :, :, 0, :] * np.array([-1.0, -1.0, 1.0]), np.asarray(image.affine, dtype=np.float64)
+    return data[:, :, :, 0, :] * lps_flip(3), np.asarray(image.affine, dtype=np.float64)
 
 
 def template_points(subject_dir: str | os.PathLike) -> np.ndarray:

@@ -38,6 +38,8 @@ __all__ = [
     "from_canonical",
     "normalise_intensity",
     "NIFTI_INTENT_VECTOR",
+    "lps_flip",
+    "itk_field_array",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -215,6 +217,21 @@ def load_field(path: str | os.PathLike, grid: Volume) -> np.ndarray:
     if not np.isfinite(field).all():
         raise FirekitError(f"{path}: field has NaN/Inf values; re-run the registration")
     return field
+
+
+def lps_flip(n: int) -> np.ndarray:
+    """Signs taking an n-vector between nibabel's RAS world and ITK's LPS (its own inverse)."""
+    return np.array([-1.0, -1.0, 1.0][:n])
+
+
+def itk_field_array(displacement: np.ndarray) -> np.ndarray:
+    """``(*S, n)`` displacement (mm, LPS) -> the NIfTI layout ITK reads as a displacement field.
+
+    3D: ``(X, Y, Z, 1, 3)``; 2D: ``(X, Y, 1, 1, 2)``. Save with ``intent=NIFTI_INTENT_VECTOR``.
+    """
+    n = displacement.shape[-1]
+    spatial_shape = displacement.shape[:-1] + (1,) * (3 - n)
+    return np.ascontiguousarray(displacement.reshape(*spatial_shape, 1, n).astype(np.float32))
 
 
 def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:

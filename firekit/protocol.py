@@ -80,7 +80,7 @@ def make_test_pairs(
         # moving = M o phi, so the registration's answer is phi^-1 on the fixed grid.
         truth = spatial.invert_displacement(moved.displacement.double())
         truth_mm = spatial.voxel_to_mm(spatial.normalised_to_voxel(truth), grid_affine)[0].movedim(0, -1).numpy()
-        truth_lps = truth_mm * np.array([-1.0, -1.0, 1.0][:ndim])
+        truth_lps = truth_mm * io.lps_flip(ndim)
         pair_dir = out_dir / f"pair{index:03d}"
         paths = {key: pair_dir / f"{key}.nii.gz" for key in ("moving", "fixed", "moving_labels", "fixed_labels",
                                                              "true_field")}
@@ -88,8 +88,7 @@ def make_test_pairs(
         io.save_nifti(np.asarray(f, np.float32), affine, paths["fixed"])
         io.save_nifti(warped_labels.astype(np.int16), affine, paths["moving_labels"])
         io.save_nifti(np.asarray(lab, np.int16), affine, paths["fixed_labels"])
-        field = truth_lps.reshape(*truth_lps.shape[:-1], *(1,) * (3 - ndim), 1, ndim).astype(np.float32)
-        io.save_nifti(field, affine, paths["true_field"], intent=io.NIFTI_INTENT_VECTOR)
+        io.save_nifti(io.itk_field_array(truth_lps), affine, paths["true_field"], intent=io.NIFTI_INTENT_VECTOR)
         record = {key: str(path) for key, path in paths.items()}
         record.update(subject=subject_dir.name, moving_contrast=moving, fixed_contrast=fixed, ndim=ndim,
                       slice=k if ndim == 2 else None, scales=[float(s) for s in np.ravel(getattr(moved, "scales", []))])

@@ -30,6 +30,7 @@ from . import io, spatial
 from .data import DEFAULT_SPACING, map_points, network_grid, to_network
 from ._atomic import atomic_write_text
 from .errors import FirekitError
+from .io import itk_field_array, lps_flip
 from .model import Fire, load_checkpoint
 
 __all__ = [
@@ -164,24 +165,10 @@ class RegistrationResult:
             write_itk_affine(self.affine, affine_path)
 
 
-def _lps_flip(n: int) -> np.ndarray:
-    return np.array([-1.0, -1.0, 1.0][:n])
-
-
-def itk_field_array(displacement: np.ndarray) -> np.ndarray:
-    """``(*S, n)`` displacement -> the NIfTI layout ITK reads as a displacement field.
-
-    3D: ``(X, Y, Z, 1, 3)``; 2D: ``(X, Y, 1, 1, 2)``.
-    """
-    n = displacement.shape[-1]
-    spatial_shape = displacement.shape[:-1] + (1,) * (3 - n)
-    return np.ascontiguousarray(displacement.reshape(*spatial_shape, 1, n).astype(np.float32))
-
-
 def field_jacobian(displacement: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Jacobian determinant of ``x -> x + u(x)`` for an ITK/LPS mm field ``(*S, n)`` on a grid."""
     n = displacement.shape[-1]
-    u_ras = torch.as_tensor(displacement * _lps_flip(n), dtype=torch.float64).movedim(-1, 0)[None]
+    u_ras = torch.as_tensor(displacement * lps_flip(n), dtype=torch.float64).movedim(-1, 0)[None]
     voxels = spatial.mm_to_voxel(u_ras, affine)
     return spatial.jacobian_determinant(spatial.voxel_to_normalised(voxels))[0].numpy()
 
@@ -190,7 +177,7 @@ def write_itk_affine(affine: np.ndarray, path: str | os.PathLike) -> Path:
     """Write a world (RAS) fixed->moving point map as an ITK ``AffineTransform`` text file (LPS)."""
     affine = np.asarray(affine, dtype=np.float64)
     n = affine.shape[0] - 1
-    flip = np.diag([*_lps_flip(n), 1.0])
+    flip = np.diag([*lps_flip(n), 1.0])
     lps = flip @ affine @ flip
     params = " ".join(f"{v:.10g}" for v in [*lps[:n, :n].ravel(), *lps[:n, n]])
     text = (
@@ -357,7 +344,7 @@ def register(
         torch.as_tensor((np.linalg.inv(moving.affine) @ grid_affine)[:n])[None], fixed_in_grid + step
     )
     u_ras = spatial.voxel_to_mm(step, grid_affine)[0].movedim(0, -1).numpy()
-    displacement = (u_ras * _lps_flip(n)).astype(np.float32)
+    displacement = (u_ras * lps_flip(n)).astype(np.float32)
     source = torch.as_tensor(np.asarray(moving.data, dtype=np.float32))[None, None]
     warped = spatial.sample(source, moving_points.float(), padding_mode="zeros")[0, 0].numpy()
     return RegistrationResult(
