@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import augment, spatial
+from .data import map_points
 from ._atomic import atomic_write_text
 from .errors import FirekitError
 from .io import NIFTI_INTENT_VECTOR, itk_field_array, lps_flip, save_nifti
@@ -152,8 +153,7 @@ def _template(spacing: float, shape: tuple[int, int, int]) -> Template:
 
     # Trilinear resampling: grid voxel -> source voxel is one affine map.
     to_source = torch.from_numpy(np.linalg.inv(source_affine) @ affine).float()
-    grid = spatial.voxel_grid(shape)
-    points = torch.einsum("ij,bj...->bi...", to_source[:3, :3], grid) + to_source[:3, 3].reshape(1, 3, 1, 1, 1)
+    points = map_points(to_source[None, :3], spatial.voxel_grid(shape))
     stack = torch.from_numpy(np.stack([t1, gm, wm]))[None]
     t1, gm, wm = (channel.clamp(0, 1).numpy() for channel in spatial.sample(stack, points)[0])
 

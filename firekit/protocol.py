@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import io, spatial
+from ._atomic import atomic_write_text
 from .errors import FirekitError
 
 __all__ = ["make_test_pairs", "read_pairs"]
@@ -93,7 +94,8 @@ def make_test_pairs(
         record.update(subject=subject_dir.name, moving_contrast=moving, fixed_contrast=fixed, ndim=ndim,
                       slice=k if ndim == 2 else None, scales=[float(s) for s in np.ravel(getattr(moved, "scales", []))])
         pairs.append(record)
-    (out_dir / "pairs.json").write_text(json.dumps(pairs, indent=1)) if out_dir.exists() else None
+    if pairs:
+        atomic_write_text(out_dir / "pairs.json", json.dumps(pairs, indent=1))
     return pairs
 
 
