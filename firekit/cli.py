@@ -45,7 +45,9 @@ def _train(args: argparse.Namespace) -> None:
         val_labels=args.val_labels, spacing=args.spacing, seed=args.seed, augment=not args.no_augment,
         resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
         val_every=args.val_every, checkpoint_every=args.checkpoint_every,
-        curriculum_steps=args.curriculum_steps, aux_weight=args.aux_weight,
+        curriculum_steps=args.curriculum_steps, aux_weight=args.aux_weight, prealign=args.prealign,
+        similarity_weight=args.similarity_weight, distill_weight=args.distill_weight,
+        affine_first_steps=args.affine_first_steps,
     )
     best = getattr(result, "best_val_dice", None)
     print(f"trained {getattr(result, 'steps', '?')} steps -> {Path(args.out) / 'model.pt'}"
@@ -162,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "default 0 = off)")
     train.add_argument("--curriculum-steps", type=int, default=0,
                        help="ramp the augmentation from 25%% to full strength over N steps (default 0 = off)")
+    train.add_argument("--prealign", choices=["none", "moments"], default="none",
+                       help="moments: the model starts each registration from the moments affine and learns the "
+                       "rest (not in the paper; default none)")
+    train.add_argument("--similarity-weight", type=float, default=0.0,
+                       help="weight of a MIND similarity between each warped image and the other input (not in the "
+                       "paper; default 0 = off)")
+    train.add_argument("--distill-weight", type=float, default=0.0,
+                       help="weight of supervision by per-pair refinement's result (distillation; slower steps; "
+                       "default 0 = off)")
+    train.add_argument("--affine-first-steps", type=int, default=0,
+                       help="train only the affine subnets, at half resolution, for the first N steps (default 0)")
     train.add_argument("--val-every", type=int, default=100, help="validation every N steps (default 100)")
     train.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps (default 100)")
     train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")

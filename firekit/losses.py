@@ -167,6 +167,11 @@ class FireLoss(NamedTuple):
     # Not in the paper: weighted into ``total`` by the trainer when the augmentation's own
     # transform supervises the registration (TrainConfig.aux_weight); 0 otherwise.
     aux: torch.Tensor | float = 0.0
+    # Not in the paper, weighted in by the trainer likewise: a direct similarity (e.g. MIND) of
+    # each warped image to the other input (TrainConfig.similarity_weight), and the
+    # supervision by refinement's result (TrainConfig.distill_weight).
+    sim: torch.Tensor | float = 0.0
+    distill: torch.Tensor | float = 0.0
 
     @property
     def syn(self) -> torch.Tensor:

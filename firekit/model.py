@@ -38,6 +38,10 @@ class FireConfig:
         affine_hidden: width of T_af's first dense layer.
         flow_channels: width of each of T_nr's two parallel branches.
         leaky: LeakyReLU slope in T_af and T_nr.
+        prealign: ``"none"`` (the paper) or ``"moments"``: each T starts from the moments affine of
+            the pair (:func:`firekit.refine.moments_init`, centre of mass + principal axes, rotation
+            candidates scored by MIND; no gradient) and T_af predicts a residual on the moving
+            features pre-aligned by it. Not in the paper; a switch for learning on a small budget.
         preset: name of the preset this config came from (informational).
     """
 
@@ -51,6 +55,7 @@ class FireConfig:
     affine_hidden: int = 32
     flow_channels: int = 64
     leaky: float = 0.2
+    prealign: str = "none"
     preset: str = "paper"
 
     def __post_init__(self):
@@ -60,6 +65,8 @@ class FireConfig:
         self.affine_channels = tuple(int(c) for c in self.affine_channels)
         if len(self.widths) != 3 or len(self.affine_channels) != 3:
             raise FirekitError("FireConfig.widths and affine_channels need exactly 3 values each")
+        if self.prealign not in PREALIGN:
+            raise FirekitError(f"FireConfig.prealign must be one of {list(PREALIGN)}, got {self.prealign!r}")
 
     @classmethod
     def from_preset(cls, name: str, ndim: int = 2, **overrides) -> "FireConfig":
@@ -80,6 +87,8 @@ class FireConfig:
             raise FirekitError(f"checkpoint config has unknown fields {sorted(unknown)}; upgrade firekit")
         return cls(**data)
 
+
+PREALIGN = ("none", "moments")
 
 PRESETS: dict[str, dict] = {
     # Section 3.2-3.3 sizes: 19.7M parameters in 2D.
@@ -129,9 +138,18 @@ class TransformNet(nn.Module):
         )
         self.nonrigid = FlowHead(config.ndim, channels, config.flow_channels, config.leaky)
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, affine_only: bool = False) -> Transform:
-        """Features ``(B, C, *s)`` of the moving and fixed images -> :class:`Transform`."""
-        theta = self.affine(torch.cat([moving, fixed], dim=1))
+    def forward(self, moving: torch.Tensor, fixed: torch.Tensor, affine_only: bool = False,
+                theta0: torch.Tensor | None = None) -> Transform:
+        """Features ``(B, C, *s)`` of the moving and fixed images -> :class:`Transform`.
+
+        ``theta0`` ``(B, ndim, ndim + 1)``: a starting affine (pre-alignment); T_af then sees the
+        moving features warped by it and its output is composed after it.
+        """
+        if theta0 is None:
+            theta = self.affine(torch.cat([moving, fixed], dim=1))
+        else:
+            moving_start = spatial.warp(moving, spatial.affine_to_displacement(theta0, moving.shape[2:]))
+            theta = spatial.compose_affines(theta0, self.affine(torch.cat([moving_start, fixed], dim=1)))
         if affine_only:
             return Transform(theta, torch.zeros_like(moving[:, : theta.shape[1]]))
         moving_affine = spatial.warp(moving, spatial.affine_to_displacement(theta, moving.shape[2:]))
@@ -263,6 +281,18 @@ class Fire(nn.Module):
             ],
         }
 
+    def initial_affine(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor | None:
+        """The pre-alignment ``theta0`` ``(B, ndim, ndim + 1)`` of moving onto fixed, or None (``prealign="none"``).
+
+        Computed without gradient from the first channel of each image (intensities in [-1, 1]).
+        """
+        if self.config.prealign == "none":
+            return None
+        from .refine import moments_init
+
+        with torch.no_grad():
+            return moments_init(moving[:, :1].float(), fixed[:, :1].float()).to(moving.dtype)
+
     def _transform_net(self, direction: str) -> TransformNet:
         if direction == "a2b":
             return self.transform_ab
@@ -305,15 +335,22 @@ class Fire(nn.Module):
         net = self._transform_net(direction)
         features = self.encoder(torch.cat([moving, fixed], dim=0))
         feat_moving, feat_fixed = _split(features, 2)
-        transform = net(feat_moving, feat_fixed, affine_only=affine_only)
+        # As in training, the B->A start is the inverted A->B one.
+        if direction == "a2b":
+            theta0 = self.initial_affine(moving, fixed)
+        else:
+            theta0 = self.initial_affine(fixed, moving)
+            theta0 = None if theta0 is None else spatial.invert_affine(theta0)
+        transform = net(feat_moving, feat_fixed, affine_only=affine_only, theta0=theta0)
         displacement = transform.displacement(moving.shape[2:])
         return Registration(transform.theta, displacement, spatial.warp(moving, displacement), transform.flow)
 
-    def forward(self, x_a: torch.Tensor, x_b: torch.Tensor) -> FireOutput:
+    def forward(self, x_a: torch.Tensor, x_b: torch.Tensor, affine_only: bool = False) -> FireOutput:
         """Full training graph for a pair ``x_a``, ``x_b`` of shape ``(B, C, *S)``.
 
         Calls of the same network are batched together; instance norm is per sample,
-        so batching does not change any output.
+        so batching does not change any output. ``affine_only``: both T skip the non-rigid
+        subnet (zero flow), for affine-first training.
         """
         self.check_input(x_a, "x_a")
         self.check_input(x_b, "x_b")
@@ -323,8 +360,10 @@ class Fire(nn.Module):
 
         feat_a, feat_b = _split(self.encoder(torch.cat([x_a, x_b])), 2)
         feat_shape = feat_a.shape[2:]
-        t_ab = self.transform_ab(feat_a, feat_b)
-        t_ba = self.transform_ba(feat_b, feat_a)
+        theta0 = self.initial_affine(x_a, x_b)
+        # The B->A start is the A->B one inverted, so the two starts are each other's inverse.
+        t_ab = self.transform_ab(feat_a, feat_b, affine_only, theta0)
+        t_ba = self.transform_ba(feat_b, feat_a, affine_only, None if theta0 is None else spatial.invert_affine(theta0))
 
         # phi on G's grid (for features) and on the image grid (for images).
         feat_a_warped = spatial.warp(feat_a, t_ab.displacement(feat_shape))

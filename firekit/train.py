@@ -78,6 +78,19 @@ class TrainConfig:
         amp: bf16 autocast for the forward pass; used on CUDA only.
         aux_weight: weight of the auxiliary self-supervised loss on the augmentation's own
             transform (batches carrying ``u_a2b``/``u_b2a``); not in the paper, 0 = off.
+        similarity_weight: weight of a direct similarity between each warped image and the
+            other input (``similarity``, modality independent) on the registration path; not in
+            the paper, 0 = off.
+        similarity: ``"mind"`` or ``"ngf"`` (any key of :data:`firekit.similarity.SIMILARITIES`).
+        distill_weight: weight of the supervision of both displacements by what
+            :func:`firekit.refine.refine` finds for the same pair (distillation; costs one
+            refinement per pair and direction per step); not in the paper, 0 = off.
+        affine_first_steps: the first this many steps train the affine subnets only (zero
+            non-rigid flow), on images at half resolution (when that keeps the network's minimum
+            size); not in the paper, 0 = off.
+
+    The paper preset has every addition off (``aux_weight``, ``similarity_weight``,
+    ``distill_weight``, ``affine_first_steps`` 0; the model's ``prealign`` ``"none"``).
     """
 
     lr_affine: float = 1e-5
@@ -93,12 +106,24 @@ class TrainConfig:
     checkpoint_every: int = 100
     amp: bool = True
     aux_weight: float = 0.0
+    similarity_weight: float = 0.0
+    similarity: str = "mind"
+    distill_weight: float = 0.0
+    affine_first_steps: int = 0
 
     def __post_init__(self):
+        from .similarity import SIMILARITIES
+
         self.betas = tuple(float(b) for b in self.betas)
         if len(self.betas) != 2:
             raise FirekitError(f"TrainConfig.betas needs 2 values, got {list(self.betas)}")
-        minimum = {"iterations": 1, "batch_size": 1, "val_every": 0, "checkpoint_every": 0, "warmup_steps": 0}
+        if self.similarity not in SIMILARITIES:
+            raise FirekitError(f"TrainConfig.similarity must be one of {sorted(SIMILARITIES)}, got {self.similarity!r}")
+        for name in ("aux_weight", "similarity_weight", "distill_weight"):
+            if not getattr(self, name) >= 0:
+                raise FirekitError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        minimum = {"iterations": 1, "batch_size": 1, "val_every": 0, "checkpoint_every": 0, "warmup_steps": 0,
+                   "affine_first_steps": 0}
         for name, low in minimum.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -203,6 +228,11 @@ def train_step(
     autocast: bool = False,
     targets: tuple[torch.Tensor, torch.Tensor] | None = None,
     aux_weight: float = 0.0,
+    similarity=None,
+    similarity_weight: float = 0.0,
+    distill_targets: tuple[torch.Tensor, torch.Tensor] | None = None,
+    distill_weight: float = 0.0,
+    affine_only: bool = False,
 ) -> FireLoss:
     """One step: forward both directions, Eq. 1, one backward, each optimiser steps its own group.
 
@@ -216,6 +246,11 @@ def train_step(
         targets: ``(u_a2b, u_b2a)`` known displacements ``(B, ndim, *S)`` (normalised) for the
             auxiliary loss; used when ``aux_weight`` > 0.
         aux_weight: weight of :func:`~firekit.losses.transform_supervision` in the total.
+        similarity: a :class:`~firekit.similarity.Similarity` compared between each warped image
+            and the other input, weighted by ``similarity_weight`` (0: off).
+        distill_targets: ``(u_a2b, u_b2a)`` displacements found by refinement, supervising the
+            network's with weight ``distill_weight`` (0: off).
+        affine_only: zero non-rigid flow (affine-first training).
 
     Returns:
         the loss terms, detached.
@@ -231,16 +266,24 @@ def train_step(
                 group["lr"] = group.setdefault("initial_lr", group["lr"]) * ramp
     if autocast:
         with torch.autocast(x_a.device.type, dtype=torch.bfloat16):
-            out = model(x_a, x_b)
+            out = model(x_a, x_b, affine_only=affine_only)
         # bf16 keeps 8 bits of mantissa: too few for RMS of small residuals or for the second
         # differences of the bending energy.
         out = _to_float32(out)
     else:
-        out = model(x_a, x_b)
+        out = model(x_a, x_b, affine_only=affine_only)
     loss = fire_loss(out, x_a, x_b)
     if aux_weight and targets is not None:
         aux = transform_supervision(out.disp_ab, targets[0]) + transform_supervision(out.disp_ba, targets[1])
         loss = loss._replace(total=loss.total + aux_weight * aux, aux=aux)
+    if similarity_weight and similarity is not None:
+        sim = (similarity.compare(similarity.features(out.warped_a), similarity.features(x_b), None).mean()
+               + similarity.compare(similarity.features(out.warped_b), similarity.features(x_a), None).mean())
+        loss = loss._replace(total=loss.total + similarity_weight * sim, sim=sim)
+    if distill_weight and distill_targets is not None:
+        distill = (transform_supervision(out.disp_ab, distill_targets[0])
+                   + transform_supervision(out.disp_ba, distill_targets[1]))
+        loss = loss._replace(total=loss.total + distill_weight * distill, distill=distill)
     if not torch.isfinite(loss.total):
         raise FirekitError(f"loss became {float(loss.total.detach())}; lower the learning rates or check the inputs")
     loss.total.backward()
@@ -329,6 +372,11 @@ def train(
         state.seconds = seconds()
         _save_run(run_dir, model, optimizers, config, data, extra, state, device)
 
+    similarity = None
+    if config.similarity_weight:
+        from .similarity import get_similarity
+
+        similarity = get_similarity(config.similarity, radius=1, dilation=1)
     bar = tqdm(
         total=config.iterations, initial=state.step, disable=not progress, unit="step", desc=run_dir.name,
         dynamic_ncols=True,
@@ -345,9 +393,17 @@ def train(
                     if config.aux_weight and "u_a2b" in batch:
                         targets = tuple(_batch_tensor(batch, key, f"source.sample({index})", device)
                                         for key in ("u_a2b", "u_b2a"))
+                    affine_first = index < config.affine_first_steps
+                    if affine_first:
+                        x_a, x_b, targets = _half_resolution(x_a, x_b, targets, model)
+                    distill_targets = None
+                    if config.distill_weight:
+                        distill_targets = _refinement_targets(x_a, x_b)
                     loss = train_step(
                         model, optimizers, x_a, x_b, config.grad_clip, index, config.warmup_steps, autocast=use_amp,
-                        targets=targets, aux_weight=config.aux_weight,
+                        targets=targets, aux_weight=config.aux_weight, similarity=similarity,
+                        similarity_weight=config.similarity_weight, distill_targets=distill_targets,
+                        distill_weight=config.distill_weight, affine_only=affine_first,
                     )
                 except FirekitError as exc:
                     # train_step checks the loss before any optimiser steps: the last step stands.
@@ -673,6 +729,38 @@ def _mean_label_dice(warped: torch.Tensor, fixed: torch.Tensor) -> list[float]:
 
 
 @torch.no_grad()
+def _half_resolution(x_a: torch.Tensor, x_b: torch.Tensor, targets, model: Fire):
+    """Images (and target displacements) on a grid half as fine, when the network accepts it.
+
+    Linear resampling with ``align_corners=True`` after a 3-voxel box smoothing: the coarse grid
+    spans the same normalised extent, so normalised displacements stay valid as they are.
+    """
+    shape = tuple(s // 2 for s in x_a.shape[2:])
+    if any(s % model.size_multiple or s < model.min_size for s in shape):
+        return x_a, x_b, targets
+    ndim = len(shape)
+    pool = getattr(torch.nn.functional, f"avg_pool{ndim}d")
+    mode = "bilinear" if ndim == 2 else "trilinear"
+
+    def half(image: torch.Tensor) -> torch.Tensor:
+        smooth = pool(image, 3, stride=1, padding=1, count_include_pad=False)
+        return torch.nn.functional.interpolate(smooth, size=shape, mode=mode, align_corners=True)
+
+    if targets is not None:
+        targets = tuple(spatial.resize_displacement(t, shape) for t in targets)
+    return half(x_a), half(x_b), targets
+
+
+def _refinement_targets(x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Displacements A->B and B->A found by :func:`firekit.refine.refine` (its preset), both directions batched."""
+    from .refine import refine
+
+    batch = x_a.shape[0]
+    result = refine(torch.cat([x_a, x_b])[:, :1].float(), torch.cat([x_b, x_a])[:, :1].float())
+    displacement = result.displacement.to(x_a.dtype)
+    return displacement[:batch], displacement[batch:]
+
+
 def _validate(model: Fire, batches: list[dict], device: torch.device) -> dict[str, float]:
     """Mean label Dice of A warped onto B (a2b) and B onto A (b2a), in eval mode."""
     model.eval()

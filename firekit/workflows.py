@@ -73,12 +73,14 @@ def train_on_files(
     device: str | None = None,
     progress: bool = True,
     curriculum_steps: int = 0,
+    prealign: str = "none",
     **train_options,
 ):
     """Train a FIRE model on subjects matched from globs; writes the run folder (see ``train``).
 
     Validation uses the ``val_*`` globs when given, else fixed augmented pairs of the training
-    subjects (only when labels are given).
+    subjects (only when labels are given). ``prealign`` goes to the model (:class:`FireConfig`),
+    ``train_options`` to :class:`TrainConfig`.
     """
     from .train import TrainConfig, train
 
@@ -99,7 +101,7 @@ def train_on_files(
     import torch
 
     torch.manual_seed(seed)  # the weights' initialisation is part of the run's seed
-    model = Fire(FireConfig.from_preset(preset, ndim=ndim))
+    model = Fire(FireConfig.from_preset(preset, ndim=ndim, prealign=prealign))
     extra = {"modalities": {"a": a, "b": b}, "spacing": spacing}
     return train(model, dataset, config, out, validation=validation, resume=resume, overwrite=overwrite,
                  device=device, progress=progress, extra=extra)
