@@ -1,12 +1,15 @@
 """Accuracy of every firekit path on held-out demo pairs (the paper's test protocol), as a table.
 
     python bench/accuracy.py [--data data/demo] [--pairs 10] [--ndim 2] [--model default] [--out bench/accuracy.md]
+                             [--similarities]
 
 Pairs: each test subject's moving image (T2-like, or T1 for the mono-modal case) randomly transformed
 (Section 4.1 ranges), the fixed image the subject's T1, from ``firekit.protocol.make_test_pairs``.
 Rows: unaligned, network affine only, network, network + refinement, refinement alone. Columns: mean
 Dice per label (CSF, GM, WM), mean, % voxels with Jacobian determinant <= 0, end-point error against
 the true field (mm, over brain voxels), median seconds per pair. Prints the table and writes it.
+``--similarities``: rows compare refinement's similarities instead (MIND, NGF, LNCC, MSE), and
+refinement on FIRE's synthesis of the moving image in the fixed contrast.
 """
 
 from __future__ import annotations
@@ -31,6 +34,18 @@ PATHS = {
     "network": dict(use_model=True, refine=0),
     "network + refinement": dict(use_model=True, refine="auto"),
     "refinement alone": dict(use_model=False, refine="auto"),
+    # Does the network's start let refinement stop earlier? The same short schedule from each start.
+    "network + short refinement (10 steps/level)": dict(use_model=True, refine=10),
+    "short refinement alone (10 steps/level)": dict(use_model=False, refine=10),
+}
+# Which similarity wins where (--similarities): refinement alone with each similarity, and
+# refinement on FIRE's synthesis of moving in the fixed contrast with each.
+SIMILARITY_PATHS = {
+    **{f"refinement alone, {name}": dict(use_model=False, refine="auto", similarity=name)
+       for name in ("mind", "ngf", "lncc", "mse")},
+    **{f"network + refinement on synthesis, {name}": dict(use_model=True, refine="auto", similarity=name,
+                                                           synthesis=True)
+       for name in ("mind", "lncc", "mse")},
 }
 
 
@@ -40,7 +55,9 @@ def end_point_error(result, pair: dict, mask: np.ndarray) -> float:
     return float(np.linalg.norm(result.displacement - truth, axis=-1)[mask].mean())
 
 
-def run(data: Path, pairs: int, ndim: int, model_path: str, cases: list[str], seed: int) -> str:
+def run(data: Path, pairs: int, ndim: int, model_path: str, cases: list[str], seed: int,
+        paths: dict | None = None) -> str:
+    paths = PATHS if paths is None else paths
     if not (data / "dataset.json").is_file():
         build_demo_dataset(data, progress=False)
     model = load(model_path)
@@ -67,12 +84,13 @@ def run(data: Path, pairs: int, ndim: int, model_path: str, cases: list[str], se
                                                        list(LABELS)), 0.0,
                                           float(np.linalg.norm(io.load_field(pair["true_field"],
                                                 io.load_volume(pair["fixed"])), axis=-1)[brain].mean()), 0.0))
-                for name, options in PATHS.items():
+                for name, options in paths.items():
                     start = time.perf_counter()
                     result = register(model if options["use_model"] else None, pair["moving"], pair["fixed"],
                                       direction="b2a" if case == "multi" else "a2b",
                                       affine_only=options.get("affine_only", False), refine=options["refine"],
-                                      seed=seed)
+                                      seed=seed, similarity=options.get("similarity"),
+                                      synthesis=options.get("synthesis", False))
                     seconds = time.perf_counter() - start
                     warped = result.apply(moving_labels).data
                     dice = metrics.dice(torch.as_tensor(warped), torch.as_tensor(fixed_labels), list(LABELS))
@@ -87,7 +105,11 @@ def run(data: Path, pairs: int, ndim: int, model_path: str, cases: list[str], se
                     + f" | {np.mean([v[2] for v in values]):.2f} | {np.median([v[3] for v in values]):.2f} |"
                 )
     lines += ["", "The mono-modal case uses the shipped T1 <-> T2-like model's a2b path with T1 on both sides "
-              "(it was not trained for it); refinement uses the same MIND settings for both cases."]
+              "(it was not trained for it); refinement uses the same settings for both cases."]
+    if paths is SIMILARITY_PATHS:
+        lines += ["The synthesis rows map moving into the other modality with the model's decoder: meaningful "
+                  "for T2-like -> T1 (F_BA makes a T1-like image); in the mono-modal case the a2b decoder turns "
+                  "the T1 moving image T2-like, so those rows only show what a contrast mismatch costs."]
     return "\n".join(lines)
 
 
@@ -100,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="+", default=["multi", "mono"], choices=["multi", "mono"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="markdown file to write (default bench/accuracy_{ndim}d.md)")
+    parser.add_argument("--similarities", action="store_true",
+                        help="compare refinement's similarities (and the synthesis path) instead of the paths")
     args = parser.parse_args(argv)
-    table = run(Path(args.data), args.pairs, args.ndim, args.model, args.cases, args.seed)
+    table = run(Path(args.data), args.pairs, args.ndim, args.model, args.cases, args.seed,
+                SIMILARITY_PATHS if args.similarities else PATHS)
     print(table)
     out = Path(args.out or Path(__file__).parent / f"accuracy_{args.ndim}d.md")
     out.write_text(table + "\n")

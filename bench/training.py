@@ -1,6 +1,6 @@
 """Validation Dice against steps and minutes for training runs, as a markdown table (and a PNG).
 
-    python bench/training.py RUN_DIR [RUN_DIR ...] [--out bench/training_runs.md] [--png bench/training.png]
+    python bench/training.py RUN_DIR [RUN_DIR ...] [--steps 250,500,1000] [--out FILE.md] [--png bench/training.png]
 
 Each RUN_DIR is a ``firekit train --out`` folder (validation.csv, losses.csv, config.yaml). The
 switches that differ between runs (augmentation curriculum, auxiliary loss, rates) are read from
@@ -24,14 +24,37 @@ def read_run(run: Path) -> dict:
     with open(run / "validation.csv", newline="") as handle:
         points = [(int(r["step"]), float(r["dice_mean"])) for r in csv.DictReader(handle)]
     train, data = config.get("train", {}), config.get("data", {})
-    switches = {
-        "preset": config.get("model", {}).get("preset"),
-        "aux_weight": train.get("aux_weight", 0.0),
+    # Only the switches that are on (the paper's settings are the default of each).
+    candidates = {
+        "prealign": config.get("model", {}).get("prealign", "none"),
+        "pooling": config.get("model", {}).get("affine_pooling", "mean"),
+        "aux": train.get("aux_weight", 0.0),
         "curriculum": data.get("curriculum_steps", 0),
-        "lr": f"{train.get('lr_affine')}/{train.get('lr_nonrigid')}/{train.get('lr_synthesis')}",
+        "MIND": train.get("similarity_weight", 0.0),
+        "distill": train.get("distill_weight", 0.0),
+        "affine-first": train.get("affine_first_steps", 0),
     }
+    switches = {k: v for k, v in candidates.items() if v not in (0, 0.0, "none", "mean", None)}
+    switches["lr"] = f"{train.get('lr_affine')}/{train.get('lr_nonrigid')}/{train.get('lr_synthesis')}"
     curve = [(step, seconds.get(step, float("nan")) / 60.0, dice) for step, dice in points]
     return {"name": run.name, "switches": switches, "curve": curve}
+
+
+def summary(runs: list[dict], steps: list[int], baseline: float | None) -> str:
+    """One row per run: validation Dice at chosen steps, the best, and minutes to the last step."""
+    head = "| run | switches | " + " | ".join(f"step {s}" for s in steps) + " | best (step) | minutes |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for run in runs:
+        at = {step: dice for step, _, dice in run["curve"]}
+        best = max(run["curve"], key=lambda point: point[2]) if run["curve"] else None
+        cells = [f"{at[s]:.3f}" if s in at else "" for s in steps]
+        switches = ", ".join(f"{k} {v}" for k, v in run["switches"].items())
+        tail = f"{best[2]:.3f} ({best[0]})" if best else ""
+        minutes = f"{run['curve'][-1][1]:.1f}" if run["curve"] else ""
+        lines.append(f"| {run['name']} | {switches} | " + " | ".join(cells) + f" | {tail} | {minutes} |")
+    if baseline is not None:
+        lines.append(f"\nUnaligned validation Dice: {baseline:.3f}.")
+    return "\n".join(lines)
 
 
 def table(runs: list[dict], baseline: float | None) -> str:
@@ -73,9 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=float, default=None, help="unaligned validation Dice, for reference")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--png", type=Path, default=None)
+    parser.add_argument("--steps", default=None,
+                        help="comma-separated steps for a one-row-per-run summary (default: every validation, long)")
     args = parser.parse_args(argv)
     runs = [read_run(run) for run in args.runs]
-    text = table(runs, args.baseline)
+    if args.steps:
+        text = summary(runs, [int(s) for s in args.steps.split(",")], args.baseline)
+    else:
+        text = table(runs, args.baseline)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

@@ -38,6 +38,9 @@ class FireConfig:
         affine_hidden: width of T_af's first dense layer.
         flow_channels: width of each of T_nr's two parallel branches.
         leaky: LeakyReLU slope in T_af and T_nr.
+        affine_pooling: how T_af pools its last conv: ``"mean"`` (the paper's global average
+            pooling) or ``"moments"`` (mean plus each channel's spatial-softmax centroid and
+            second moments; see :class:`~firekit.nets.AffineHead`). Not in the paper.
         prealign: ``"none"`` (the paper) or ``"moments"``: each T starts from the moments affine of
             the pair (:func:`firekit.refine.moments_init`, centre of mass + principal axes, rotation
             candidates scored by MIND; no gradient) and T_af predicts a residual on the moving
@@ -55,6 +58,7 @@ class FireConfig:
     affine_hidden: int = 32
     flow_channels: int = 64
     leaky: float = 0.2
+    affine_pooling: str = "mean"
     prealign: str = "none"
     preset: str = "paper"
 
@@ -65,6 +69,8 @@ class FireConfig:
         self.affine_channels = tuple(int(c) for c in self.affine_channels)
         if len(self.widths) != 3 or len(self.affine_channels) != 3:
             raise FirekitError("FireConfig.widths and affine_channels need exactly 3 values each")
+        if self.affine_pooling not in ("mean", "moments"):
+            raise FirekitError(f"FireConfig.affine_pooling must be 'mean' or 'moments', got {self.affine_pooling!r}")
         if self.prealign not in PREALIGN:
             raise FirekitError(f"FireConfig.prealign must be one of {list(PREALIGN)}, got {self.prealign!r}")
 
@@ -134,7 +140,8 @@ class TransformNet(nn.Module):
         super().__init__()
         channels = config.widths[2]
         self.affine = AffineHead(
-            config.ndim, 2 * channels, config.affine_channels, config.affine_hidden, config.leaky
+            config.ndim, 2 * channels, config.affine_channels, config.affine_hidden, config.leaky,
+            config.affine_pooling,
         )
         self.nonrigid = FlowHead(config.ndim, channels, config.flow_channels, config.leaky)
 

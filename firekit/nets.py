@@ -128,7 +128,11 @@ class AffineHead(nn.Module):
     """T_af: conv stack on concatenated features, global average pooling, two dense layers.
 
     Three stride-2 convs (kernels 7, 5, 3) with LeakyReLU; instance norm on the first
-    two only. An instance norm right before the pooling would make every pooled
+    two only. ``pooling="moments"`` (not in the paper) pools each channel into its mean and
+    the centroid and second moments of its spatial softmax, in normalised coordinates, so the
+    dense layers see where each feature is, not only how strong: translation, scale and
+    rotation become nearly linear in the pooled vector (the paper's global average pooling,
+    ``"mean"``, keeps only the strength). An instance norm right before the pooling would make every pooled
     channel a constant (its mean is zero by construction), and the head would ignore
     its input (measured, see FINDINGS.md). The last dense layer starts at zero weight
     and identity bias, so the head starts at the identity transform.
@@ -143,16 +147,20 @@ class AffineHead(nn.Module):
         channels: Sequence[int] = (8, 10, 20),
         hidden: int = 32,
         leaky: float = 0.2,
+        pooling: str = "mean",
     ):
         super().__init__()
         c1, c2, c3 = channels
-        self.ndim = ndim
+        if pooling not in ("mean", "moments"):
+            raise ValueError(f"pooling must be 'mean' or 'moments', got {pooling!r}")
+        self.ndim, self.pooling = ndim, pooling
         self.features = nn.Sequential(
             ConvBlock(ndim, in_channels, c1, 7, stride=2, leaky=leaky),
             ConvBlock(ndim, c1, c2, 5, stride=2, leaky=leaky),
             ConvBlock(ndim, c2, c3, 3, stride=2, norm=False, leaky=leaky),
         )
-        self.dense = nn.Sequential(nn.Linear(c3, hidden), nn.LeakyReLU(leaky, inplace=True))
+        pooled = c3 if pooling == "mean" else c3 * (1 + ndim + ndim * (ndim + 1) // 2)
+        self.dense = nn.Sequential(nn.Linear(pooled, hidden), nn.LeakyReLU(leaky, inplace=True))
         self.out = nn.Linear(hidden, ndim * (ndim + 1))
         nn.init.zeros_(self.out.weight)
         with torch.no_grad():
@@ -160,9 +168,23 @@ class AffineHead(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         x = self.features(features)
-        x = x.flatten(2).mean(dim=2)  # global average pooling
+        x = x.flatten(2).mean(dim=2) if self.pooling == "mean" else self._moments(x)
         theta = self.out(self.dense(x))
         return theta.view(-1, self.ndim, self.ndim + 1)
+
+
+    def _moments(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, *s)`` -> ``(B, C * (1 + n + n(n+1)/2))``: mean, softmax centroid, second moments."""
+        shape = x.shape[2:]
+        axes = [torch.linspace(-1.0, 1.0, size, device=x.device, dtype=x.dtype) for size in shape]
+        coords = torch.stack(torch.meshgrid(*axes, indexing="ij")).flatten(1)  # (n, N)
+        flat = x.flatten(2)  # (B, C, N)
+        weights = torch.softmax(flat, dim=-1)
+        centroid = torch.einsum("bcn,in->bci", weights, coords)  # (B, C, n)
+        offsets = coords[None, None] - centroid[..., None]  # (B, C, n, N)
+        pairs = [(i, j) for i in range(self.ndim) for j in range(i, self.ndim)]
+        second = torch.stack([(weights * offsets[:, :, i] * offsets[:, :, j]).sum(-1) for i, j in pairs], dim=-1)
+        return torch.cat([flat.mean(dim=-1), centroid.flatten(1), second.flatten(1)], dim=1)
 
 
 class FlowHead(nn.Module):

@@ -18,7 +18,7 @@ space onto the fixed grid, and the moving image is sampled once, on its own grid
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -238,8 +238,12 @@ def _better_start(moving: torch.Tensor, fixed: torch.Tensor, thetas: list[torch.
 
 
 def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, direction: str, affine_only: bool,
-           config, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Network and/or refinement on same-ndim tensors -> (theta, displacement, warped), normalised."""
+           config, device, synthesis: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Network and/or refinement on same-ndim tensors -> (theta, displacement, warped), normalised.
+
+    ``synthesis``: refinement compares the moving image mapped into the fixed image's contrast by
+    the model's decoder (``F(G(moving))``) with fixed, instead of moving itself.
+    """
     from .refine import moments_init, refine
 
     theta = flow = None
@@ -261,9 +265,15 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
         theta0 = torch.where(choice.view(-1, 1, 1) == 0, theta.to(moments), moments)
         if flow is not None and bool((choice == 0).all()):
             displacement0 = flow.to(moments)
+    target = x_moving
+    if synthesis:
+        with torch.inference_mode():
+            synthesised = model.synthesise(x_moving.to(device), direction)
+        target = synthesised.clone()  # outside inference mode: refinement differentiates through it
     with torch.enable_grad():  # refinement optimises by gradient, whatever the caller's mode
-        result = refine(x_moving, x_fixed, theta0=theta0, displacement0=displacement0, config=config)
-    return result.theta.cpu(), result.displacement.detach().cpu(), result.warped.detach().cpu()
+        result = refine(target, x_fixed, theta0=theta0, displacement0=displacement0, config=config)
+    warped = result.warped if not synthesis else spatial.warp(x_moving, result.displacement)
+    return result.theta.cpu(), result.displacement.detach().cpu(), warped.detach().cpu()
 
 
 def register(
@@ -277,6 +287,8 @@ def register(
     slice_batch: int = 16,
     refine=0,
     seed: int = 0,
+    similarity: str | None = None,
+    synthesis: bool = False,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with a FIRE model, per-pair refinement, or both.
 
@@ -292,6 +304,11 @@ def register(
         refine: 0 network alone; ``"auto"`` the tuned refinement; K steps per pyramid level; or a
             ``RefineConfig``. A 2D model on a 3D volume refines in 3D from moments.
         seed: refinement seed (results are deterministic for a seed).
+        similarity: refinement's similarity (``"mind"``, ``"ngf"``, ``"lncc"``, ``"mse"``; default
+            the preset's, MIND).
+        synthesis: refinement registers FIRE's synthesis of moving in the fixed contrast
+            (``F(G(moving))``) to fixed, so a mono-modal similarity (``"lncc"``, ``"mse"``) can be
+            used across modalities; the transform found is applied to moving. Needs a model.
     """
     moving = as_volume(moving, "moving image")
     fixed = as_volume(fixed, "fixed image")
@@ -303,6 +320,12 @@ def register(
     config = refine_config(refine, n, seed)
     if model is None and config is None:
         raise FirekitError("no model and no refinement: pass a model, or refine='auto' (--no-network needs --refine)")
+    if (similarity is not None or synthesis) and config is None:
+        raise FirekitError("a refinement similarity or synthesis needs refinement on: pass refine='auto' or steps")
+    if similarity is not None:
+        config = replace(config, similarity=similarity)
+    if synthesis and (model is None or model.ndim < n):
+        raise FirekitError("synthesis needs a model of the images' ndim (its decoder maps moving into fixed's contrast)")
     if model is not None and model.ndim > n:
         raise FirekitError(f"{fixed.name}: a {model.ndim}D model cannot register {n}D images; use a {n}D model")
     slicewise = model is not None and model.ndim < n
@@ -330,7 +353,8 @@ def register(
         view = NetworkView(xm, xf, warped_net, disp, theta, grid_affine)
     else:
         solver_model = None if slicewise else model
-        theta, disp, warped_net = _solve(solver_model, x_moving, x_fixed, direction, affine_only, config, device)
+        theta, disp, warped_net = _solve(solver_model, x_moving, x_fixed, direction, affine_only, config, device,
+                                         synthesis)
         voxels = spatial.normalised_to_voxel(disp)
         world_affine = _network_affine_to_world(theta, shape, grid_affine)
         view = NetworkView(x_moving, x_fixed, warped_net, disp, theta, grid_affine)

@@ -149,3 +149,42 @@ def test_refinement_alone_recovers_a_shift_and_is_deterministic():
     assert (first.jacobian_determinant() <= 0).mean() < 0.001
     with pytest.raises(FirekitError, match="no model"):
         register(None, moving, fixed, refine=0)
+
+
+def test_refinement_similarity_and_synthesis_path(monkeypatch):
+    """--similarity picks refinement's similarity; --synthesis refines F(G(moving)) and warps moving itself."""
+    import firekit.refine as refine_module
+    from firekit.phantom import phantom_pair
+
+    theta = spatial.affine_matrix(2, rotation=10, translation=(0.06, -0.04))
+    pair = phantom_pair((64, 64), theta, seed=2, contrasts=("t1", "t1"))
+    moving, fixed = pair.x_a[0, 0].numpy(), pair.x_b[0, 0].numpy()
+    seen = {}
+    original = refine_module.refine
+
+    def spy(moving_tensor, fixed_tensor, **options):
+        seen["moving"], seen["similarity"] = moving_tensor.detach().clone(), options["config"].similarity
+        return original(moving_tensor, fixed_tensor, **options)
+
+    monkeypatch.setattr(refine_module, "refine", spy)
+    model = model_with_affine(torch.eye(2, 3), 2)
+    result = register(model, moving, fixed, refine=3, similarity="lncc", synthesis=True, spacing=None)
+    network = result.network
+    with torch.no_grad():
+        expected = model.synthesise(network.moving, "a2b")
+    assert seen["similarity"] == "lncc"
+    torch.testing.assert_close(seen["moving"], expected)
+    # The warped image is moving's (not the synthesis) resampled by the field found.
+    torch.testing.assert_close(network.warped, spatial.warp(network.moving, network.displacement), atol=1e-5, rtol=0)
+    plain = register(None, moving, fixed, refine="auto", similarity="lncc", spacing=None)
+    assert seen["similarity"] == "lncc"
+    from firekit import metrics
+
+    labels_moving, labels_fixed = pair.labels_a[0, 0], pair.labels_b[0, 0]
+    before = np.mean(list(metrics.dice(labels_moving, labels_fixed, [1, 2, 3]).values()))
+    warped = torch.as_tensor(plain.apply(labels_moving.numpy()).data)
+    assert np.mean(list(metrics.dice(warped, labels_fixed, [1, 2, 3]).values())) > before + 0.1
+    with pytest.raises(FirekitError, match="synthesis needs a model"):
+        register(None, moving, fixed, refine="auto", synthesis=True)
+    with pytest.raises(FirekitError, match="needs refinement"):
+        register(model, moving, fixed, refine=0, similarity="ngf")

@@ -1,0 +1,165 @@
+"""The switches that help FIRE learn on a small budget, and a short run that learns (tiny 2D phantoms, CPU)."""
+
+import csv
+
+import pytest
+import torch
+
+from firekit import Fire, FireConfig, FirekitError, metrics, spatial
+from firekit.phantom import phantom_pair
+from firekit.refine import moments_init
+from firekit.train import TrainConfig, make_optimizers, train, train_step
+
+
+class AffineSource:
+    """T1 -> T2 phantom pairs moved by a random affine, with the known answer (``u_a2b``, ``u_b2a``)."""
+
+    ndim = 2
+
+    def __init__(self, size=48, seed=0, rotation=20.0, scale=0.15, shift=0.1):
+        self.size, self.seed = size, seed
+        self.rotation, self.scale, self.shift = rotation, scale, shift
+
+    def pair(self, index):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + index)
+        draw = lambda n, half: ((torch.rand(n, generator=generator) * 2 - 1) * half).tolist()  # noqa: E731
+        theta = spatial.affine_matrix(2, rotation=draw(1, self.rotation),
+                                      scale=[1 + s for s in draw(2, self.scale)], translation=draw(2, self.shift))
+        pair = phantom_pair((self.size,) * 2, theta, seed=index % 7)
+        shape = pair.x_a.shape[2:]
+        return {
+            "x_a": pair.x_a, "x_b": pair.x_b, "labels_a": pair.labels_a, "labels_b": pair.labels_b,
+            "u_a2b": spatial.affine_to_displacement(theta, shape),
+            "u_b2a": spatial.affine_to_displacement(spatial.invert_affine(theta), shape),
+        }
+
+    def sample(self, step, batch_size):
+        pairs = [self.pair(step * batch_size + j) for j in range(batch_size)]
+        return {key: torch.cat([p[key] for p in pairs]) for key in pairs[0]}
+
+
+def small_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return Fire(FireConfig.from_preset("small", 2, **overrides))
+
+
+def mean_label_dice(warped, fixed):
+    labels = [int(v) for v in torch.unique(fixed) if v != 0]
+    return sum(metrics.dice(warped, fixed, labels).values()) / len(labels)
+
+
+def test_paper_preset_has_every_addition_off():
+    paper = TrainConfig.from_preset("paper")
+    assert (paper.aux_weight, paper.similarity_weight, paper.distill_weight, paper.affine_first_steps) == (0, 0, 0, 0)
+    assert FireConfig.from_preset("paper").prealign == "none"
+    assert FireConfig.from_dict({k: v for k, v in FireConfig().to_dict().items() if k != "prealign"}).prealign == "none"
+    with pytest.raises(FirekitError, match="prealign"):
+        FireConfig(prealign="sideways")
+    with pytest.raises(FirekitError, match="similarity"):
+        TrainConfig(similarity="chi2")
+    with pytest.raises(FirekitError, match="distill_weight"):
+        TrainConfig(distill_weight=-1.0)
+
+
+def test_moments_prealignment_starts_both_directions_from_the_moments_affine():
+    batch = AffineSource(size=64, rotation=40.0).sample(3, 2)
+    x_a, x_b = batch["x_a"], batch["x_b"]
+    model = small_model(prealign="moments").eval()
+    start = moments_init(x_a, x_b)
+    with torch.no_grad():
+        a2b = model.register(x_a, x_b, "a2b", affine_only=True)
+        b2a = model.register(x_b, x_a, "b2a", affine_only=True)
+        out = model(x_a, x_b)
+    # The untrained T_af outputs the identity: each direction is its start, B->A the inverted A->B.
+    assert torch.allclose(a2b.theta, start, atol=1e-5)
+    assert torch.allclose(b2a.theta, spatial.invert_affine(start), atol=1e-5)
+    assert torch.allclose(out.transform_ab.theta, start, atol=1e-5)
+    assert torch.allclose(out.transform_ba.theta, spatial.invert_affine(start), atol=1e-5)
+    # The start already aligns far better than nothing: the net learns only the residual.
+    before = mean_label_dice(batch["labels_a"], batch["labels_b"])
+    after = mean_label_dice(spatial.warp_labels(batch["labels_a"], a2b.displacement), batch["labels_b"])
+    assert after > before + 0.1
+    # And the gradient still reaches every parameter through the pre-aligned features.
+    model.train()
+    optimizers = make_optimizers(model, TrainConfig.from_preset("small"))
+    train_step(model, optimizers, x_a, x_b)
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing
+
+
+def test_similarity_and_distillation_terms_enter_the_total_only_when_weighted():
+    from firekit.similarity import get_similarity
+
+    batch = AffineSource().sample(0, 1)
+    x_a, x_b = batch["x_a"], batch["x_b"]
+    field = torch.full((1, 2, *x_a.shape[2:]), 0.1)
+    mind = get_similarity("mind", radius=1, dilation=1)
+
+    def step(**options):
+        model = small_model()
+        return train_step(model, make_optimizers(model, TrainConfig.from_preset("small")), x_a, x_b, **options)
+
+    off = step(similarity=mind, distill_targets=(field, field))
+    assert off.sim == 0.0 and off.distill == 0.0
+    on = step(similarity=mind, similarity_weight=2.0, distill_targets=(field, field), distill_weight=3.0)
+    assert float(on.sim) > 0.01 and float(on.distill) > 0.01
+    fire_total = on.syn + on.reg + on.regularisation
+    assert float(on.total) == pytest.approx(float(fire_total + 2.0 * on.sim + 3.0 * on.distill), rel=1e-5)
+
+
+def test_affine_first_steps_train_only_the_affine_subnets_at_half_resolution(tmp_path, monkeypatch):
+    model = small_model()
+    nonrigid = {k: v.clone() for k, v in model.state_dict().items() if ".nonrigid." in k}
+    affine = {k: v.clone() for k, v in model.state_dict().items() if ".affine." in k}
+    shapes = []
+    forward = Fire.forward
+
+    def spy(self, x_a, x_b, affine_only=False):
+        shapes.append((tuple(x_a.shape[2:]), affine_only))
+        return forward(self, x_a, x_b, affine_only)
+
+    monkeypatch.setattr(Fire, "forward", spy)
+    config = TrainConfig.from_preset("small", iterations=3, affine_first_steps=2, aux_weight=1.0, val_every=0)
+    train(model, AffineSource(size=64), config, tmp_path / "run", progress=False)
+    assert shapes == [((32, 32), True), ((32, 32), True), ((64, 64), False)]
+    state = model.state_dict()
+    assert any(not torch.equal(state[k], v) for k, v in affine.items())
+    # Two affine-only steps, then one full step: the non-rigid nets moved only once (Adam's
+    # first step moves every weight with a gradient, so compare with a run of that one step).
+    reference = small_model()
+    train(reference, AffineSource(size=64), TrainConfig.from_preset("small", iterations=1, val_every=0,
+                                                                    aux_weight=1.0), tmp_path / "ref", progress=False)
+    assert any(not torch.equal(state[k], v) for k, v in nonrigid.items())
+
+
+def test_a_short_training_run_improves_validation_dice_over_unaligned(tmp_path):
+    """Asserts learning (Dice rises above unaligned on held-out pairs), never a time."""
+    source, held_out = AffineSource(seed=0), AffineSource(seed=1)
+    validation = [held_out.sample(i, 1) for i in range(6)]
+    unaligned = sum(mean_label_dice(b["labels_a"], b["labels_b"]) for b in validation) / len(validation)
+    model = small_model()
+    config = TrainConfig.from_preset("small", iterations=150, aux_weight=10.0, val_every=50, checkpoint_every=0)
+    result = train(model, source, config, tmp_path / "run", validation=validation, progress=False)
+    with open(tmp_path / "run" / "validation.csv", newline="") as handle:
+        curve = [float(row["dice_mean"]) for row in csv.DictReader(handle)]
+    assert unaligned < 0.75  # the test must be able to fail
+    assert curve[-1] > unaligned + 0.05, f"validation Dice {curve} vs unaligned {unaligned:.3f}"
+    assert result.best_val_dice >= curve[-1]
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_moments_pooling_sees_where_a_feature_is(ndim):
+    from firekit.nets import AffineHead
+
+    head = AffineHead(ndim, 4, (4, 4, 3), hidden=8, pooling="moments")
+    shape = (9, 11, 7)[:ndim]
+    spot = torch.full((1, 3, *shape), -30.0)
+    index = (2, 8, 5)[:ndim]
+    spot[(0, slice(None), *index)] = 30.0  # every channel peaks at one voxel
+    pooled = head._moments(spot)
+    centroid = pooled[0, 3:3 + 3 * ndim].view(3, ndim)
+    expected = torch.tensor([-1 + 2 * i / (s - 1) for i, s in zip(index, shape)])
+    torch.testing.assert_close(centroid, expected.expand(3, ndim), atol=1e-4, rtol=0)
+    assert pooled[0, 3 + 3 * ndim:].abs().max() < 1e-4  # a point has no spread
+    features = torch.randn(2, 4, *(16,) * ndim)
+    assert torch.equal(head(features), torch.eye(ndim, ndim + 1).expand(2, ndim, ndim + 1))  # starts at identity
