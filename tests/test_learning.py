@@ -119,31 +119,35 @@ def test_affine_first_steps_train_only_the_affine_subnets_at_half_resolution(tmp
         return forward(self, x_a, x_b, affine_only)
 
     monkeypatch.setattr(Fire, "forward", spy)
-    config = TrainConfig.from_preset("small", iterations=3, affine_first_steps=2, aux_weight=1.0, val_every=0)
-    train(model, AffineSource(size=64), config, tmp_path / "run", progress=False)
-    assert shapes == [((32, 32), True), ((32, 32), True), ((64, 64), False)]
+    settings = dict(affine_first_steps=2, aux_weight=1.0, val_every=0, checkpoint_every=1)
+    train(model, AffineSource(size=64), TrainConfig.from_preset("small", iterations=2, **settings),
+          tmp_path / "run", progress=False)
     state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in nonrigid.items())
     assert any(not torch.equal(state[k], v) for k, v in affine.items())
-    # Two affine-only steps, then one full step: the non-rigid nets moved only once (Adam's
-    # first step moves every weight with a gradient, so compare with a run of that one step).
-    reference = small_model()
-    train(reference, AffineSource(size=64), TrainConfig.from_preset("small", iterations=1, val_every=0,
-                                                                    aux_weight=1.0), tmp_path / "ref", progress=False)
-    assert any(not torch.equal(state[k], v) for k, v in nonrigid.items())
+    train(model, AffineSource(size=64), TrainConfig.from_preset("small", iterations=3, **settings),
+          tmp_path / "run", resume=True, progress=False)
+    assert shapes == [((32, 32), True), ((32, 32), True), ((64, 64), False)]
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in nonrigid.items())
 
 
 def test_a_short_training_run_improves_validation_dice_over_unaligned(tmp_path):
-    """Asserts learning (Dice rises above unaligned on held-out pairs), never a time."""
-    source, held_out = AffineSource(seed=0), AffineSource(seed=1)
+    """Asserts learning (Dice rises above unaligned on held-out pairs), never a time.
+
+    Measured: 0.39 -> 0.64 in 200 steps with the auxiliary loss at weight 1000; at weight 10 the
+    paper's terms drown its gradient and nothing is learned in this budget.
+    """
+    settings = dict(size=32, rotation=10.0, scale=0.1, shift=0.15)
+    source, held_out = AffineSource(seed=0, **settings), AffineSource(seed=1, **settings)
     validation = [held_out.sample(i, 1) for i in range(6)]
     unaligned = sum(mean_label_dice(b["labels_a"], b["labels_b"]) for b in validation) / len(validation)
     model = small_model()
-    config = TrainConfig.from_preset("small", iterations=150, aux_weight=10.0, val_every=50, checkpoint_every=0)
+    config = TrainConfig.from_preset("small", iterations=200, aux_weight=1000.0, val_every=50, checkpoint_every=0)
     result = train(model, source, config, tmp_path / "run", validation=validation, progress=False)
     with open(tmp_path / "run" / "validation.csv", newline="") as handle:
         curve = [float(row["dice_mean"]) for row in csv.DictReader(handle)]
-    assert unaligned < 0.75  # the test must be able to fail
-    assert curve[-1] > unaligned + 0.05, f"validation Dice {curve} vs unaligned {unaligned:.3f}"
+    assert unaligned < 0.5  # the test must be able to fail
+    assert curve[-1] > unaligned + 0.1, f"validation Dice {curve} vs unaligned {unaligned:.3f}"
     assert result.best_val_dice >= curve[-1]
 
 
