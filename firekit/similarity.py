@@ -276,11 +276,15 @@ class Similarity(NamedTuple):
         warpable: whether resampling an image's features approximates the features of the
             resampled image. False for NGF, whose gradient vectors turn with the image; MIND's
             descriptors depend on orientation only mildly.
+        pointwise: whether ``compare`` is a (weighted) mean of a per-voxel term, so that it can be
+            evaluated on any set of voxels laid out as a grid (e.g. a random sample). False for
+            LNCC, whose windows need the voxels' neighbours.
     """
 
     features: Callable[[torch.Tensor], torch.Tensor]
     compare: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
     warpable: bool = True
+    pointwise: bool = True
 
 
 def get_similarity(name: str, **options) -> Similarity:
@@ -305,7 +309,7 @@ def _ngf(eps: float = 0.005, **_) -> Similarity:
 
 
 def _lncc(window: int = 9, eps: float = 1e-5, **_) -> Similarity:
-    return Similarity(lambda x: x, lambda a, b, mask: _lncc_compare(a, b, mask, window, eps))
+    return Similarity(lambda x: x, lambda a, b, mask: _lncc_compare(a, b, mask, window, eps), pointwise=False)
 
 
 def _mse(**_) -> Similarity:

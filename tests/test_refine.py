@@ -1,5 +1,7 @@
 """Instance optimisation (firekit.refine) and its similarity losses: 2D and 3D, small inputs."""
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -8,6 +10,9 @@ from firekit.errors import FirekitError
 from firekit.refine import (
     RefineConfig,
     RefineResult,
+    _field_motion,
+    _Level,
+    _Pyramid,
     bending_energy_per_sample,
     candidate_rotations,
     diffusion_energy,
@@ -170,6 +175,53 @@ def test_moments_init_recovers_a_large_affine(ndim):
     assert voxel_error(torch.zeros_like(truth), truth, inside) > 4.0
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_sampled_similarity_is_the_dense_one_at_the_sampled_voxels(ndim):
+    moving, _ = head(ndim, seed=1, name="t2")
+    fixed, _ = head(ndim, seed=2)
+    grid = 0.03 * torch.randn(1, ndim, *([5] * ndim), generator=torch.Generator().manual_seed(0))
+    motion = partial(_field_motion, grid, None)
+    mind = similarity.get_similarity("mind")
+    dense = _Level(_Pyramid(moving), _Pyramid(fixed), 1, mind, warp_features=True)
+    sampled = _Level(_Pyramid(moving), _Pyramid(fixed), 1, mind, warp_features=True, sampling=0.25)
+    # At the sampled voxels, the moving features warped through their points are the dense ones.
+    points, index = sampled.sample_voxels(torch.Generator().manual_seed(1))
+    assert points.shape[:3] == (1, ndim, index.numel() // 2 ** (ndim - 1))
+    at_points = spatial.warp(sampled.moving_features, motion(points)).flatten(2)
+    everywhere = spatial.warp(dense.moving_features, motion(dense.shape)).flatten(2)[:, :, index]
+    assert torch.allclose(at_points, everywhere, atol=1e-5)
+    # Each sample gives a noisy, unbiased estimate of the dense loss; a seed repeats it exactly.
+    estimates = torch.stack([sampled.loss(motion, generator) for generator in
+                             [torch.Generator().manual_seed(seed) for seed in range(40)]])
+    truth = dense.loss(motion)
+    assert float(estimates.std()) > 0
+    assert abs(float(estimates.mean() - truth)) < 0.05 * float(truth)
+    assert torch.equal(sampled.loss(motion, torch.Generator().manual_seed(3)),
+                       sampled.loss(motion, torch.Generator().manual_seed(3)))
+
+
+def test_field_sampling_is_seeded_and_off_for_windowed_similarities():
+    shape = SHAPES[2]
+    generator = torch.Generator().manual_seed(1)
+    truth = augment.random_transform(shape, SPACING_MM, generator, augment.AugmentConfig(strength=0.5))
+    moving, labels = head(2, seed=1, name="t2")
+    fixed = phantom.contrast(augment.apply_labels(labels, truth)[0, 0], "t1", seed=2)[None, None]
+    quick = partial(RefineConfig.preset, 2, affine_levels=(2, 1), affine_iterations=(20, 10), field_levels=(2, 1),
+                    field_iterations=(30, 20))
+    first, second = (refine(moving, fixed, config=quick(field_sampling=0.2)) for _ in range(2))
+    assert torch.equal(first.displacement, second.displacement)
+    other = refine(moving, fixed, config=quick(field_sampling=0.2, seed=1))
+    assert not torch.equal(first.displacement, other.displacement)
+    dense = refine(moving, fixed, config=quick())
+    inside = augment.apply_labels(labels, truth)[:, 0] > 0
+    assert voxel_error(first.displacement, truth.displacement, inside) < 1.2 * voxel_error(
+        dense.displacement, truth.displacement, inside) + 0.1
+    # LNCC compares windows, not voxels: it always uses every voxel.
+    lncc = dict(similarity="lncc", affine_iterations=(5, 5), field_iterations=(5, 5))
+    assert torch.equal(refine(moving, fixed, config=RefineConfig.preset(2, field_sampling=0.2, **lncc)).displacement,
+                       refine(moving, fixed, config=RefineConfig.preset(2, **lncc)).displacement)
+
+
 # ------------------------------------------------------------------------------------------
 # refine
 
@@ -281,6 +333,9 @@ def test_refine_config_round_trips_and_rejects_bad_values():
         RefineConfig(regulariser="elastic")
     with pytest.raises(FirekitError, match="one entry per level"):
         RefineConfig(affine_levels=(4, 2), affine_iterations=(10,))
+    for fraction in (0.0, 1.5):
+        with pytest.raises(FirekitError, match="field_sampling"):
+            RefineConfig(field_sampling=fraction)
 
 
 def test_refine_rejects_bad_input():
