@@ -292,13 +292,27 @@ class Fire(nn.Module):
         """The pre-alignment ``theta0`` ``(B, ndim, ndim + 1)`` of moving onto fixed, or None (``prealign="none"``).
 
         Computed without gradient from the first channel of each image (intensities in [-1, 1]).
+        A pair where either image has (almost) no foreground (e.g. a slice above the head) starts
+        from the identity.
         """
         if self.config.prealign == "none":
             return None
-        from .refine import moments_init
+        from .refine import RefineConfig, moments_init
 
-        with torch.no_grad():
-            return moments_init(moving[:, :1].float(), fixed[:, :1].float()).to(moving.dtype)
+        dtype = moving.dtype
+        moving, fixed = moving[:, :1].float().detach(), fixed[:, :1].float().detach()
+        theta = spatial.identity_affine(self.ndim, moving.shape[0], like=moving)
+
+        def foreground_voxels(image: torch.Tensor) -> torch.Tensor:
+            return (image > RefineConfig.foreground).flatten(1).sum(dim=1)
+
+        # A stable covariance needs a few foreground voxels per dimension at least.
+        minimum = 4 * (self.ndim + 1)
+        rows = ((foreground_voxels(moving) >= minimum) & (foreground_voxels(fixed) >= minimum)).nonzero()[:, 0]
+        if len(rows):
+            with torch.no_grad():
+                theta[rows] = moments_init(moving[rows], fixed[rows])
+        return theta.to(dtype)
 
     def _transform_net(self, direction: str) -> TransformNet:
         if direction == "a2b":

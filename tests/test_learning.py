@@ -167,3 +167,12 @@ def test_moments_pooling_sees_where_a_feature_is(ndim):
     assert pooled[0, 3 + 3 * ndim:].abs().max() < 1e-4  # a point has no spread
     features = torch.randn(2, 4, *(16,) * ndim)
     assert torch.equal(head(features), torch.eye(ndim, ndim + 1).expand(2, ndim, ndim + 1))  # starts at identity
+
+
+def test_moments_prealignment_starts_an_empty_slice_from_the_identity():
+    batch = AffineSource(size=48).sample(0, 2)
+    x_a, x_b = batch["x_a"].clone(), batch["x_b"].clone()
+    x_b[1] = -1.0  # a slice above the head: background only
+    theta = small_model(prealign="moments").initial_affine(x_a, x_b)
+    torch.testing.assert_close(theta[1], torch.eye(2, 3))
+    torch.testing.assert_close(theta[:1], moments_init(x_a[:1], x_b[:1]))
