@@ -26,10 +26,14 @@ import torch
 from firekit import io, metrics
 from firekit.braindata import build_demo_dataset
 from firekit.protocol import make_test_pairs
+from firekit.refine import RefineConfig
 from firekit.register import load, register
 
 LABELS = {1: "CSF", 2: "GM", 3: "WM"}
 PATHS = {
+    # The moments initialisation alone (refinement with no optimisation step): what the network
+    # (with --prealign moments) and refinement start from.
+    "moments start alone": dict(use_model=False, refine="moments"),
     "network affine": dict(use_model=True, affine_only=True, refine=0),
     "network": dict(use_model=True, refine=0),
     "network + refinement": dict(use_model=True, refine="auto"),
@@ -85,10 +89,15 @@ def run(data: Path, pairs: int, ndim: int, model_path: str, cases: list[str], se
                                           float(np.linalg.norm(io.load_field(pair["true_field"],
                                                 io.load_volume(pair["fixed"])), axis=-1)[brain].mean()), 0.0))
                 for name, options in paths.items():
+                    refine = options["refine"]
+                    if refine == "moments":
+                        base = RefineConfig.preset(ndim)
+                        refine = RefineConfig.preset(ndim, affine_iterations=(0,) * len(base.affine_levels),
+                                                     field_iterations=(0,) * len(base.field_levels))
                     start = time.perf_counter()
                     result = register(model if options["use_model"] else None, pair["moving"], pair["fixed"],
                                       direction="b2a" if case == "multi" else "a2b",
-                                      affine_only=options.get("affine_only", False), refine=options["refine"],
+                                      affine_only=options.get("affine_only", False), refine=refine,
                                       seed=seed, similarity=options.get("similarity"),
                                       synthesis=options.get("synthesis", False))
                     seconds = time.perf_counter() - start

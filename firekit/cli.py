@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", default="data/demo", help="demo data folder (built if missing; default data/demo)")
     demo.add_argument("--out", default="results", help="output folder (default results)")
     demo.add_argument("--train", action="store_true", help="retrain the 2D model from scratch first")
-    demo.add_argument("--iterations", type=int, default=1500, help="training steps with --train (default 1500)")
+    demo.add_argument("--iterations", type=int, default=600, help="training steps with --train (default 600)")
     demo.add_argument("--pairs", type=int, default=8, help="test pairs to register (default 8)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_demo)

@@ -83,7 +83,7 @@ def run_demo(
     data: Path,
     out: Path,
     retrain: bool = False,
-    iterations: int = 1500,
+    iterations: int = 600,
     pairs: int = 8,
     seed: int = 0,
     progress: bool = True,
@@ -96,7 +96,7 @@ def run_demo(
     from .braindata import build_demo_dataset
     from .protocol import make_test_pairs
     from .register import load
-    from .workflows import train_on_files
+    from .workflows import SHIPPED_RECIPE, train_on_files
 
     start = time.perf_counter()
     data, out = Path(data), Path(out)
@@ -110,9 +110,12 @@ def run_demo(
                        labels=str(data / "train/*/labels.nii.gz"), val_a=str(data / "val/*/T1.nii.gz"),
                        val_b=str(data / "val/*/T2.nii.gz"), val_labels=str(data / "val/*/labels.nii.gz"),
                        ndim=2, iterations=iterations, seed=seed, overwrite=True, progress=progress,
-                       aux_weight=10.0, curriculum_steps=min(600, iterations // 2))  # as the shipped model
-        model = load(run_dir / "model.pt")
-        model_name = str(run_dir / "model.pt")
+                       **SHIPPED_RECIPE)
+        # Early stopping by validation, as for the shipped model.
+        best = run_dir / "model_best.pt"
+        model_path = best if best.is_file() else run_dir / "model.pt"
+        model = load(model_path)
+        model_name = str(model_path)
     else:
         model = load("default")
         model_name = "the shipped model"

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import yaml
 
 from firekit import io
 
@@ -175,3 +176,13 @@ def test_demo_registers_test_pairs_with_the_shipped_model(workspace):
     for name in ("moving", "fixed", "warped", "warped_labels", "field", "true_field"):
         assert (pair / f"{name}.nii.gz").is_file(), name
     assert (pair / "affine.tfm").read_text().startswith("#Insight Transform File")
+
+
+def test_demo_train_retrains_with_the_shipped_recipe(workspace):
+    root, data, _ = workspace
+    out = root / "results_trained"
+    result = run("demo", "--data", data, "--out", out, "--pairs", 1, "--train", "--iterations", 2)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load((out / "train" / "config.yaml").read_text())
+    assert config["model"]["prealign"] == "moments" and config["train"]["aux_weight"] == 1000.0
+    assert json.loads((out / "summary.json").read_text())["model"].startswith(str(out / "train" / "model"))
