@@ -63,7 +63,7 @@ def _register(args: argparse.Namespace) -> None:
         model, args.moving, args.fixed, args.out, direction=args.direction, moving_labels=args.moving_labels,
         out_labels=args.out_labels, field=args.field, affine=args.affine, affine_only=args.affine_only,
         spacing=args.spacing, device=args.device, refine=args.refine, seed=args.seed,
-        similarity=args.similarity, synthesis=args.synthesis,
+        similarity=args.similarity, synthesis=args.synthesis, progress=False if args.quiet else "auto",
     )
     written = [p for p in (args.out, args.out_labels, args.field, args.affine) if p]
     folding = float((result.jacobian_determinant() <= 0).mean() * 100)
@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--no-network", action="store_true",
                           help="classical mode: refinement alone from a moments initialisation (no weights needed)")
     register.add_argument("--seed", type=int, default=0, help="refinement seed (default 0; results are deterministic)")
+    register.add_argument("--quiet", action="store_true", help="no refinement progress lines (shown for 3D images)")
     register.add_argument("--similarity", choices=["mind", "ngf", "lncc", "mse"],
                           help="refinement's similarity (default mind: modality independent)")
     register.add_argument("--synthesis", action="store_true",

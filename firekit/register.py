@@ -238,7 +238,8 @@ def _better_start(moving: torch.Tensor, fixed: torch.Tensor, thetas: list[torch.
 
 
 def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, direction: str, affine_only: bool,
-           config, device, synthesis: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           config, device, synthesis: bool = False,
+           progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Network and/or refinement on same-ndim tensors -> (theta, displacement, warped), normalised.
 
     ``synthesis``: refinement compares the moving image mapped into the fixed image's contrast by
@@ -271,7 +272,8 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
             synthesised = model.synthesise(x_moving.to(device), direction)
         target = synthesised.clone()  # outside inference mode: refinement differentiates through it
     with torch.enable_grad():  # refinement optimises by gradient, whatever the caller's mode
-        result = refine(target, x_fixed, theta0=theta0, displacement0=displacement0, config=config)
+        result = refine(target, x_fixed, theta0=theta0, displacement0=displacement0, config=config,
+                        progress=progress)
     warped = result.warped if not synthesis else spatial.warp(x_moving, result.displacement)
     return result.theta.cpu(), result.displacement.detach().cpu(), warped.detach().cpu()
 
@@ -289,6 +291,7 @@ def register(
     seed: int = 0,
     similarity: str | None = None,
     synthesis: bool = False,
+    progress: bool | str = False,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with a FIRE model, per-pair refinement, or both.
 
@@ -309,6 +312,8 @@ def register(
         synthesis: refinement registers FIRE's synthesis of moving in the fixed contrast
             (``F(G(moving))``) to fixed, so a mono-modal similarity (``"lncc"``, ``"mse"``) can be
             used across modalities; the transform found is applied to moving. Needs a model.
+        progress: print one line per refinement level to stderr; ``"auto"``: only for 3D images
+            (seconds per pair; 2D pairs take a fraction of a second).
     """
     moving = as_volume(moving, "moving image")
     fixed = as_volume(fixed, "fixed image")
@@ -317,6 +322,7 @@ def register(
             f"{moving.name} is {moving.ndim}D but {fixed.name} is {fixed.ndim}D; register images of the same ndim"
         )
     n = fixed.ndim
+    progress = n == 3 if progress == "auto" else bool(progress)
     config = refine_config(refine, n, seed)
     if model is None and config is None:
         raise FirekitError("no model and no refinement: pass a model, or refine='auto' (--no-network needs --refine)")
@@ -354,7 +360,7 @@ def register(
     else:
         solver_model = None if slicewise else model
         theta, disp, warped_net = _solve(solver_model, x_moving, x_fixed, direction, affine_only, config, device,
-                                         synthesis)
+                                         synthesis, progress)
         voxels = spatial.normalised_to_voxel(disp)
         world_affine = _network_affine_to_world(theta, shape, grid_affine)
         view = NetworkView(x_moving, x_fixed, warped_net, disp, theta, grid_affine)

@@ -131,6 +131,7 @@ def register_files(
     seed: int = 0,
     similarity: str | None = None,
     synthesis: bool = False,
+    progress: bool | str = False,
 ):
     """Register ``moving`` onto ``fixed`` and write the outputs; returns the ``RegistrationResult``.
 
@@ -153,7 +154,8 @@ def register_files(
         raise FirekitError(f"{affine}: would overwrite an input; choose another --affine path")
     labels_volume = io.load_labels(moving_labels, "moving label map") if moving_labels is not None else None
     result = register(model, moving, fixed, direction=direction, affine_only=affine_only, spacing=spacing,
-                      device=device, refine=refine, seed=seed, similarity=similarity, synthesis=synthesis)
+                      device=device, refine=refine, seed=seed, similarity=similarity, synthesis=synthesis,
+                      progress=progress)
     if labels_volume is not None and labels_volume.shape != result.moving.shape:
         raise FirekitError(
             f"{moving_labels}: shape {labels_volume.shape} differs from {moving} {result.moving.shape}; "

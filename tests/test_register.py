@@ -188,3 +188,11 @@ def test_refinement_similarity_and_synthesis_path(monkeypatch):
         register(None, moving, fixed, refine="auto", synthesis=True)
     with pytest.raises(FirekitError, match="needs refinement"):
         register(model, moving, fixed, refine=0, similarity="ngf")
+
+
+def test_refinement_reports_progress_for_3d_only_when_auto(capsys):
+    volume, image = blobs((24, 28, 20)), blobs((40, 36))
+    register(None, volume, volume, refine=2, spacing=None, progress="auto")
+    assert "[refine]" in capsys.readouterr().err
+    register(None, image, image, refine=2, spacing=None, progress="auto")
+    assert "[refine]" not in capsys.readouterr().err
