@@ -81,12 +81,13 @@ def train_on_files(
     progress: bool = True,
     curriculum_steps: int = 0,
     prealign: str = "none",
+    residual_bound: float = 0.0,
     **train_options,
 ):
     """Train a FIRE model on subjects matched from globs; writes the run folder (see ``train``).
 
     Validation uses the ``val_*`` globs when given, else fixed augmented pairs of the training
-    subjects (only when labels are given). ``prealign`` goes to the model (:class:`FireConfig`),
+    subjects (only when labels are given). ``prealign`` and ``residual_bound`` go to the model (:class:`FireConfig`),
     ``train_options`` to :class:`TrainConfig`.
     """
     from .train import TrainConfig, train
@@ -108,7 +109,8 @@ def train_on_files(
     import torch
 
     torch.manual_seed(seed)  # the weights' initialisation is part of the run's seed
-    model = Fire(FireConfig.from_preset(preset, ndim=ndim, prealign=prealign))
+    model = Fire(FireConfig.from_preset(preset, ndim=ndim, prealign=prealign,
+                                          residual_bound=residual_bound))
     extra = {"modalities": {"a": a, "b": b}, "spacing": spacing}
     return train(model, dataset, config, out, validation=validation, resume=resume, overwrite=overwrite,
                  device=device, progress=progress, extra=extra)

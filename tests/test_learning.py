@@ -176,3 +176,21 @@ def test_moments_prealignment_starts_an_empty_slice_from_the_identity():
     theta = small_model(prealign="moments").initial_affine(x_a, x_b)
     torch.testing.assert_close(theta[1], torch.eye(2, 3))
     torch.testing.assert_close(theta[:1], moments_init(x_a[:1], x_b[:1]))
+
+
+def test_residual_bound_keeps_the_learned_residual_near_the_start():
+    batch = AffineSource(size=48).sample(1, 1)
+    x_a, x_b = batch["x_a"], batch["x_b"]
+    bounded, free = small_model(prealign="moments", residual_bound=0.2), small_model(prealign="moments")
+    for model in (bounded, free):
+        with torch.no_grad():  # a head gone wild: residual entries of -1.5
+            model.transform_ab.affine.out.bias.add_(-1.5)
+    start = moments_init(x_a, x_b)
+    with torch.no_grad():
+        theta_bounded = bounded.register(x_a, x_b, affine_only=True).theta
+        theta_free = free.register(x_a, x_b, affine_only=True).theta
+    residual = torch.linalg.solve(spatial._homogeneous(start), spatial._homogeneous(theta_bounded))[:, :2]
+    assert (residual - torch.eye(2, 3)).abs().max() <= 0.2 + 1e-5
+    assert not torch.allclose(theta_free, theta_bounded, atol=0.1)
+    with pytest.raises(FirekitError, match="residual_bound"):
+        FireConfig(residual_bound=-1.0)
