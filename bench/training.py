@@ -28,6 +28,7 @@ def read_run(run: Path) -> dict:
     candidates = {
         "prealign": config.get("model", {}).get("prealign", "none"),
         "pooling": config.get("model", {}).get("affine_pooling", "mean"),
+        "residual bound": config.get("model", {}).get("residual_bound", 0.0),
         "aux": train.get("aux_weight", 0.0),
         "curriculum": data.get("curriculum_steps", 0),
         "MIND": train.get("similarity_weight", 0.0),
@@ -68,23 +69,28 @@ def table(runs: list[dict], baseline: float | None) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[dict], path: Path) -> None:
+def plot(runs: list[dict], path: Path, references: dict[str, float] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for run in runs:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for index, run in enumerate(runs):
         steps, minutes, dice = zip(*run["curve"]) if run["curve"] else ((), (), ())
-        axes[0].plot(steps, dice, marker="o", label=run["name"])
-        axes[1].plot(minutes, dice, marker="o", label=run["name"])
+        style = dict(marker="o", markersize=3, linestyle=("-", "--", ":")[index // 10 % 3], label=run["name"])
+        axes[0].plot(steps, dice, **style)
+        axes[1].plot(minutes, dice, **style)
+    for name, value in (references or {}).items():
+        for ax in axes:
+            ax.axhline(value, color="grey", linewidth=0.8, linestyle="-.")
+        axes[0].annotate(name, (0, value), textcoords="offset points", xytext=(2, 2), fontsize=7, color="grey")
     axes[0].set_xlabel("step")
     axes[1].set_xlabel("minutes (2 CPU cores)")
     for ax in axes:
         ax.set_ylabel("validation Dice")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -94,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--baseline", type=float, default=None, help="unaligned validation Dice, for reference")
+    parser.add_argument("--start", type=float, default=None,
+                        help="validation Dice of the moments start alone (bench/ablation.py --reference)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--png", type=Path, default=None)
     parser.add_argument("--steps", default=None,
@@ -108,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.write_text(text + "\n")
     if args.png:
-        plot(runs, args.png)
+        references = {"unaligned": args.baseline, "moments start": args.start}
+        plot(runs, args.png, {k: v for k, v in references.items() if v is not None})
     return 0
 
 

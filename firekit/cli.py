@@ -46,6 +46,7 @@ def _train(args: argparse.Namespace) -> None:
         resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
         val_every=args.val_every, checkpoint_every=args.checkpoint_every,
         curriculum_steps=args.curriculum_steps, aux_weight=args.aux_weight, prealign=args.prealign,
+        residual_bound=args.residual_bound,
         similarity_weight=args.similarity_weight, distill_weight=args.distill_weight,
         affine_first_steps=args.affine_first_steps,
     )
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prealign", choices=["none", "moments"], default="none",
                        help="moments: the model starts each registration from the moments affine and learns the "
                        "rest (not in the paper; default none)")
+    train.add_argument("--residual-bound", type=float, default=0.0,
+                       help="with --prealign: bound each entry of the learned residual affine to +-B (default 0 = off)")
     train.add_argument("--similarity-weight", type=float, default=0.0,
                        help="weight of a MIND similarity between each warped image and the other input (not in the "
                        "paper; default 0 = off)")

@@ -186,3 +186,19 @@ def test_demo_train_retrains_with_the_shipped_recipe(workspace):
     config = yaml.safe_load((out / "train" / "config.yaml").read_text())
     assert config["model"]["prealign"] == "moments" and config["train"]["aux_weight"] == 1000.0
     assert json.loads((out / "summary.json").read_text())["model"].startswith(str(out / "train" / "model"))
+
+
+def test_train_learning_switches_reach_the_run_config(workspace):
+    root, data, _ = workspace
+    run_dir = root / "run_switches"
+    result = run("train", "--a", f"{data}/train/*/T1.nii.gz", "--b", f"{data}/train/*/T2.nii.gz",
+                 "--ndim", 2, "--iterations", 2, "--spacing", 4, "--out", run_dir, "--quiet",
+                 "--prealign", "moments", "--residual-bound", 0.2, "--aux-weight", 1000, "--curriculum-steps", 2,
+                 "--similarity-weight", 1, "--distill-weight", 1, "--affine-first-steps", 1)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["model"]["prealign"] == "moments" and config["model"]["residual_bound"] == 0.2
+    train = config["train"]
+    assert (train["aux_weight"], train["similarity_weight"], train["distill_weight"], train["affine_first_steps"]) \
+        == (1000.0, 1.0, 1.0, 1)
+    assert config["data"]["curriculum_steps"] == 2
