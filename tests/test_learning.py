@@ -51,7 +51,8 @@ def mean_label_dice(warped, fixed):
 def test_paper_preset_has_every_addition_off():
     paper = TrainConfig.from_preset("paper")
     assert (paper.aux_weight, paper.similarity_weight, paper.distill_weight, paper.affine_first_steps) == (0, 0, 0, 0)
-    assert FireConfig.from_preset("paper").prealign == "none"
+    model = FireConfig.from_preset("paper")
+    assert (model.prealign, model.affine_pooling, model.residual_bound) == ("none", "mean", 0.0)
     assert FireConfig.from_dict({k: v for k, v in FireConfig().to_dict().items() if k != "prealign"}).prealign == "none"
     with pytest.raises(FirekitError, match="prealign"):
         FireConfig(prealign="sideways")
