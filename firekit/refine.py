@@ -61,12 +61,15 @@ _PRESETS: dict[int, dict] = {
         grid_spacing=6, regulariser="diffusion", weight=0.3, field_mask=False,
     ),
     3: dict(
-        scan_angles=(0.0,), starts=1,
-        # Exact MIND at 1/8 and 1/4 resolution: 1/2 cost 0.5 s a step; without 1/4, Dice fell 0.01.
-        affine_levels=(8, 4), affine_iterations=(60, 20),
-        # 5 % of the voxels per step matched every voxel (and 2 % nearly) at an eighth of the cost.
-        field_levels=(4, 2), field_iterations=(60, 40), field_sampling=0.05,
-        # Bending let 3D fields fold near the borders; the mask cost 0.01 Dice here.
+        # Each axis permutation also turned by +-10 degrees in each plane, scored at 1/8 size: 0.4 s.
+        scan_angles=(-10.0, 0.0, 10.0), scan_size=16, starts=1,
+        # Exact MIND at 1/4 size, moving smoothed before sampling (2.3x faster steps, same Dice).
+        # A level at 1/2 costs 0.5 s a step; one at 1/8 first fell into wrong rotations.
+        affine_levels=(4,), affine_iterations=(50,), affine_smooth_first=True,
+        # 2-5 % of the voxels per step matched every voxel (within 0.003 Dice) at 1/7 of the cost.
+        field_levels=(4, 2), field_iterations=(60, 40), field_sampling=0.03,
+        # Bending let 3D fields fold near the borders; the mask cost 0.01 Dice here. Weight 0.1
+        # beat 0.3 by 0.003 mean Dice and 0.3 mm EPE (GM, WM up; CSF, whose outer edge T1 hides, down).
         grid_spacing=4, regulariser="diffusion", weight=0.1, field_mask=False,
     ),
 }
@@ -93,6 +96,11 @@ class RefineConfig:
             or scales much (default False: exact); in the non-rigid stage they are computed on
             moving warped by the affine (default True). NGF, whose gradient vectors turn with
             the image, is always exact.
+        affine_smooth_first: in the exact affine path, smooth moving once per level at full
+            resolution (with the box fixed's level is smoothed with) and sample it straight onto
+            the level grid at each step, instead of resampling it on a grid twice as fine and
+            smoothing that down. About 2x faster steps in 3D; the smoothing box then stays
+            aligned with moving's axes instead of turning with the affine. Default False.
         field_sampling: fraction of each non-rigid level's voxels at which the similarity is
             evaluated at each step (like ANTs' sampling percentage): a new uniform random sample
             (with replacement, from a generator seeded by ``seed``; the same voxels for every pair
@@ -132,6 +140,7 @@ class RefineConfig:
     ngf_eps: float = 0.005
     lncc_window: int = 9
     affine_warp_features: bool = False
+    affine_smooth_first: bool = False
     field_warp_features: bool = True
     field_sampling: float = 1.0
     field_mask: bool = True
@@ -498,8 +507,8 @@ def moments_init(
         fixed: ``(B, 1, *S_f)``.
         similarity: a key of :data:`firekit.similarity.SIMILARITIES`.
         angles: degrees scanned in each plane (default: :meth:`RefineConfig.preset`'s: in 2D every
-            10 deg from -40 to 40, which with the 90-degree turns covers the circle; in 3D none,
-            only the 24 axis permutations).
+            10 deg from -40 to 40, which with the 90-degree turns covers the circle; in 3D
+            -10 and 10 deg, on top of the 24 axis permutations).
         foreground: intensity above which a voxel is foreground.
         scan_size: candidates are scored on fixed downsampled by ``min(S_f) // scan_size`` (>= 1).
 
@@ -543,7 +552,7 @@ class _Level:
     """
 
     def __init__(self, moving: _Pyramid, fixed: _Pyramid, factor: int, similarity: Similarity,
-                 warp_features: bool, sampling: float = 1.0, rows: int = 1):
+                 warp_features: bool, sampling: float = 1.0, rows: int = 1, smooth_first: bool = False):
         self.shape = _level_shape(fixed.image.shape[2:], factor)
         self.fixed = fixed.at(factor, rows)
         self.fixed_features = similarity.features(self.fixed)
@@ -553,7 +562,12 @@ class _Level:
         warped = warp_features and similarity.warpable
         self.moving_features = similarity.features(self.moving_level()) if warped else None
         self.sampling = sampling if warped and similarity.pointwise else 1.0
-        if not warped:
+        self.smooth_moving = None
+        if not warped and smooth_first:
+            self.smooth_moving = box_filter(moving.image, factor // 2)
+            if rows > 1:
+                self.smooth_moving = self.smooth_moving.repeat_interleave(rows, dim=0)
+        elif not warped:
             fine_factor = max(factor // 2, 1)
             self.fine_step = factor // fine_factor
             self.fine_shape = _level_shape(fixed.image.shape[2:], fine_factor)
@@ -612,6 +626,8 @@ class _Level:
             return self.similarity.compare(warped, gather(self.fixed_features), mask)
         if self.moving_features is not None:
             warped = spatial.warp(self.moving_features, motion(self.shape))
+        elif self.smooth_moving is not None:
+            warped = self.similarity.features(spatial.warp(self.smooth_moving, motion(self.shape)))
         else:
             fine = spatial.warp(self.fine_moving, motion(self.fine_shape))
             warped = self.similarity.features(_downsample(fine, self.fine_step, self.shape))
@@ -668,7 +684,8 @@ def _optimise_affine(theta: torch.Tensor, moving: _Pyramid, fixed: _Pyramid, sim
         return theta[:, 0].detach().clone(), history
     for factor, steps in levels:
         repeat = flat.shape[0] // batch
-        level = _Level(moving, fixed, factor, similarity, config.affine_warp_features, rows=repeat)
+        level = _Level(moving, fixed, factor, similarity, config.affine_warp_features, rows=repeat,
+                       smooth_first=config.affine_smooth_first)
         param = flat.clone().requires_grad_(True)
         optimiser = torch.optim.Adam([param], lr=config.affine_lr)
         level_history = []

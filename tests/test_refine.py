@@ -53,8 +53,8 @@ def mean_dice(labels_a, labels_b):
 
 def small_config(ndim, **overrides):
     """The preset with its levels at 1/2 and full resolution, as these grids are 2-4 times smaller."""
-    return RefineConfig.preset(ndim, affine_levels=(2, 1), field_levels=(2, 1), field_iterations=(40, 30),
-                               **overrides)
+    return RefineConfig.preset(ndim, affine_levels=(2, 1), affine_iterations=(40, 20), field_levels=(2, 1),
+                               field_iterations=(40, 30), **overrides)
 
 
 # ------------------------------------------------------------------------------------------
@@ -137,7 +137,8 @@ def test_similarity_rejects_bad_input():
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_candidate_rotations_are_distinct_proper_rotations(ndim):
     rotations = candidate_rotations(ndim, RefineConfig.preset(ndim).scan_angles)
-    assert rotations.shape[0] == {2: 36, 3: 24}[ndim]  # 2D: every 10 degrees; 3D: the 24 axis turns
+    # 2D: every 10 degrees; 3D: the 24 axis turns, each also turned by +-10 degrees in each plane
+    assert rotations.shape[0] == {2: 36, 3: 24 * 7}[ndim]
     eye = torch.eye(ndim, dtype=rotations.dtype)
     assert torch.allclose(rotations @ rotations.transpose(1, 2), eye.expand_as(rotations), atol=1e-9)
     assert torch.allclose(torch.linalg.det(rotations), torch.ones(rotations.shape[0], dtype=rotations.dtype))
@@ -161,7 +162,7 @@ def test_regularisers_vanish_for_affine_fields_and_match_losses(ndim):
 def test_moments_init_recovers_a_large_affine(ndim):
     shape = SHAPES[ndim]
     # 35 % scale along axis 0, a shift, and a rotation: 20 degrees in 2D, a quarter turn in 3D
-    # (where only the axis permutations are scanned; the affine stage corrects the rest).
+    # (where only the axis permutations and +-10 degrees are scanned; the affine stage corrects the rest).
     rotation = {2: 20.0, 3: (0.0, 0.0, 90.0)}[ndim]
     theta = spatial.affine_matrix(ndim, rotation=rotation, scale=[1.35] + [1.0] * (ndim - 1),
                                   translation=[0.1] * ndim)
@@ -198,6 +199,23 @@ def test_sampled_similarity_is_the_dense_one_at_the_sampled_voxels(ndim):
     assert abs(float(estimates.mean() - truth)) < 0.05 * float(truth)
     assert torch.equal(sampled.loss(motion, torch.Generator().manual_seed(3)),
                        sampled.loss(motion, torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_smoothing_moving_first_nearly_matches_the_exact_affine_loss(ndim):
+    moving, _ = head(ndim, seed=1, name="t2")
+    fixed, _ = head(ndim, seed=2)
+    theta = spatial.affine_matrix(ndim, rotation={2: 8.0, 3: (4.0, 0.0, 8.0)}[ndim], scale=1.05, translation=0.03)
+    mind = similarity.get_similarity("mind")
+
+    def loss(factor, smooth_first):
+        level = _Level(_Pyramid(moving), _Pyramid(fixed), factor, mind, warp_features=False, smooth_first=smooth_first)
+        return float(level.loss(partial(spatial.affine_to_displacement, theta)))
+
+    # At full resolution nothing is smoothed: the same loss; coarser, only the order of
+    # smoothing and resampling differs.
+    assert loss(1, True) == loss(1, False)
+    assert loss(2, True) == pytest.approx(loss(2, False), rel=0.05)
 
 
 def test_field_sampling_is_seeded_and_off_for_windowed_similarities():
@@ -301,7 +319,9 @@ def test_refine_without_iterations_returns_its_start(ndim):
     fixed, _ = head(ndim, seed=0)
     theta0 = spatial.affine_matrix(ndim, scale=1.1, translation=0.05)
     displacement0 = 0.02 * torch.randn(1, ndim, *shape, generator=torch.Generator().manual_seed(0))
-    config = RefineConfig.preset(ndim, affine_iterations=(0, 0), field_iterations=(0, 0))
+    preset = RefineConfig.preset(ndim)
+    config = RefineConfig.preset(ndim, affine_iterations=(0,) * len(preset.affine_levels),
+                                 field_iterations=(0,) * len(preset.field_levels))
     result = refine(moving, fixed, theta0=theta0, displacement0=displacement0, config=config)
     assert torch.equal(result.theta, theta0)
     assert torch.equal(result.nonrigid, displacement0)
