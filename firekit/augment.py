@@ -21,6 +21,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import spatial
+from ._config import PlainConfig
 from .errors import FirekitError
 
 __all__ = [
@@ -40,7 +41,7 @@ _ROTATION_FRACTION = {1: 1.0, 3: 0.75}
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(PlainConfig):
     """Magnitudes of the random transform; every magnitude is multiplied by ``strength``.
 
     Attributes:
@@ -57,6 +58,8 @@ class AugmentConfig:
     Scale factors act on the sampling map (output point -> input point): a factor 1.3 along an
     axis shows 30 % more of the input there, so the anatomy looks 1/1.3 times as large.
     """
+
+    config_name = "augmentation config"
 
     scale_change: tuple[float, float] = (0.2, 0.5)
     scale_jitter: float = 0.1
@@ -92,18 +95,6 @@ class AugmentConfig:
     def with_strength(self, strength: float) -> "AugmentConfig":
         """The same config at another curriculum ``strength``."""
         return dataclasses.replace(self, strength=float(strength))
-
-    def to_dict(self) -> dict:
-        """Plain-data form (lists, floats), JSON- and checkpoint-safe."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "AugmentConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise FirekitError(f"augmentation config has unknown fields {sorted(unknown)}; expected some of {sorted(known)}")
-        return cls(**data)
 
 
 class RandomTransform(NamedTuple):

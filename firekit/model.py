@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import warnings
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import torch.nn as nn
 
 from . import spatial
 from ._atomic import atomic_path
+from ._config import PlainConfig
 from .errors import FirekitError
 from .nets import AffineHead, Decoder, Encoder, FlowHead
 
@@ -24,7 +24,7 @@ CHECKPOINT_VERSION = 1
 
 
 @dataclass
-class FireConfig:
+class FireConfig(PlainConfig):
     """Architecture of a FIRE model; stored inside every checkpoint.
 
     Attributes:
@@ -51,6 +51,8 @@ class FireConfig:
             pairs wrecked validation after a few hundred steps). 0: unbounded. Not in the paper.
         preset: name of the preset this config came from (informational).
     """
+
+    config_name = "model config"
 
     ndim: int = 2
     in_channels: int = 1
@@ -87,18 +89,6 @@ class FireConfig:
         if name not in PRESETS:
             raise FirekitError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], "ndim": ndim, "preset": name, **overrides})
-
-    def to_dict(self) -> dict:
-        """Plain-data form (lists, ints, floats, str) safe for ``torch.load(weights_only=True)``."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "FireConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise FirekitError(f"checkpoint config has unknown fields {sorted(unknown)}; upgrade firekit")
-        return cls(**data)
 
 
 PREALIGN = ("none", "moments")

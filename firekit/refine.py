@@ -23,7 +23,6 @@ affines ``(B, n, n + 1)`` normalised, ``warp(moving, displacement)`` aligns movi
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import sys
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as nnf
 
 from . import spatial
+from ._config import PlainConfig
 from .errors import FirekitError
 from .similarity import SIMILARITIES, Similarity, box_filter, get_similarity
 
@@ -76,7 +76,7 @@ _PRESETS: dict[int, dict] = {
 
 
 @dataclass
-class RefineConfig:
+class RefineConfig(PlainConfig):
     """Settings of :func:`refine`.
 
     The field defaults are a generic configuration (bending energy with a foreground mask);
@@ -133,6 +133,8 @@ class RefineConfig:
         seed: seed of the voxel samples (and of any other random draw) while optimising, for
             reproducibility.
     """
+
+    config_name = "refine config"
 
     similarity: str = "mind"
     mind_radius: int = 1
@@ -196,17 +198,6 @@ class RefineConfig:
             raise FirekitError(f"RefineConfig presets exist for ndim 2 and 3, got {ndim}")
         return cls(**{**_PRESETS[ndim], **overrides})
 
-    def to_dict(self) -> dict:
-        """Plain-data form (lists, numbers, strings), JSON- and checkpoint-safe."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "RefineConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise FirekitError(f"refine config has unknown fields {sorted(unknown)}; expected some of {sorted(known)}")
-        return cls(**data)
 
     def similarity_fn(self) -> Similarity:
         """The configured :class:`~firekit.similarity.Similarity`."""

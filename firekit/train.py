@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import metrics, spatial
 from ._atomic import atomic_write_text
+from ._config import PlainConfig
 from .errors import FirekitError
 from .losses import FireLoss, fire_loss, transform_supervision
 from .model import Fire, load_checkpoint
@@ -57,7 +58,7 @@ _FREE_ON_RESUME = {"iterations", "val_every", "checkpoint_every", "amp"}
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(PlainConfig):
     """Optimisation settings.
 
     Attributes:
@@ -93,6 +94,8 @@ class TrainConfig:
     ``distill_weight``, ``affine_first_steps`` 0; the model's ``prealign`` ``"none"``,
     ``affine_pooling`` ``"mean"``, ``residual_bound`` 0). Their measured effect: bench/training.md.
     """
+
+    config_name = "training config"
 
     lr_affine: float = 1e-5
     lr_nonrigid: float = 5e-5
@@ -135,18 +138,6 @@ class TrainConfig:
         if name not in TRAIN_PRESETS:
             raise FirekitError(f"unknown preset {name!r}; choose one of {sorted(TRAIN_PRESETS)}")
         return cls(**{**TRAIN_PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        """Inverse of :meth:`to_dict` (e.g. the ``train`` section of a run's config.yaml)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise FirekitError(f"training config has unknown fields {sorted(unknown)}; upgrade firekit")
-        return cls(**data)
 
 
 TRAIN_PRESETS: dict[str, dict] = {
