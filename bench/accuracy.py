@@ -24,12 +24,11 @@ import numpy as np
 import torch
 
 from firekit import io, metrics
-from firekit.braindata import build_demo_dataset
-from firekit.protocol import make_test_pairs
+from firekit.braindata import LABEL_NAMES, build_demo_dataset
+from firekit.protocol import end_point_error, make_test_pairs
 from firekit.refine import RefineConfig
 from firekit.register import load, register
 
-LABELS = {1: "CSF", 2: "GM", 3: "WM"}
 PATHS = {
     # The moments initialisation alone (refinement with no optimisation step): what the network
     # (with --prealign moments) and refinement start from.
@@ -53,12 +52,6 @@ SIMILARITY_PATHS = {
 }
 
 
-def end_point_error(result, pair: dict, mask: np.ndarray) -> float:
-    """Mean |u - u_true| in mm over ``mask`` (both ITK/LPS fields on the fixed grid)."""
-    truth = io.load_field(pair["true_field"], result.fixed)
-    return float(np.linalg.norm(result.displacement - truth, axis=-1)[mask].mean())
-
-
 def run(data: Path, pairs: int, ndim: int, model_path: str, cases: list[str], seed: int,
         paths: dict | None = None) -> str:
     paths = PATHS if paths is None else paths
@@ -68,7 +61,7 @@ def run(data: Path, pairs: int, ndim: int, model_path: str, cases: list[str], se
     torch.manual_seed(seed)
     lines = [f"firekit accuracy on held-out {ndim}D demo pairs ({pairs} per case, seed {seed}, "
              f"{torch.get_num_threads()} threads, model {model_path})", ""]
-    header = "| case | path | " + " | ".join(LABELS.values()) + " | mean | % J<=0 | EPE mm | s/pair |"
+    header = "| case | path | " + " | ".join(LABEL_NAMES.values()) + " | mean | % J<=0 | EPE mm | s/pair |"
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     with tempfile.TemporaryDirectory() as tmp:
         for case in cases:
@@ -84,10 +77,9 @@ def run(data: Path, pairs: int, ndim: int, model_path: str, cases: list[str], se
                 moving_labels = io.load_labels(pair["moving_labels"]).data
                 fixed_labels = io.load_labels(pair["fixed_labels"]).data
                 brain = fixed_labels > 0
-                rows["unaligned"].append((metrics.dice(torch.as_tensor(moving_labels), torch.as_tensor(fixed_labels),
-                                                       list(LABELS)), 0.0,
-                                          float(np.linalg.norm(io.load_field(pair["true_field"],
-                                                io.load_volume(pair["fixed"])), axis=-1)[brain].mean()), 0.0))
+                unaligned = metrics.dice(torch.as_tensor(moving_labels), torch.as_tensor(fixed_labels), list(LABEL_NAMES))
+                epe = end_point_error(0.0, pair, io.load_volume(pair["fixed"]), brain)  # no displacement
+                rows["unaligned"].append((unaligned, 0.0, epe, 0.0))
                 for name, options in paths.items():
                     refine = options["refine"]
                     if refine == "moments":
@@ -102,12 +94,12 @@ def run(data: Path, pairs: int, ndim: int, model_path: str, cases: list[str], se
                                       synthesis=options.get("synthesis", False))
                     seconds = time.perf_counter() - start
                     warped = result.apply(moving_labels).data
-                    dice = metrics.dice(torch.as_tensor(warped), torch.as_tensor(fixed_labels), list(LABELS))
+                    dice = metrics.dice(torch.as_tensor(warped), torch.as_tensor(fixed_labels), list(LABEL_NAMES))
                     folding = float((result.jacobian_determinant() <= 0).mean() * 100)
-                    rows.setdefault(name, []).append((dice, folding, end_point_error(result, pair, brain), seconds))
+                    rows.setdefault(name, []).append((dice, folding, end_point_error(result.displacement, pair, result.fixed, brain), seconds))
             label = {"multi": "T2-like → T1", "mono": "T1 → T1"}[case]
             for name, values in rows.items():
-                per_label = [np.mean([v[0][k] for v in values]) for k in LABELS]
+                per_label = [np.mean([v[0][k] for v in values]) for k in LABEL_NAMES]
                 lines.append(
                     f"| {label} | {name} | " + " | ".join(f"{d:.3f}" for d in per_label)
                     + f" | **{np.mean(per_label):.3f}** | {np.mean([v[1] for v in values]):.3f}"

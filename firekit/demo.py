@@ -11,11 +11,11 @@ import numpy as np
 import torch
 
 from . import io, metrics
+from .braindata import LABEL_NAMES
 from .errors import FirekitError
 
 __all__ = ["run_demo", "LABEL_NAMES", "ANTS_REFERENCE"]
 
-LABEL_NAMES = {1: "CSF", 2: "GM", 3: "WM"}
 STAGES = {"before": "unaligned", "affine_only": "FIRE affine", "network": "FIRE full (network)",
           "refined": "FIRE + refinement", "refine_only": "refinement alone"}
 # ../shared/FINDINGS.md, 2D T2-like -> T1 pairs built with the same recipe (20 pairs, mean Dice CSF/GM/WM).

@@ -20,7 +20,7 @@ from . import io, spatial
 from ._atomic import atomic_write_text
 from .errors import FirekitError
 
-__all__ = ["make_test_pairs", "read_pairs"]
+__all__ = ["make_test_pairs", "read_pairs", "end_point_error"]
 
 
 def _slice_volume(volume: io.Volume, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,3 +105,17 @@ def read_pairs(out_dir: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise FirekitError(f"{path}: not found; build the pairs with make_test_pairs first")
     return json.loads(path.read_text())
+
+
+def end_point_error(displacement: np.ndarray | float, pair: dict, fixed: io.Volume, mask: np.ndarray) -> float:
+    """Mean ``|u - u_true|`` in mm over ``mask`` for one pair of :func:`make_test_pairs`.
+
+    Args:
+        displacement: ``(*S, n)`` ITK/LPS field in mm on the fixed grid (``RegistrationResult.displacement``;
+            0 for the unaligned pair).
+        pair: the pair's paths (its ``true_field``).
+        fixed: the fixed image, whose grid both fields live on.
+        mask: ``S`` boolean, the voxels to average over (e.g. the brain).
+    """
+    truth = io.load_field(pair["true_field"], fixed)
+    return float(np.linalg.norm(displacement - truth, axis=-1)[mask].mean())
