@@ -47,6 +47,7 @@ __all__ = [
     "diffusion_energy",
     "bending_energy_per_sample",
     "candidate_rotations",
+    "downsample",
 ]
 
 # Per-ndim settings, tuned on demo-style pairs (T2-like moving -> T1 fixed; see FINDINGS.md,
@@ -252,7 +253,7 @@ def _level_shape(shape: Sequence[int], factor: int) -> tuple[int, ...]:
     return tuple(max(round((int(s) - 1) / factor) + 1, 4) for s in shape)
 
 
-def _downsample(image: torch.Tensor, factor: int, shape: Sequence[int] | None = None) -> torch.Tensor:
+def downsample(image: torch.Tensor, factor: int, shape: Sequence[int] | None = None) -> torch.Tensor:
     """Smooth with a box about ``factor`` voxels wide, then sample a coarser grid.
 
     Sampling with ``align_corners=True`` keeps every normalised point where it was (average
@@ -272,7 +273,7 @@ def _downsample(image: torch.Tensor, factor: int, shape: Sequence[int] | None = 
 
 
 class _Pyramid:
-    """An image and its copies downsampled by :func:`_downsample`, each made once when first asked.
+    """An image and its copies downsampled by :func:`downsample`, each made once when first asked.
 
     Moments, every affine level and every non-rigid level ask for the same few factors of fixed;
     smoothing a full-resolution volume is the costly part, so it is done once per factor.
@@ -285,7 +286,7 @@ class _Pyramid:
     def at(self, factor: int, rows: int = 1) -> torch.Tensor:
         """The image downsampled by ``factor``, each sample repeated ``rows`` times along the batch."""
         if factor not in self._levels:
-            self._levels[factor] = _downsample(self.image, factor)
+            self._levels[factor] = downsample(self.image, factor)
         level = self._levels[factor]
         return level if rows == 1 else level.repeat_interleave(rows, dim=0)
 
@@ -621,7 +622,7 @@ class _Level:
             warped = self.similarity.features(spatial.warp(self.smooth_moving, motion(self.shape)))
         else:
             fine = spatial.warp(self.fine_moving, motion(self.fine_shape))
-            warped = self.similarity.features(_downsample(fine, self.fine_step, self.shape))
+            warped = self.similarity.features(downsample(fine, self.fine_step, self.shape))
         return self.similarity.compare(warped, self.fixed_features, self.mask)
 
 

@@ -724,23 +724,17 @@ def _mean_label_dice(warped: torch.Tensor, fixed: torch.Tensor) -> list[float]:
 def _half_resolution(x_a: torch.Tensor, x_b: torch.Tensor, targets, model: Fire):
     """Images (and target displacements) on a grid half as fine, when the network accepts it.
 
-    Linear resampling with ``align_corners=True`` after a 3-voxel box smoothing: the coarse grid
-    spans the same normalised extent, so normalised displacements stay valid as they are.
+    :func:`firekit.refine.downsample` keeps the normalised extent, so normalised displacements
+    stay valid as they are.
     """
+    from .refine import downsample
+
     shape = tuple(s // 2 for s in x_a.shape[2:])
     if any(s % model.size_multiple or s < model.min_size for s in shape):
         return x_a, x_b, targets
-    ndim = len(shape)
-    pool = getattr(torch.nn.functional, f"avg_pool{ndim}d")
-    mode = "bilinear" if ndim == 2 else "trilinear"
-
-    def half(image: torch.Tensor) -> torch.Tensor:
-        smooth = pool(image, 3, stride=1, padding=1, count_include_pad=False)
-        return torch.nn.functional.interpolate(smooth, size=shape, mode=mode, align_corners=True)
-
     if targets is not None:
         targets = tuple(spatial.resize_displacement(t, shape) for t in targets)
-    return half(x_a), half(x_b), targets
+    return downsample(x_a, 2, shape), downsample(x_b, 2, shape), targets
 
 
 def _refinement_targets(x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
