@@ -28,8 +28,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# firekit beside ANTs SyN on the demo pairs (bench/results.md, .json, .png); about 45 min on 2 cores.
 bench: $(STAMP)
-	$(PY) bench/model_cost.py
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m bench.vs_ants $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) $(DEMO_DATA) .pytest_cache build *.egg-info

@@ -86,7 +86,11 @@ def hd95(
         if not mask_a.any() or not mask_b.any():
             scores[int(label)] = float("nan")
             continue
-        surf_a, surf_b = _surface(mask_a), _surface(mask_b)
+        # Every surface voxel lies in the two masks' bounding box, so distances computed inside it
+        # (one voxel of margin) are exact; in 3D this is several times cheaper than the whole grid.
+        either = np.argwhere(mask_a | mask_b)
+        box = tuple(slice(max(lo - 1, 0), hi + 2) for lo, hi in zip(either.min(0), either.max(0)))
+        surf_a, surf_b = _surface(mask_a[box]), _surface(mask_b[box])
         to_b = ndimage.distance_transform_edt(~surf_b, sampling=spacing)[surf_a]
         to_a = ndimage.distance_transform_edt(~surf_a, sampling=spacing)[surf_b]
         scores[int(label)] = float(np.percentile(np.concatenate([to_b, to_a]), 95))

@@ -257,6 +257,9 @@ class Fire(nn.Module):
     # after the first two, which needs at least 2 values per channel.
     size_multiple = 4
     min_size = 32
+    # mm per voxel of the grid the model was trained on (set from the checkpoint by load; None:
+    # unknown, run at the caller's spacing). ``register`` runs a coarser model on a coarser copy.
+    spacing: float | None = None
 
     @property
     def ndim(self) -> int:
@@ -480,7 +483,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         raise FirekitError(f"{path}: weights do not match the stored config ({str(exc).splitlines()[0]})") from None
-    return model, payload.get("extra", {})
+    extra = payload.get("extra", {})
+    if isinstance(extra.get("spacing"), (int, float)):
+        model.spacing = float(extra["spacing"])
+    return model, extra
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Fire:

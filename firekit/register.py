@@ -196,6 +196,18 @@ def _network_affine_to_world(theta: torch.Tensor, shape: Sequence[int], grid_aff
     return grid_affine @ voxel @ np.linalg.inv(grid_affine)
 
 
+def network_factor(model: Fire | None, shape: Sequence[int], grid_affine: np.ndarray) -> int:
+    """How many times coarser than the registration grid the model runs: its training spacing
+    (``model.spacing``, from the checkpoint) over the grid's finest spacing, rounded; 1 when unknown,
+    finer, or when the coarse grid would fall below the model's minimum size."""
+    if model is None or not model.spacing:
+        return 1
+    factor = max(1, round(model.spacing / float(io.spacing(grid_affine).min())))
+    while factor > 1 and min(shape) / factor < model.min_size:
+        factor -= 1
+    return factor
+
+
 def refine_config(refine, ndim: int, seed: int = 0):
     """A ``RefineConfig`` from ``register``'s ``refine`` argument (None when refinement is off).
 
@@ -237,23 +249,51 @@ def _better_start(moving: torch.Tensor, fixed: torch.Tensor, thetas: list[torch.
     return torch.stack(scores).argmin(dim=0)
 
 
+def _coarse_shape(shape: Sequence[int], factor: int, multiple: int, min_size: int) -> tuple[int, ...]:
+    """``shape`` divided by ``factor``, rounded to a multiple of ``multiple`` and at least ``min_size``."""
+    return tuple(max(min_size, multiple * max(1, round(s / factor / multiple))) for s in shape)
+
+
+def _network(model: Fire, x_moving: torch.Tensor, x_fixed: torch.Tensor, direction: str, affine_only: bool,
+             device, factor: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The model on ``(B, 1, *S)`` inputs -> (theta, displacement, warped, flow), normalised, on ``S``.
+
+    ``factor`` > 1 runs the model on copies ``factor`` times coarser (a model trained at a coarser
+    spacing); its affine and flow are in normalised coordinates, so they carry over to ``S``
+    unchanged (the flow is linearly resampled). ``flow`` is the non-rigid part on G's grid (None when
+    affine-only).
+    """
+    from .refine import downsample
+
+    net_moving, net_fixed = x_moving, x_fixed
+    if factor > 1:
+        shape = _coarse_shape(x_fixed.shape[2:], factor, model.size_multiple, model.min_size)
+        net_moving, net_fixed = downsample(x_moving, factor, shape), downsample(x_fixed, factor, shape)
+    with torch.inference_mode():
+        reg = model.register(net_moving.to(device), net_fixed.to(device), direction, affine_only)
+    # clone() outside inference mode: refinement may use these in autograd
+    theta, disp, warped = reg.theta.cpu().clone(), reg.displacement.cpu().clone(), reg.warped.cpu().clone()
+    flow = None if reg.flow is None or affine_only else reg.flow.cpu().clone()
+    if factor > 1:
+        disp = spatial.resize_displacement(disp, x_fixed.shape[2:])
+        warped = spatial.warp(x_moving, disp)
+    return theta, disp, warped, flow
+
+
 def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, direction: str, affine_only: bool,
-           config, device, synthesis: bool = False,
-           progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           config, device, synthesis: bool = False, progress: bool = False,
+           network_factor: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Network and/or refinement on same-ndim tensors -> (theta, displacement, warped), normalised.
 
     ``synthesis``: refinement compares the moving image mapped into the fixed image's contrast by
     the model's decoder (``F(G(moving))``) with fixed, instead of moving itself.
+    ``network_factor``: the model runs on a grid this many times coarser (see :func:`_network`).
     """
     from .refine import moments_init, refine
 
     theta = flow = None
     if model is not None:
-        with torch.inference_mode():
-            reg = model.register(x_moving.to(device), x_fixed.to(device), direction, affine_only)
-        # clone() outside inference mode: refinement may use these in autograd
-        theta, disp, warped = reg.theta.cpu().clone(), reg.displacement.cpu().clone(), reg.warped.cpu().clone()
-        flow = None if reg.flow is None or affine_only else reg.flow.cpu().clone()
+        theta, disp, warped, flow = _network(model, x_moving, x_fixed, direction, affine_only, device, network_factor)
         if config is None:
             return theta, disp, warped
     x_moving, x_fixed = x_moving.to(device), x_fixed.to(device)
@@ -360,7 +400,7 @@ def register(
     else:
         solver_model = None if slicewise else model
         theta, disp, warped_net = _solve(solver_model, x_moving, x_fixed, direction, affine_only, config, device,
-                                         synthesis, progress)
+                                         synthesis, progress, network_factor(solver_model, shape, grid_affine))
         voxels = spatial.normalised_to_voxel(disp)
         world_affine = _network_affine_to_world(theta, shape, grid_affine)
         view = NetworkView(x_moving, x_fixed, warped_net, disp, theta, grid_affine)

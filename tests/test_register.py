@@ -196,3 +196,25 @@ def test_refinement_reports_progress_for_3d_only_when_auto(capsys):
     assert "[refine]" in capsys.readouterr().err
     register(None, image, image, refine=2, spacing=None, progress="auto")
     assert "[refine]" not in capsys.readouterr().err
+
+
+def test_a_coarser_model_runs_on_a_coarser_copy_and_its_transform_carries_over():
+    """A model trained at 2x the spacing sees 2x coarser inputs; its (normalised) affine is unchanged."""
+    theta = torch.tensor([[[1.05, 0.1, 0.05], [-0.08, 0.95, -0.1]]])
+    model = model_with_affine(theta, 2)
+    image = io.Volume(blobs((96, 128)), np.diag([1.28, 1.28, 1.0]))
+    seen = []
+    original = model.register
+
+    def recording(moving, fixed, *args, **kwargs):
+        seen.append(tuple(fixed.shape[2:]))
+        return original(moving, fixed, *args, **kwargs)
+
+    model.register = recording
+    fine = register(model, image, image, refine=0)
+    model.spacing = 2.56
+    coarse = register(model, image, image, refine=0)
+    assert seen == [(96, 128), (48, 64)]
+    assert coarse.network.displacement.shape[2:] == (96, 128)
+    np.testing.assert_allclose(coarse.displacement, fine.displacement, atol=1e-4)
+    np.testing.assert_allclose(coarse.warped.data, fine.warped.data, atol=1e-4)

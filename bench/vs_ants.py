@@ -1,0 +1,429 @@
+"""firekit beside ANTs on the same pairs, in one run: ``make bench`` or ``python -m bench.vs_ants``.
+
+    python -m bench.vs_ants [--data data/demo] [--ndims 2 3] [--cases t2 flair mono]
+                            [--transforms 20] [--transforms-3d 2] [--threads N]
+                            [--model-2d default] [--model-3d PATH] [--out bench/results.md]
+
+The paper's test protocol (Section 4.1): each test subject's moving image randomly transformed
+``--transforms`` times (``firekit.protocol.make_test_pairs``; the same transforms for every case),
+registered to the subject's T1 by every method:
+
+- firekit: the network's affine alone, the network, network + refinement, refinement alone;
+- ANTs (antspyx, ``pip install firekit[bench]``): ``Affine`` (Mattes MI), ``SyN``, ``SyNRA``,
+  ITK threads = ``--threads`` (default: the machine's cores), torch likewise;
+
+and scored by one code path on every method's displacement field (ANTs' transforms composed into
+one ITK field, firekit's written as one): Dice per label, HD95, end-point error against the true
+mapping, % |J| <= 0, inverse-consistency error in voxels (firekit registers both ways; ANTs composes
+its forward transform with its inverse), wall and CPU seconds per pair (registration only, from
+images in memory). Writes ``bench/results.md`` (tables + the goals, met or missed by how much),
+``bench/results.json`` (every pair's numbers) and ``bench/results.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+CASES = {  # case -> (moving contrast, fixed contrast, model direction, label)
+    "t2": ("T2", "T1", "b2a", "T2-like → T1"),
+    "flair": ("FLAIR", "T1", "b2a", "FLAIR-like → T1"),
+    "mono": ("T1", "T1", "a2b", "T1 → T1"),
+}
+FIREKIT = {  # row -> register() options
+    "firekit affine-only (network)": dict(network=True, affine_only=True, refine=0),
+    "firekit network": dict(network=True, refine=0),
+    "firekit network + refinement": dict(network=True, refine="auto"),
+    "firekit refinement alone": dict(network=False, refine="auto"),
+}
+ANTS = {"ANTs Affine (Mattes MI)": "Affine", "ANTs SyN": "SyN", "ANTs SyNRA": "SyNRA"}
+REFERENCE = ("unaligned", "oracle (true mapping)")
+GOAL_MARGIN = {2: 0.10, 3: 0.05}  # best firekit row >= best ANTs row + this mean Dice
+FOLDING_GOAL = 0.1  # % voxels with |J| <= 0
+IC_GOAL = 0.5  # voxels
+NETWORK_SPEEDUP_GOAL = 20.0  # network alone vs SyN, per pair
+
+
+# ---------------------------------------------------------------------------------------- methods
+def _to_ants(volume):
+    """An ANTs image with the NIfTI volume's geometry (ITK's LPS world)."""
+    import ants
+
+    from firekit import io
+
+    n = volume.ndim
+    lps = np.diag([*io.lps_flip(n), 1.0]) @ volume.affine
+    spacing = io.spacing(volume.affine)
+    return ants.from_numpy(np.asarray(volume.data, np.float32), origin=tuple(lps[:n, n]), spacing=tuple(spacing),
+                           direction=lps[:n, :n] / spacing)
+
+
+def _timed(function):
+    wall, cpu = time.perf_counter(), time.process_time()
+    value = function()
+    return value, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def run_firekit(options: dict, model, moving, fixed, direction: str, seed: int) -> dict:
+    """One firekit path both ways: forward field (timed), backward field (for inverse consistency)."""
+    from firekit.register import register
+
+    reverse = {"a2b": "b2a", "b2a": "a2b"}[direction]
+    net = model if options["network"] else None
+    kwargs = dict(affine_only=options.get("affine_only", False), refine=options["refine"], seed=seed)
+    result, wall, cpu = _timed(lambda: register(net, moving, fixed, direction=direction, **kwargs))
+    backward = register(net, fixed, moving, direction=reverse, **kwargs)
+    return dict(field=result.displacement, backward=backward.displacement, wall=wall, cpu=cpu)
+
+
+def ants_fields(reg: dict, moving_image, fixed_image) -> tuple[np.ndarray, np.ndarray]:
+    """An ANTs registration's forward transforms composed into one field on fixed's grid, and its
+    inverse transforms into one on moving's grid (ITK/LPS mm, ``(*S, n)`` each)."""
+    import ants
+
+    with tempfile.TemporaryDirectory() as tmp:
+        forward = ants.apply_transforms(fixed_image, moving_image, reg["fwdtransforms"], compose=f"{tmp}/fwd_")
+        inverse_list = reg["invtransforms"]
+        invert = [name.endswith(".mat") for name in inverse_list]  # affines are inverted, inverse warps are not
+        backward = ants.apply_transforms(moving_image, fixed_image, inverse_list, whichtoinvert=invert,
+                                         compose=f"{tmp}/inv_")
+        return ants.image_read(forward).numpy(), ants.image_read(backward).numpy()
+
+
+def run_ants(kind: str, moving, fixed, seed: int) -> dict:
+    """ANTs ``kind`` from moving to fixed (timed), its fields (see :func:`ants_fields`)."""
+    import ants
+
+    def solve():
+        moving_image, fixed_image = _to_ants(moving), _to_ants(fixed)
+        return moving_image, fixed_image, ants.registration(fixed_image, moving_image, type_of_transform=kind,
+                                                            aff_metric="mattes", random_seed=seed)
+
+    (moving_image, fixed_image, reg), wall, cpu = _timed(solve)
+    field, backward = ants_fields(reg, moving_image, fixed_image)
+    return dict(field=field, backward=backward, wall=wall, cpu=cpu)
+
+
+# ---------------------------------------------------------------------------------------- scoring
+def score(field, backward, pair: dict, volumes: dict, label_ids) -> dict:
+    """Every metric of one method on one pair, from its fields (ITK/LPS mm)."""
+    import torch
+
+    from firekit import fields, metrics
+    from firekit.register import field_jacobian
+
+    fixed, moving, fixed_labels = volumes["fixed"], volumes["moving"], volumes["fixed_labels"].data
+    brain = fixed_labels > 0
+    warped = fields.apply_field(volumes["moving_labels"], field, fixed, labels=True)
+    dice = metrics.dice(torch.as_tensor(warped.astype(np.int64)), torch.as_tensor(fixed_labels.astype(np.int64)),
+                        label_ids)
+    hd = metrics.hd95(warped, fixed_labels, fixed.spacing, label_ids)
+    error = np.linalg.norm(field - volumes["true_field"], axis=-1)[brain]
+    row = dict(
+        dice={str(k): v for k, v in dice.items()},
+        hd95=float(np.nanmean(list(hd.values()))),
+        epe=float(error.mean()),
+        epe95=float(np.percentile(error, 95)),
+        folding=float((field_jacobian(field, fixed.affine) <= 0).mean() * 100),
+        ic=None,
+    )
+    if backward is not None:
+        row["ic"] = float(fields.inverse_consistency(field, backward, fixed, moving)[brain].mean())
+    return row
+
+
+def _load_pair(pair: dict) -> dict:
+    from firekit import io
+
+    volumes = {key: io.load_volume(pair[key]) for key in ("moving", "fixed")}
+    volumes.update({key: io.load_labels(pair[key]) for key in ("moving_labels", "fixed_labels")})
+    volumes["true_field"] = io.load_field(pair["true_field"], volumes["fixed"])
+    return volumes
+
+
+# ---------------------------------------------------------------------------------------- run
+def model_info(path: str) -> dict:
+    """What a checkpoint says about itself: file, ndim, preset, training steps, spacing, how."""
+    from firekit.model import load_checkpoint
+    from firekit.register import DEFAULT_MODEL
+
+    path = str(DEFAULT_MODEL if path == "default" else path)
+    model, extra = load_checkpoint(path)
+    return dict(path=os.path.relpath(path, HERE.parent), ndim=model.ndim, preset=model.config.preset,
+                step=extra.get("step"), spacing=extra.get("spacing"), prealign=model.config.prealign,
+                trained_by=extra.get("trained_by"), train_seconds=extra.get("train_seconds"))
+
+
+def run(data: Path, ndims, cases, transforms: dict, models: dict, methods, seed: int, work: Path, log=print) -> dict:
+    """Register every pair with every method; returns the raw results (what results.json holds)."""
+    from firekit.braindata import LABEL_NAMES, build_demo_dataset
+    from firekit.protocol import make_test_pairs
+    from firekit.register import load
+
+    if not (data / "dataset.json").is_file():
+        build_demo_dataset(data, progress=False)
+    subjects = sorted(p for p in (data / "test").iterdir() if p.is_dir())
+    label_ids = list(LABEL_NAMES)
+    results = {"runs": []}
+    for ndim in ndims:
+        model = load(models[ndim]) if any(name in FIREKIT and FIREKIT[name]["network"] for name in methods) else None
+        for case in cases:
+            moving_contrast, fixed_contrast, direction, label = CASES[case]
+            records = []
+            for index, subject in enumerate(subjects):
+                # The same seed per subject in every case: identical transforms (and 2D slices) for each contrast.
+                records += make_test_pairs(subject, work / f"{ndim}d" / case / subject.name, transforms[ndim], ndim=ndim,
+                                           moving=moving_contrast, fixed=fixed_contrast, seed=seed + 100 * index)
+            run_rows = {name: [] for name in (*REFERENCE, *methods)}
+            for number, pair in enumerate(records, 1):
+                volumes = _load_pair(pair)
+                if number == 1 and case == cases[0]:  # first calls pay one-off costs: not timed
+                    for name in (m for m in methods if m in FIREKIT):
+                        run_firekit(FIREKIT[name], model, volumes["moving"], volumes["fixed"], direction, seed)
+                zero = np.zeros_like(volumes["true_field"])
+                run_rows["unaligned"].append(score(zero, None, pair, volumes, label_ids))
+                run_rows["oracle (true mapping)"].append(score(volumes["true_field"], None, pair, volumes, label_ids))
+                for name in methods:
+                    if name in FIREKIT:
+                        out = run_firekit(FIREKIT[name], model, volumes["moving"], volumes["fixed"], direction, seed)
+                    else:
+                        out = run_ants(ANTS[name], volumes["moving"], volumes["fixed"], seed)
+                    row = score(out["field"], out["backward"], pair, volumes, label_ids)
+                    row.update(wall=out["wall"], cpu=out["cpu"])
+                    run_rows[name].append(row)
+                log(f"[{ndim}D {label} {number}/{len(records)}] " + ", ".join(
+                    f"{name.replace('firekit ', 'fk ')} {np.mean(list(rows[-1]['dice'].values())):.3f}"
+                    for name, rows in run_rows.items() if name != "oracle (true mapping)"))
+            results["runs"].append(dict(ndim=ndim, case=case, label=label, pairs=len(records),
+                                        subjects=[s.name for s in subjects], rows=run_rows))
+    return results
+
+
+# ---------------------------------------------------------------------------------------- report
+def summarise(rows: list[dict]) -> dict:
+    """Mean/std of each metric over pairs; medians of times."""
+    labels = list(rows[0]["dice"])
+    dice = np.array([[r["dice"][k] for k in labels] for r in rows])
+    ic = [r["ic"] for r in rows if r["ic"] is not None]
+    summary = dict(
+        dice_mean=dict(zip(labels, dice.mean(0))), dice_std=dict(zip(labels, dice.std(0))),
+        mean=float(dice.mean()), mean_std=float(dice.mean(1).std()),
+        hd95=float(np.nanmean([r["hd95"] for r in rows])), epe=float(np.mean([r["epe"] for r in rows])),
+        epe95=float(np.mean([r["epe95"] for r in rows])), folding=float(np.mean([r["folding"] for r in rows])),
+        ic=float(np.mean(ic)) if ic else None,
+    )
+    if "wall" in rows[0]:
+        summary.update(wall=float(np.median([r["wall"] for r in rows])), cpu=float(np.median([r["cpu"] for r in rows])))
+    return summary
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def table(run: dict, label_names: dict) -> list[str]:
+    rows = {name: summarise(values) for name, values in run["rows"].items() if values}
+    syn = rows.get("ANTs SyN", {}).get("wall")
+    header = ("| method | " + " | ".join(label_names.values()) + " | mean Dice | HD95 mm | EPE mm | EPE p95 mm"
+              " | % \\|J\\|≤0 | IC vox | s/pair | CPU s/pair | SyN ÷ this |")
+    lines = [header, "|" + "---|" * (len(label_names) + 10)]
+    for name, s in rows.items():
+        per_label = " | ".join(f"{s['dice_mean'][str(k)]:.3f} ({s['dice_std'][str(k)]:.3f})" for k in label_names)
+        ratio = f"{syn / s['wall']:.1f}×" if syn and s.get("wall") else "—"
+        bold = "**" if name.startswith("firekit network + refinement") else ""
+        lines.append(f"| {bold}{name}{bold} | {per_label} | {bold}{s['mean']:.3f}{bold} ({s['mean_std']:.3f}) "
+                     f"| {s['hd95']:.2f} | {s['epe']:.2f} | {s['epe95']:.2f} | {s['folding']:.3f} "
+                     f"| {_fmt(s['ic'], '.3f')} | {_fmt(s.get('wall'), '.2f')} | {_fmt(s.get('cpu'), '.2f')} | {ratio} |")
+    return lines
+
+
+def goals(run: dict) -> list[tuple[str, bool, str]]:
+    """(goal, met, by how much) for one ndim x case."""
+    rows = {name: summarise(values) for name, values in run["rows"].items() if values}
+    out = []
+    firekit = {n: s for n, s in rows.items() if n.startswith("firekit")}
+    ants = {n: s for n, s in rows.items() if n.startswith("ANTs")}
+    if firekit and ants:
+        best_fk = max(firekit, key=lambda n: firekit[n]["mean"])
+        best_ants = max(ants, key=lambda n: ants[n]["mean"])
+        margin = GOAL_MARGIN[run["ndim"]]
+        gap = firekit[best_fk]["mean"] - ants[best_ants]["mean"]
+        out.append((f"best firekit ({best_fk}, {firekit[best_fk]['mean']:.3f}) ≥ best ANTs ({best_ants}, "
+                    f"{ants[best_ants]['mean']:.3f}) + {margin:.2f} mean Dice", gap >= margin, f"{gap:+.3f}"))
+    refined, syn, network = (rows.get(n) for n in ("firekit network + refinement", "ANTs SyN", "firekit network"))
+    if refined and syn:
+        worst = min((refined["dice_mean"][k] - syn["dice_mean"][k], k) for k in refined["dice_mean"])
+        out.append(("firekit + refinement Dice ≥ ANTs SyN on every label", worst[0] >= 0,
+                    f"worst label {worst[1]}: {worst[0]:+.3f}"))
+        out.append(("firekit + refinement faster than ANTs SyN", refined["wall"] < syn["wall"],
+                    f"{syn['wall'] / refined['wall']:.1f}× ({refined['wall']:.2f} s vs {syn['wall']:.2f} s)"))
+    if refined:
+        out.append((f"firekit + refinement % |J| ≤ 0 below {FOLDING_GOAL}", refined["folding"] < FOLDING_GOAL,
+                    f"{refined['folding']:.3f} %"))
+        if refined["ic"] is not None:
+            out.append((f"firekit + refinement inverse-consistency error below {IC_GOAL} voxel",
+                        refined["ic"] < IC_GOAL, f"{refined['ic']:.3f} vox"))
+    if network and syn:
+        speedup = syn["wall"] / network["wall"]
+        out.append((f"network alone ≥ {NETWORK_SPEEDUP_GOAL:.0f}× faster than ANTs SyN", speedup >= NETWORK_SPEEDUP_GOAL,
+                    f"{speedup:.1f}×"))
+    return out
+
+
+def report(results: dict, plot_name: str | None = None) -> str:
+    from firekit.braindata import LABEL_NAMES
+
+    meta = results["meta"]
+    lines = [
+        "# firekit beside ANTs on the same pairs",
+        "",
+        f"{meta['date']}, {meta['machine']}; torch {meta['torch']}, antspyx {meta['ants']}; "
+        f"{meta['threads']} threads for torch and ITK. Command: `{meta['command']}` ({meta['minutes']:.0f} min).",
+        "",
+        "Protocol (the paper's Section 4.1): each test subject's moving image randomly transformed "
+        f"({', '.join(f'{v} transforms per subject in {k}D' for k, v in meta['transforms'].items())}, seed {meta['seed']}; affine with one axis scaled 20–50 %, "
+        "rotation ±20°, shear ≤ 0.1, translation ≤ 10 mm, smooth elastic ≤ 9 mm) and registered to the "
+        "same subject's T1. The same transforms (and 2D slices) in every case. Demo data: MNI152-derived "
+        "(`firekit data demo`), test subjects " + ", ".join(results["runs"][0]["subjects"]) + ".",
+        "",
+        "Models: " + "; ".join(f"{nd}D `{m['path']}` ({m['preset']} preset, {m['ndim']}D, trained {m['step']} steps "
+                               f"at {m['spacing']} mm" + (f" in {m['train_seconds'] / 60:.0f} min" if m.get('train_seconds') else "")
+                               + (f", by `{m['trained_by']}`" if m.get('trained_by') else "") + ")"
+                               for nd, m in meta["models"].items()) + ".",
+        "",
+        "Columns: Dice per label mean (std over pairs); HD95 = 95th-percentile surface distance, mean over labels; "
+        "EPE = end-point error against the true mapping over brain voxels (mean, and its 95th percentile); "
+        "% |J| ≤ 0 over the whole grid; IC = inverse-consistency error over brain voxels in voxels "
+        "(firekit: forward field ∘ a registration the other way; ANTs: forward ∘ its own inverse); "
+        "s/pair = median wall seconds of the registration alone (images in memory), CPU s/pair = median "
+        "process CPU seconds (all threads); SyN ÷ this = ANTs SyN's median time over the row's.",
+        "",
+    ]
+    all_goals = []
+    for run in results["runs"]:
+        lines += [f"## {run['ndim']}D, {run['label']} ({run['pairs']} pairs)", ""]
+        lines += table(run, LABEL_NAMES)
+        lines.append("")
+        all_goals += [(f"{run['ndim']}D {run['label']}", *g) for g in goals(run)]
+    lines += ["## Goals", "", "| where | goal | met | by |", "|---|---|---|---|"]
+    lines += [f"| {where} | {goal} | {'yes' if met else '**no**'} | {by} |".replace("|J|", "\\|J\\|")
+              for where, goal, met, by in all_goals]
+    lines.append("")
+    if meta.get("notes"):
+        lines += ["## Notes", ""] + [f"- {note}" for note in meta["notes"]] + [""]
+    if plot_name:
+        lines += [f"![firekit vs ANTs]({plot_name})", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ndims = sorted({run["ndim"] for run in results["runs"]})
+    fig, axes = plt.subplots(len(ndims), 2, figsize=(13, 4.2 * len(ndims)), squeeze=False)
+    for row, ndim in enumerate(ndims):
+        runs = [r for r in results["runs"] if r["ndim"] == ndim]
+        names = [n for n in runs[0]["rows"] if runs[0]["rows"][n]]
+        width = 0.8 / len(names)
+        colours = plt.cm.tab10(np.arange(len(names)) % 10)
+        ax = axes[row, 0]
+        for i, name in enumerate(names):
+            means = [summarise(r["rows"][name])["mean"] for r in runs]
+            stds = [summarise(r["rows"][name])["mean_std"] for r in runs]
+            ax.bar(np.arange(len(runs)) + i * width, means, width, yerr=stds, color=colours[i], label=name)
+        ax.set_xticks(np.arange(len(runs)) + 0.4 - width / 2, [r["label"] for r in runs])
+        ax.set_ylabel("mean Dice (CSF, GM, WM)")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"{ndim}D: accuracy per case")
+        if row == 0:
+            ax.legend(fontsize=7, ncol=2, loc="lower left")
+        ax = axes[row, 1]
+        for i, name in enumerate(names):
+            points = [summarise(r["rows"][name]) for r in runs]
+            if "wall" not in points[0]:
+                continue
+            ax.scatter([p["wall"] for p in points], [p["mean"] for p in points], color=colours[i], label=name, s=40)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"median seconds per pair ({results['meta']['threads']} CPU threads)")
+        ax.set_ylabel("mean Dice")
+        ax.set_title(f"{ndim}D: accuracy vs time (one point per case)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="data/demo", help="demo data folder (built if missing)")
+    parser.add_argument("--ndims", type=int, nargs="+", default=[2, 3], choices=[2, 3])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--transforms", type=int, default=20, help="random transforms per test subject in 2D (paper: 20)")
+    parser.add_argument("--transforms-3d", type=int, default=2,
+                        help="per test subject in 3D (default 2: ANTs SyN/SyNRA cost ~1 min per 3D pair on 2 cores; "
+                             "20 is the paper's)")
+    parser.add_argument("--methods", nargs="+", default=[*FIREKIT, *ANTS], choices=[*FIREKIT, *ANTS], metavar="METHOD")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and ITK threads (default: cores)")
+    parser.add_argument("--model-2d", default="default")
+    parser.add_argument("--model-3d", default=str(HERE.parent / "firekit" / "weights" / "fire3d_t1_t2like_small.pt"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", help="folder for the pairs (default: a temporary one)")
+    parser.add_argument("--out", default=str(HERE / "results.md"))
+    parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report and plot from results.json")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    json_path, png_path = out.with_suffix(".json"), out.with_suffix(".png")
+    if args.report_only:
+        results = json.loads(json_path.read_text())
+        results["meta"]["notes"] = results["meta"].get("notes", []) + args.note
+    else:
+        # ITK reads its thread count once, when ants is first imported.
+        os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
+        import torch
+
+        torch.set_num_threads(args.threads)
+        try:
+            import ants
+        except ImportError:
+            if any(m in ANTS for m in args.methods):
+                print("antspyx is missing: pip install 'firekit[bench]' (or make bench)", file=sys.stderr)
+                return 2
+            ants = None
+        models = {2: args.model_2d, 3: args.model_3d}
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(args.work) if args.work else Path(tmp)
+            results = run(Path(args.data), args.ndims, args.cases, {2: args.transforms, 3: args.transforms_3d},
+                          models, args.methods, args.seed, work, log=lambda line: print(line, file=sys.stderr))
+        results["meta"] = dict(
+            date=str(date.today()), machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
+            torch=torch.__version__, ants=getattr(ants, "__version__", "—"), threads=args.threads,
+            transforms={str(k): v for k, v in {2: args.transforms, 3: args.transforms_3d}.items() if k in args.ndims},
+            seed=args.seed, minutes=(time.perf_counter() - started) / 60,
+            command="python -m bench.vs_ants " + " ".join(argv if argv is not None else sys.argv[1:]),
+            models={str(nd): model_info(models[nd]) for nd in args.ndims}, notes=args.note,
+        )
+        json_path.write_text(json.dumps(results, indent=1))
+    plot(results, png_path)
+    text = report(results, png_path.name)
+    out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

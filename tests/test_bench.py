@@ -1,0 +1,102 @@
+"""The ANTs benchmark's machinery: the ANTs bridge, scoring, goals and the report (not its timings)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from bench import vs_ants
+from firekit import braindata, fields, metrics
+from firekit.protocol import make_test_pairs
+
+ants = pytest.importorskip("ants")
+
+TINY = dict(subjects=3, splits=(1, 1, 1), spacing=4.0, shape=(44, 52, 44), seed=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "data"
+    braindata.build_demo_dataset(out, **TINY)
+    return out
+
+
+def test_ants_fields_reproduce_ants_own_resampling(data, tmp_path):
+    """Composed ANTs transforms, read as an ITK field and applied by firekit, warp as ANTs does."""
+    pair = make_test_pairs(data / "test" / "subj002", tmp_path, 1, ndim=2, seed=4)[0]
+    volumes = vs_ants._load_pair(pair)
+    fixed, moving = vs_ants._to_ants(volumes["fixed"]), vs_ants._to_ants(volumes["moving"])
+    reg = ants.registration(fixed, moving, "SyN", aff_metric="mattes", random_seed=0)
+    field, backward = vs_ants.ants_fields(reg, moving, fixed)
+    ours = fields.apply_field(volumes["moving_labels"], field, volumes["fixed"], labels=True)
+    moving_labels = vs_ants._to_ants(volumes["moving_labels"].with_data(volumes["moving_labels"].data.astype(np.float32)))
+    theirs = ants.apply_transforms(fixed, moving_labels, reg["fwdtransforms"], interpolator="nearestNeighbor").numpy()
+    assert (ours == np.rint(theirs)).mean() > 0.995
+    # forward o its own inverse: small, but measured (not zero by construction)
+    ic = fields.inverse_consistency(field, backward, volumes["fixed"], volumes["moving"])
+    assert 0 < ic[volumes["fixed_labels"].data > 0].mean() < 0.5
+
+
+def test_scores_of_the_reference_rows(data, tmp_path):
+    pair = make_test_pairs(data / "test" / "subj002", tmp_path, 1, ndim=2, seed=5)[0]
+    volumes = vs_ants._load_pair(pair)
+    oracle = vs_ants.score(volumes["true_field"], None, pair, volumes, [1, 2, 3])
+    unaligned = vs_ants.score(np.zeros_like(volumes["true_field"]), None, pair, volumes, [1, 2, 3])
+    assert oracle["epe"] == 0 and oracle["ic"] is None
+    assert np.mean(list(oracle["dice"].values())) > np.mean(list(unaligned["dice"].values())) + 0.2
+    warped = fields.apply_field(volumes["moving_labels"], volumes["true_field"], volumes["fixed"], labels=True)
+    expected = metrics.dice(torch.as_tensor(warped.astype(np.int64)),
+                            torch.as_tensor(volumes["fixed_labels"].data.astype(np.int64)), [1, 2, 3])
+    assert oracle["dice"] == {str(k): v for k, v in expected.items()}
+
+
+def test_one_run_end_to_end_reports_every_row_and_goal(data, tmp_path):
+    methods = ["firekit refinement alone", "ANTs Affine (Mattes MI)", "ANTs SyN"]
+    results = vs_ants.run(data, [2], ["t2"], {2: 1}, {2: "default"}, methods, seed=0, work=tmp_path, log=lambda _: None)
+    (run,) = results["runs"]
+    assert run["pairs"] == 1 and set(run["rows"]) == {*vs_ants.REFERENCE, *methods}
+    refined = vs_ants.summarise(run["rows"]["firekit refinement alone"])
+    unaligned = vs_ants.summarise(run["rows"]["unaligned"])
+    assert refined["mean"] > unaligned["mean"] + 0.1
+    assert refined["ic"] is not None and refined["wall"] > 0
+    results["meta"] = dict(date="today", machine="m", torch="t", ants="a", threads=1, transforms={"2": 1}, seed=0,
+                           minutes=0.1, command="c", models={}, notes=["a note"])
+    text = vs_ants.report(results, "plot.png")
+    for name in [*vs_ants.REFERENCE, *methods]:
+        assert f"| {name} |" in text
+    assert "## Goals" in text and "a note" in text and "![firekit vs ANTs](plot.png)" in text
+    vs_ants.plot(results, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def fake_run(ndim, refined_dice, syn_dice, refined_s, syn_s, network_s, folding=0.0, ic=0.2):
+    def row(dice, wall=None, ic=None):
+        out = dict(dice={"1": dice[0], "2": dice[1], "3": dice[2]}, hd95=1.0, epe=1.0, epe95=2.0,
+                   folding=folding, ic=ic)
+        return out if wall is None else {**out, "wall": wall, "cpu": wall}
+
+    rows = {
+        "unaligned": [row((0.2, 0.3, 0.4))],
+        "firekit network": [row((0.3, 0.4, 0.5), network_s, ic)],
+        "firekit network + refinement": [row(refined_dice, refined_s, ic)],
+        "ANTs SyN": [row(syn_dice, syn_s, 0.05)],
+    }
+    return dict(ndim=ndim, case="t2", label="T2-like → T1", pairs=1, rows=rows)
+
+
+def test_goals_say_met_or_missed_and_by_how_much():
+    met = {goal: (ok, by) for goal, ok, by in vs_ants.goals(fake_run(2, (0.8, 0.9, 0.95), (0.6, 0.7, 0.8), 0.2, 0.5, 0.01))}
+    assert all(ok for ok, _ in met.values()), met
+    assert any("+0.183" in by for _, by in met.values())  # 0.883 - 0.700
+    missed = vs_ants.goals(fake_run(3, (0.5, 0.9, 0.95), (0.6, 0.7, 0.8), 2.0, 1.0, 0.1, folding=0.5, ic=0.9))
+    verdict = {goal.split(" (")[0]: (ok, by) for goal, ok, by in missed}
+    assert verdict["firekit + refinement Dice ≥ ANTs SyN on every label"] == (False, "worst label 1: -0.100")
+    assert not verdict["firekit + refinement faster than ANTs SyN"][0]
+    assert not verdict["firekit + refinement % |J| ≤ 0 below 0.1"][0]
+    assert not verdict["firekit + refinement inverse-consistency error below 0.5 voxel"][0]
+    assert verdict["network alone ≥ 20× faster than ANTs SyN"] == (False, "10.0×")
+    # best firekit 0.783 vs SyN 0.700: +0.083 < 0.05 is met in 3D
+    assert verdict["best firekit"][0]
+    summary = vs_ants.summarise(copy.deepcopy(fake_run(2, (0.8, 0.9, 1.0), (0, 0, 0), 1, 1, 1)["rows"]["firekit network + refinement"]))
+    assert summary["mean"] == pytest.approx(0.9)
