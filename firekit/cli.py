@@ -65,6 +65,7 @@ def _register(args: argparse.Namespace) -> None:
         out_labels=args.out_labels, field=args.field, affine=args.affine, affine_only=args.affine_only,
         spacing=args.spacing, device=args.device, refine=args.refine, seed=args.seed,
         similarity=args.similarity, synthesis=args.synthesis, progress=False if args.quiet else "auto",
+        symmetric=args.symmetric,
     )
     written = [p for p in (args.out, args.out_labels, args.field, args.affine) if p]
     folding = float((result.jacobian_determinant() <= 0).mean() * 100)
@@ -219,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--synthesis", action="store_true",
                           help="refine FIRE's synthesis of moving in the fixed contrast against fixed (use with "
                           "--similarity lncc or mse across modalities)")
+    register.add_argument("--symmetric", action="store_true",
+                          help="register both ways and average: inverse-consistent with the reverse registration "
+                          "(twice the time)")
     register.add_argument("--spacing", type=float, default=1.28, help="network voxel size in mm (default 1.28)")
     register.add_argument("--device", help="cpu, cuda ... (default cpu)")
     register.set_defaults(func=_register)

@@ -23,6 +23,7 @@ affines ``(B, n, n + 1)`` normalised, ``warp(moving, displacement)`` aligns movi
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import sys
@@ -348,6 +349,12 @@ _REGULARISERS = {"bending": bending_energy_per_sample, "diffusion": diffusion_en
 
 
 def candidate_rotations(ndim: int, angles: Sequence[float] = (0.0,)) -> torch.Tensor:
+    """Rotations tried by :func:`moments_init` (see :func:`_candidate_rotations`); built once per setting."""
+    return _candidate_rotations(int(ndim), tuple(float(a) for a in angles)).clone()
+
+
+@functools.lru_cache(maxsize=16)
+def _candidate_rotations(ndim: int, angles: tuple[float, ...]) -> torch.Tensor:
     """Rotations tried by :func:`moments_init` in the whitened frame.
 
     Every proper signed permutation of the axes (4 in 2D, 24 in 3D), each composed with a

@@ -196,6 +196,22 @@ def _network_affine_to_world(theta: torch.Tensor, shape: Sequence[int], grid_aff
     return grid_affine @ voxel @ np.linalg.inv(grid_affine)
 
 
+def symmetrise(theta: torch.Tensor, displacement: torch.Tensor, theta_back: torch.Tensor,
+               displacement_back: torch.Tensor, iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average a forward registration with the inverse of a backward one (same grid, normalised).
+
+    ``phi = (phi_forward + phi_backward^-1) / 2`` and likewise for the affine parts; the backward
+    field is inverted by fixed-point iteration. Done both ways, the two averages are each other's
+    inverse up to second-order terms, whatever each registration's own error.
+
+    Args:
+        theta, theta_back: ``(B, n, n + 1)``; displacement, displacement_back: ``(B, n, *S)``.
+    """
+    inverse = spatial.invert_displacement(displacement_back.double(), iterations).to(displacement.dtype)
+    theta_inverse = spatial.invert_affine(theta_back.double()).to(theta.dtype)
+    return 0.5 * (theta + theta_inverse), 0.5 * (displacement + inverse)
+
+
 def network_factor(model: Fire | None, shape: Sequence[int], grid_affine: np.ndarray) -> int:
     """How many times coarser than the registration grid the model runs: its training spacing
     (``model.spacing``, from the checkpoint) over the grid's finest spacing, rounded; 1 when unknown,
@@ -332,6 +348,7 @@ def register(
     similarity: str | None = None,
     synthesis: bool = False,
     progress: bool | str = False,
+    symmetric: bool = False,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with a FIRE model, per-pair refinement, or both.
 
@@ -354,6 +371,9 @@ def register(
             used across modalities; the transform found is applied to moving. Needs a model.
         progress: print one line per refinement level to stderr; ``"auto"``: only for 3D images
             (seconds per pair; 2D pairs take a fraction of a second).
+        symmetric: register both ways and average the forward transform with the inverse of the
+            backward one (:func:`symmetrise`): registering fixed onto moving then gives (nearly) the
+            inverse of this result. Twice the time.
     """
     moving = as_volume(moving, "moving image")
     fixed = as_volume(fixed, "fixed image")
@@ -375,6 +395,9 @@ def register(
     if model is not None and model.ndim > n:
         raise FirekitError(f"{fixed.name}: a {model.ndim}D model cannot register {n}D images; use a {n}D model")
     slicewise = model is not None and model.ndim < n
+    if symmetric and slicewise and config is None:
+        raise FirekitError("symmetric registration needs refinement or a model of the images' ndim; "
+                           "pass refine='auto' or a 3D model")
     grid_spacing = [spacing, spacing, None] if slicewise and config is None else spacing
     multiple, min_size = (model.size_multiple, model.min_size) if model is not None else (Fire.size_multiple, Fire.min_size)
     shape, grid_affine = network_grid(fixed, grid_spacing, multiple, min_size)
@@ -399,8 +422,15 @@ def register(
         view = NetworkView(xm, xf, warped_net, disp, theta, grid_affine)
     else:
         solver_model = None if slicewise else model
+        factor = network_factor(solver_model, shape, grid_affine)
         theta, disp, warped_net = _solve(solver_model, x_moving, x_fixed, direction, affine_only, config, device,
-                                         synthesis, progress, network_factor(solver_model, shape, grid_affine))
+                                         synthesis, progress, factor)
+        if symmetric:
+            reverse = {"a2b": "b2a", "b2a": "a2b"}[direction]
+            theta_back, disp_back, _ = _solve(solver_model, x_fixed, x_moving, reverse, affine_only, config, device,
+                                              synthesis, progress, factor)
+            theta, disp = symmetrise(theta, disp, theta_back, disp_back)
+            warped_net = spatial.warp(x_moving, disp)
         voxels = spatial.normalised_to_voxel(disp)
         world_affine = _network_affine_to_world(theta, shape, grid_affine)
         view = NetworkView(x_moving, x_fixed, warped_net, disp, theta, grid_affine)

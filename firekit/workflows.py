@@ -134,6 +134,7 @@ def register_files(
     similarity: str | None = None,
     synthesis: bool = False,
     progress: bool | str = False,
+    symmetric: bool = False,
 ):
     """Register ``moving`` onto ``fixed`` and write the outputs; returns the ``RegistrationResult``.
 
@@ -157,7 +158,7 @@ def register_files(
     labels_volume = io.load_labels(moving_labels, "moving label map") if moving_labels is not None else None
     result = register(model, moving, fixed, direction=direction, affine_only=affine_only, spacing=spacing,
                       device=device, refine=refine, seed=seed, similarity=similarity, synthesis=synthesis,
-                      progress=progress)
+                      progress=progress, symmetric=symmetric)
     if labels_volume is not None and labels_volume.shape != result.moving.shape:
         raise FirekitError(
             f"{moving_labels}: shape {labels_volume.shape} differs from {moving} {result.moving.shape}; "

@@ -111,7 +111,8 @@ def test_register_network_alone_and_refinement_alone(workspace, tmp_path):
               "--moving-labels", data / "test/subj002/labels.nii.gz"]
     scores = {}
     for name, extra in (("network", ["--model", run_dir / "model.pt", "--refine", 0]),
-                        ("classical", ["--no-network"])):
+                        ("classical", ["--no-network"]),
+                        ("symmetric", ["--no-network", "--refine", 10, "--symmetric"])):
         result = run("register", *common, *extra, "--out", tmp_path / f"{name}.nii.gz",
                      "--out-labels", tmp_path / f"{name}_labels.nii.gz")
         assert result.returncode == 0, result.stderr
@@ -120,6 +121,7 @@ def test_register_network_alone_and_refinement_alone(workspace, tmp_path):
         scores[name] = json.loads(evaluated.stdout)["mean_dice"]
     # a 3-step network barely moves the image; refinement must register it
     assert scores["classical"] > scores["network"] + 0.1, scores
+    assert scores["symmetric"] > scores["network"] + 0.1, scores
     assert_one_line_error(run("register", *common, "--refine", "-1", "--out", tmp_path / "x.nii.gz"), "--refine")
 
 
