@@ -26,7 +26,6 @@ import torch
 from firekit import io, metrics
 from firekit.braindata import LABEL_NAMES, build_demo_dataset
 from firekit.protocol import end_point_error, make_test_pairs
-from firekit.refine import RefineConfig
 from firekit.register import load, register
 
 PATHS = {
@@ -82,10 +81,6 @@ def run(data: Path, pairs: int, ndim: int, model_path: str, cases: list[str], se
                 rows["unaligned"].append((unaligned, 0.0, epe, 0.0))
                 for name, options in paths.items():
                     refine = options["refine"]
-                    if refine == "moments":
-                        base = RefineConfig.preset(ndim)
-                        refine = RefineConfig.preset(ndim, affine_iterations=(0,) * len(base.affine_levels),
-                                                     field_iterations=(0,) * len(base.field_levels))
                     start = time.perf_counter()
                     result = register(model if options["use_model"] else None, pair["moving"], pair["fixed"],
                                       direction="b2a" if case == "multi" else "a2b",

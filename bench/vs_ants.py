@@ -8,7 +8,8 @@ The paper's test protocol (Section 4.1): each test subject's moving image random
 ``--transforms`` times (``firekit.protocol.make_test_pairs``; the same transforms for every case),
 registered to the subject's T1 by every method:
 
-- firekit: the network's affine alone, the network, network + refinement, refinement alone;
+- firekit: the moments start (no optimisation), the network's affine alone, the network, network +
+  refinement (also ``--symmetric``), refinement alone;
 - ANTs (antspyx, ``pip install firekit[bench]``): ``Affine`` (Mattes MI), ``SyN``, ``SyNRA``,
   ITK threads = ``--threads`` (default: the machine's cores), torch likewise;
 
@@ -41,6 +42,8 @@ CASES = {  # case -> (moving contrast, fixed contrast, model direction, label)
     "mono": ("T1", "T1", "a2b", "T1 → T1"),
 }
 FIREKIT = {  # row -> register() options
+    # What the network (pre-aligned by moments) and refinement start from: no optimisation step.
+    "firekit moments start alone": dict(network=False, refine="moments"),
     "firekit affine-only (network)": dict(network=True, affine_only=True, refine=0),
     "firekit network": dict(network=True, refine=0),
     "firekit network + refinement": dict(network=True, refine="auto"),

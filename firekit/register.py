@@ -227,8 +227,9 @@ def network_factor(model: Fire | None, shape: Sequence[int], grid_affine: np.nda
 def refine_config(refine, ndim: int, seed: int = 0):
     """A ``RefineConfig`` from ``register``'s ``refine`` argument (None when refinement is off).
 
-    ``refine``: 0/None/False off; ``"auto"``/True the tuned preset; an int K: the preset with K
-    Adam steps at every affine and non-rigid level; or a ``RefineConfig``.
+    ``refine``: 0/None/False off; ``"auto"``/True the tuned preset; ``"moments"`` the moments
+    initialisation alone (no optimisation step); an int K: the preset with K Adam steps at every
+    affine and non-rigid level; or a ``RefineConfig``.
     """
     from .refine import RefineConfig
 
@@ -239,6 +240,9 @@ def refine_config(refine, ndim: int, seed: int = 0):
     config = RefineConfig.preset(ndim, seed=seed)
     if refine is True or refine == "auto":
         return config
+    if refine == "moments":
+        return RefineConfig.preset(ndim, seed=seed, affine_iterations=(0,) * len(config.affine_levels),
+                                   field_iterations=(0,) * len(config.field_levels))
     if isinstance(refine, int) and refine > 0:
         return RefineConfig.preset(
             ndim, seed=seed,

@@ -147,6 +147,11 @@ def test_refinement_alone_recovers_a_shift_and_is_deterministic():
     after = np.mean(list(metrics.dice(torch.as_tensor(warped), torch.as_tensor(labels_fixed), [1, 2, 3]).values()))
     assert after > before + 0.2, (before, after)
     assert (first.jacobian_determinant() <= 0).mean() < 0.001
+    # refine="moments": the start alone, an affine (no optimisation step) between the two
+    start = register(None, moving, fixed, refine="moments")
+    started = np.mean(list(metrics.dice(torch.as_tensor(start.apply(labels_moving).data), torch.as_tensor(labels_fixed),
+                                        [1, 2, 3]).values()))
+    assert before < started < after, (before, started, after)
     with pytest.raises(FirekitError, match="no model"):
         register(None, moving, fixed, refine=0)
 
