@@ -287,6 +287,29 @@ def goals(run: dict) -> list[tuple[str, bool, str]]:
     return out
 
 
+SUMMARY_ROWS = ("firekit network", "firekit network + refinement", "firekit refinement alone", "ANTs Affine (Mattes MI)",
+                "ANTs SyN", "ANTs SyNRA", "oracle (true mapping)")
+
+
+def summary_table(results: dict) -> str:
+    """One line per ndim x case: mean Dice and median seconds of the main rows (the README's table)."""
+    short = {"firekit network": "network", "firekit network + refinement": "network + refinement",
+             "firekit refinement alone": "refinement alone", "ANTs Affine (Mattes MI)": "ANTs Affine",
+             "ANTs SyN": "ANTs SyN", "ANTs SyNRA": "ANTs SyNRA", "oracle (true mapping)": "oracle"}
+    present = [name for name in SUMMARY_ROWS if any(run["rows"].get(name) for run in results["runs"])]
+    lines = ["| case | pairs | " + " | ".join(short[n] for n in present) + " |", "|---|---|" + "---|" * len(present)]
+    for run in results["runs"]:
+        cells = []
+        for name in present:
+            if not run["rows"].get(name):
+                cells.append("—")
+                continue
+            s = summarise(run["rows"][name])
+            cells.append(f"{s['mean']:.3f}" + (f" ({s['wall']:.2f} s)" if "wall" in s else ""))
+        lines.append(f"| {run['ndim']}D {run['label']} | {run['pairs']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(results: dict, plot_name: str | None = None) -> str:
     from firekit.braindata import LABEL_NAMES
 
@@ -335,6 +358,7 @@ def report(results: dict, plot_name: str | None = None) -> str:
 
 def plot(results: dict, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -345,7 +369,7 @@ def plot(results: dict, path: Path) -> None:
         runs = [r for r in results["runs"] if r["ndim"] == ndim]
         names = [n for n in runs[0]["rows"] if runs[0]["rows"][n]]
         width = 0.8 / len(names)
-        colours = plt.cm.tab10(np.arange(len(names)) % 10)
+        colours = plt.cm.tab20(np.arange(len(names)) % 20)
         ax = axes[row, 0]
         for i, name in enumerate(names):
             means = [summarise(r["rows"][name])["mean"] for r in runs]
@@ -355,8 +379,6 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylabel("mean Dice (CSF, GM, WM)")
         ax.set_ylim(0, 1)
         ax.set_title(f"{ndim}D: accuracy per case")
-        if row == 0:
-            ax.legend(fontsize=7, ncol=2, loc="lower left")
         ax = axes[row, 1]
         for i, name in enumerate(names):
             points = [summarise(r["rows"][name]) for r in runs]
@@ -364,11 +386,14 @@ def plot(results: dict, path: Path) -> None:
                 continue
             ax.scatter([p["wall"] for p in points], [p["mean"] for p in points], color=colours[i], label=name, s=40)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(f"median seconds per pair ({results['meta']['threads']} CPU threads)")
         ax.set_ylabel("mean Dice")
         ax.set_title(f"{ndim}D: accuracy vs time (one point per case)")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07 if len(ndims) > 1 else 0.12, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -391,12 +416,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "results.md"))
     parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report and plot from results.json")
+    parser.add_argument("--summary", action="store_true", help="print the one-line-per-case summary (README) and stop")
     args = parser.parse_args(argv)
     out = Path(args.out)
     json_path, png_path = out.with_suffix(".json"), out.with_suffix(".png")
+    if args.summary:
+        print(summary_table(json.loads(json_path.read_text())))
+        return 0
     if args.report_only:
         results = json.loads(json_path.read_text())
-        results["meta"]["notes"] = results["meta"].get("notes", []) + args.note
+        if args.note:
+            results["meta"]["notes"] = results["meta"].get("notes", []) + args.note
+            json_path.write_text(json.dumps(results, indent=1))
     else:
         # ITK reads its thread count once, when ants is first imported.
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)

@@ -66,6 +66,8 @@ def test_one_run_end_to_end_reports_every_row_and_goal(data, tmp_path):
     for name in [*vs_ants.REFERENCE, *methods]:
         assert f"| {name} |" in text
     assert "## Goals" in text and "a note" in text and "![firekit vs ANTs](plot.png)" in text
+    summary = vs_ants.summary_table(results).splitlines()
+    assert summary[2].startswith("| 2D T2-like → T1 | 1 |") and "refinement alone" in summary[0]
     vs_ants.plot(results, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
 

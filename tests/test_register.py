@@ -250,3 +250,16 @@ def test_symmetric_registration_is_inverse_consistent_with_the_reverse_one():
     torch.testing.assert_close(theta_sym, theta, atol=1e-6, rtol=0)
     inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
     torch.testing.assert_close(disp_sym[inner], spatial.affine_to_displacement(theta, shape)[inner], atol=1e-4, rtol=0)
+
+
+def test_shipped_3d_model_loads_with_its_training_spacing_and_registers_a_volume():
+    from pathlib import Path
+
+    from firekit.register import load
+
+    path = Path(__file__).resolve().parents[1] / "firekit" / "weights" / "fire3d_t1_t2like_small.pt"
+    model = load(path)
+    assert model.ndim == 3 and model.spacing == 2.56 and model.config.prealign == "moments"
+    volume = io.Volume(blobs((40, 48, 40)), np.diag([2.0, 2.0, 2.0, 1.0]))
+    result = register(model, volume, volume, direction="b2a", refine=0)
+    assert result.warped.shape == (40, 48, 40) and np.isfinite(result.displacement).all()
