@@ -219,10 +219,15 @@ def test_ctrl_c_lets_the_running_step_finish(tmp_path):
             return super().sample(step, batch_size)
 
     run = tmp_path / "run"
-    handler = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        train(small_model(), CtrlC(), small_config(iterations=5), run, progress=False)
-    assert signal.getsignal(signal.SIGINT) is handler
+    # Python's own handler, whatever pytest was started under (a background job ignores SIGINT,
+    # and train() then rightly leaves it ignored).
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(small_model(), CtrlC(), small_config(iterations=5), run, progress=False)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
     assert load_checkpoint(run / "checkpoint.pt")[1]["step"] == 2
     assert sorted(loss_rows(run / "losses.csv")) == [1, 2]
 
