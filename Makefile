@@ -28,7 +28,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-# firekit beside ANTs SyN on the demo pairs (bench/results.md, .json, .png); about 45 min on 2 cores.
+# firekit beside ANTs on the demo pairs (bench/results.md, .json, .png); 56 min on 2 cores. BENCH_ARGS="--ndims 2": 13 min.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) -m bench.vs_ants $(BENCH_ARGS)
