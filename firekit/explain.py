@@ -7,7 +7,9 @@ behind those pictures (drawing stays in ``viz``):
 - :func:`features_to_rgb`: the three principal components of G's channels as an RGB image;
 - :func:`invariance_map`: per location, the RMS difference between G(fixed) and G(moving) warped by
   the model's own transform: low where G maps both modalities to the same code (the property the
-  synthesis and registration losses ask of it), high where it does not.
+  synthesis and registration losses ask of it), high where it does not;
+- :func:`grad_cam`: Grad-CAM (captum ``LayerGradCam``, upsampled with
+  ``LayerAttribution.interpolate``) of one component for a scalar of the pair (:data:`TARGETS`).
 
 All inputs are normalised network tensors ``(B, 1, *S)`` (``register``'s ``NetworkView`` holds them).
 """
@@ -19,7 +21,25 @@ import torch
 from . import spatial
 from .model import Fire
 
-__all__ = ["latent_features", "features_to_rgb", "invariance_map"]
+__all__ = ["latent_features", "features_to_rgb", "invariance_map", "grad_cam", "TARGETS"]
+
+# Registration has no class logits: the scalar each component's Grad-CAM explains.
+TARGETS = {
+    "encoder": "feature misalignment: mean over the ROI of (G(moving) o phi - G(fixed))^2, phi the model's "
+               "registration (held fixed); high = where G's code of moving drives the residual disagreement",
+    "affine": "squared deviation from the identity of one entry (i, j) of the affine subnet's own output (the "
+              "residual after the moments pre-alignment, if any; default the translation along axis 0): where "
+              "the features push the affine correction",
+    "nonrigid": "mean magnitude of the non-rigid displacement u_nr inside the ROI",
+    "decoder": "mean synthesised intensity F(G(moving)) inside the ROI (the decoder of the direction)",
+}
+# The layer each component's Grad-CAM is taken at (the component's last spatial feature map).
+_LAYERS = {
+    "encoder": lambda model, net, decoder: model.encoder,
+    "affine": lambda model, net, decoder: net.affine.features,
+    "nonrigid": lambda model, net, decoder: net.nonrigid.res,
+    "decoder": lambda model, net, decoder: decoder.up2,
+}
 
 
 def latent_features(model: Fire, image: torch.Tensor) -> torch.Tensor:
@@ -77,3 +97,74 @@ def invariance_map(model: Fire, moving: torch.Tensor, fixed: torch.Tensor, direc
         coarse = spatial.resize_displacement(displacement, feat_fixed.shape[2:])
         warped = spatial.warp(feat_moving, coarse)
         return (warped - feat_fixed).square().mean(dim=1).sqrt().float()
+
+
+def _roi_mean(values: torch.Tensor, roi: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``(B, C, *s)`` over channels and the ROI (resized to ``s``, nearest) -> ``(B,)``."""
+    if roi is None:
+        return values.flatten(1).mean(dim=1)
+    mask = torch.nn.functional.interpolate(roi.float(), size=values.shape[2:], mode="nearest")
+    weights = mask.expand_as(values).flatten(1)
+    return (values.flatten(1) * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def _scalar(model: Fire, component: str, direction: str, fixed: torch.Tensor, target, roi):
+    """The forward function captum differentiates: moving ``(B, 1, *S)`` -> ``(B,)``."""
+    net, decoder = model._transform_net(direction), model._decoder(direction)
+    with torch.no_grad():
+        feat_fixed = model.encoder(fixed)  # G(fixed) is held fixed: the CAM is about moving's path
+
+    def forward(moving: torch.Tensor) -> torch.Tensor:
+        feat_moving = model.encoder(moving)
+        if component == "decoder":
+            return _roi_mean(decoder(feat_moving), roi)
+        if direction == "a2b":
+            theta0 = model.initial_affine(moving, fixed)
+        else:
+            theta0 = model.initial_affine(fixed, moving)
+            theta0 = None if theta0 is None else spatial.invert_affine(theta0)
+        if component == "affine":
+            start = feat_moving if theta0 is None else spatial.warp(
+                feat_moving, spatial.affine_to_displacement(theta0, feat_moving.shape[2:]))
+            residual = net.affine(torch.cat([start, feat_fixed], dim=1))
+            residual = residual - spatial.identity_affine(model.ndim, residual.shape[0], like=residual)
+            i, j = target if target is not None else (0, model.ndim)
+            return residual[:, i, j].square()
+        transform = net(feat_moving, feat_fixed, theta0=theta0)
+        if component == "nonrigid":
+            return _roi_mean(transform.flow.norm(dim=1, keepdim=True), roi)
+        displacement = transform.displacement(moving.shape[2:]).detach()  # phi held fixed
+        coarse = spatial.resize_displacement(displacement, feat_fixed.shape[2:])
+        return _roi_mean((spatial.warp(feat_moving, coarse) - feat_fixed).square(), roi)
+
+    return forward
+
+
+def grad_cam(model: Fire, moving: torch.Tensor, fixed: torch.Tensor, component: str, direction: str = "a2b",
+             target: tuple[int, int] | None = None, roi: torch.Tensor | None = None) -> torch.Tensor:
+    """Grad-CAM of ``component`` for its scalar (:data:`TARGETS`), upsampled to the image grid.
+
+    Args:
+        moving, fixed: ``(B, 1, *S)`` normalised images (moving is modality A for ``"a2b"``).
+        component: ``"encoder"``, ``"affine"``, ``"nonrigid"`` or ``"decoder"``.
+        target: ``(i, j)`` of the affine entry explained (``"affine"`` only).
+        roi: ``(B, 1, *S)`` mask where the scalar is measured (default everywhere).
+
+    Returns:
+        ``(B, *S)`` float32 in [0, 1]: ReLU of the gradient-weighted layer activations, each map
+        divided by its maximum (all zero where nothing pushes the scalar up).
+    """
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    if component not in TARGETS:
+        raise ValueError(f"component must be one of {sorted(TARGETS)}, got {component!r}")
+    model.check_input(moving, "moving")
+    model.check_input(fixed, "fixed")
+    layer = _LAYERS[component](model, model._transform_net(direction), model._decoder(direction))
+    with torch.enable_grad():
+        cam = LayerGradCam(_scalar(model, component, direction, fixed, target, roi), layer).attribute(
+            moving.detach().clone().requires_grad_(True), relu_attributions=True)
+    mode = "bilinear" if model.ndim == 2 else "trilinear"
+    cam = LayerAttribution.interpolate(cam.detach(), tuple(moving.shape[2:]), interpolate_mode=mode)[:, 0]
+    peak = cam.flatten(1).max(dim=1).values.clamp_min(1e-30).view(-1, *[1] * model.ndim)
+    return (cam / peak).clamp(0, 1).float()

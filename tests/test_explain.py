@@ -60,3 +60,42 @@ def test_invariance_map_is_zero_for_one_image_and_follows_a_given_transform():
     unaligned = explain.invariance_map(model, moved, smooth, displacement=zero)
     inner = (slice(None), slice(3, -3), slice(3, -3))
     assert float(aligned[inner].mean()) < 0.5 * float(unaligned[inner].mean())
+
+
+@pytest.fixture(scope="module")
+def shipped_pair():
+    from firekit.phantom import phantom_pair
+    from firekit.register import load
+
+    pair = phantom_pair((64, 64), spatial.affine_matrix(2, rotation=10, translation=(0.1, 0.0)), seed=1,
+                        contrasts=("t1", "t2"))
+    return load("default"), pair.x_b, pair.x_a  # T2-like moving, T1 fixed: direction b2a
+
+
+@pytest.mark.parametrize("component", sorted(explain.TARGETS))
+def test_grad_cam_of_every_component_is_a_map_on_the_image_grid(component, shipped_pair):
+    model, moving, fixed = shipped_pair
+    cam = explain.grad_cam(model, moving, fixed, component, direction="b2a")
+    assert cam.shape == (1, 64, 64) and torch.isfinite(cam).all()
+    assert float(cam.min()) >= 0 and float(cam.max()) == pytest.approx(1.0)
+    # the region the scalar is measured in changes the explanation (not the affine: it has no region)
+    if component != "affine":
+        left = torch.zeros(1, 1, 64, 64)
+        left[..., :24] = 1
+        assert not torch.allclose(explain.grad_cam(model, moving, fixed, component, direction="b2a", roi=left), cam)
+
+
+def test_grad_cam_of_an_affine_subnet_that_ignores_its_input_is_zero():
+    """A fresh model's affine output layer has zero weights: nothing in the image moves theta."""
+    model = small_model(2)
+    moving, fixed = torch.rand(2, 1, 1, 48, 40) * 2 - 1
+    assert float(explain.grad_cam(model, moving, fixed, "affine").max()) == 0.0
+
+
+def test_grad_cam_in_3d_and_bad_component():
+    model = small_model(3)
+    moving, fixed = torch.rand(2, 1, 1, 32, 32, 32) * 2 - 1
+    cam = explain.grad_cam(model, moving, fixed, "decoder")
+    assert cam.shape == (1, 32, 32, 32) and torch.isfinite(cam).all()
+    with pytest.raises(ValueError, match="component must be one of"):
+        explain.grad_cam(model, moving, fixed, "everything")
