@@ -9,7 +9,7 @@ import torch
 
 from . import spatial
 
-__all__ = ["checkerboard", "draw_grid", "registration_figure"]
+__all__ = ["checkerboard", "draw_grid", "registration_figure", "affine_parameters"]
 
 
 def _as_2d(image) -> np.ndarray:
@@ -100,3 +100,43 @@ def registration_figure(
         ax.set_axis_off()
     fig.tight_layout()
     return fig
+
+
+def affine_parameters(matrix) -> dict:
+    """Read an affine as rotation, scale, shear and translation: ``A = R @ diag(scale) @ H``.
+
+    ``R`` is a rotation, ``H`` unit upper-triangular (its entries above the diagonal are the shears),
+    from the QR decomposition of the linear part, with the signs chosen so the scales are positive
+    (a reflection, det < 0, shows as a negative last scale).
+
+    Args:
+        matrix: ``(n, n + 1)`` or ``(n + 1, n + 1)``, n = 2 or 3 (e.g. ``RegistrationResult.affine``,
+            world mm; or a network ``theta``, normalised units).
+
+    Returns:
+        ``rotation_deg`` (2D: one angle; 3D: x, y, z angles of ``R = Rz @ Ry @ Rx``), ``scale`` (n),
+        ``shear`` (n(n-1)/2: xy, then xz, yz in 3D), ``translation`` (n, in the matrix's units).
+    """
+    matrix = np.asarray(matrix.detach().cpu() if torch.is_tensor(matrix) else matrix, dtype=np.float64)
+    n = matrix.shape[-1] - 1
+    if n not in (2, 3) or matrix.shape[0] not in (n, n + 1):
+        raise ValueError(f"expected an (n, n + 1) or (n + 1, n + 1) affine with n = 2 or 3, got {matrix.shape}")
+    linear, translation = matrix[:n, :n], matrix[:n, n]
+    rotation, upper = np.linalg.qr(linear)
+    signs = np.sign(np.diag(upper))
+    signs[signs == 0] = 1.0
+    rotation, upper = rotation * signs, signs[:, None] * upper  # positive diagonal
+    if np.linalg.det(rotation) < 0:  # keep R proper; a reflection goes into the last scale
+        rotation[:, -1] *= -1
+        upper[-1] *= -1
+    scale = np.diag(upper).copy()
+    shear_matrix = upper / scale[:, None]
+    shear = [shear_matrix[i, j] for i, j in ((0, 1), (0, 2), (1, 2)) if j < n]
+    if n == 2:
+        angles = [np.degrees(np.arctan2(rotation[1, 0], rotation[0, 0]))]
+    else:
+        angles = [np.degrees(np.arctan2(rotation[2, 1], rotation[2, 2])),
+                  np.degrees(np.arcsin(np.clip(-rotation[2, 0], -1.0, 1.0))),
+                  np.degrees(np.arctan2(rotation[1, 0], rotation[0, 0]))]
+    return {"rotation_deg": [float(a) for a in angles], "scale": [float(v) for v in scale],
+            "shear": [float(v) for v in shear], "translation": [float(v) for v in translation]}
