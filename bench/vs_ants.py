@@ -80,9 +80,10 @@ def _timed(function):
 
 def run_firekit(options: dict, model, moving, fixed, direction: str, seed: int) -> dict:
     """One firekit path both ways: forward field (timed), backward field (for inverse consistency)."""
+    from firekit.model import other_direction
     from firekit.register import register
 
-    reverse = {"a2b": "b2a", "b2a": "a2b"}[direction]
+    reverse = other_direction(direction)
     net = model if options["network"] else None
     kwargs = dict(affine_only=options.get("affine_only", False), refine=options["refine"], seed=seed,
                   symmetric=options.get("symmetric", False))

@@ -93,10 +93,16 @@ def invariance_map(model: Fire, moving: torch.Tensor, fixed: torch.Tensor, direc
     with torch.no_grad():
         if displacement is None:
             displacement = model.register(moving, fixed, direction).displacement
-        feat_moving, feat_fixed = model.encoder(moving), model.encoder(fixed)
-        coarse = spatial.resize_displacement(displacement, feat_fixed.shape[2:])
-        warped = spatial.warp(feat_moving, coarse)
-        return (warped - feat_fixed).square().mean(dim=1).sqrt().float()
+        difference = _squared_feature_difference(model.encoder(moving), model.encoder(fixed), displacement)
+        return difference.mean(dim=1).sqrt().float()
+
+
+def _squared_feature_difference(feat_moving: torch.Tensor, feat_fixed: torch.Tensor,
+                                displacement: torch.Tensor) -> torch.Tensor:
+    """``(G(moving) o phi - G(fixed))^2`` per channel ``(B, C, *s)``; phi ``(B, n, *S)`` normalised,
+    resampled to the feature grid."""
+    coarse = spatial.resize_displacement(displacement, feat_fixed.shape[2:])
+    return (spatial.warp(feat_moving, coarse) - feat_fixed).square()
 
 
 def _roi_mean(values: torch.Tensor, roi: torch.Tensor | None) -> torch.Tensor:
@@ -118,15 +124,9 @@ def _scalar(model: Fire, component: str, direction: str, fixed: torch.Tensor, ta
         feat_moving = model.encoder(moving)
         if component == "decoder":
             return _roi_mean(decoder(feat_moving), roi)
-        if direction == "a2b":
-            theta0 = model.initial_affine(moving, fixed)
-        else:
-            theta0 = model.initial_affine(fixed, moving)
-            theta0 = None if theta0 is None else spatial.invert_affine(theta0)
+        theta0 = model.start_affine(moving, fixed, direction)
         if component == "affine":
-            start = feat_moving if theta0 is None else spatial.warp(
-                feat_moving, spatial.affine_to_displacement(theta0, feat_moving.shape[2:]))
-            residual = net.affine(torch.cat([start, feat_fixed], dim=1))
+            residual = net.affine_residual(feat_moving, feat_fixed, theta0)
             residual = residual - spatial.identity_affine(model.ndim, residual.shape[0], like=residual)
             i, j = target if target is not None else (0, model.ndim)
             return residual[:, i, j].square()
@@ -134,8 +134,7 @@ def _scalar(model: Fire, component: str, direction: str, fixed: torch.Tensor, ta
         if component == "nonrigid":
             return _roi_mean(transform.flow.norm(dim=1, keepdim=True), roi)
         displacement = transform.displacement(moving.shape[2:]).detach()  # phi held fixed
-        coarse = spatial.resize_displacement(displacement, feat_fixed.shape[2:])
-        return _roi_mean((spatial.warp(feat_moving, coarse) - feat_fixed).square(), roi)
+        return _roi_mean(_squared_feature_difference(feat_moving, feat_fixed, displacement), roi)
 
     return forward
 

@@ -93,6 +93,13 @@ class FireConfig(PlainConfig):
 
 PREALIGN = ("none", "moments")
 
+
+def other_direction(direction: str) -> str:
+    """``"b2a"`` for ``"a2b"`` and back."""
+    if direction not in ("a2b", "b2a"):
+        raise FirekitError(f"direction must be 'a2b' or 'b2a', got {direction!r}")
+    return "b2a" if direction == "a2b" else "a2b"
+
 PRESETS: dict[str, dict] = {
     # Section 3.2-3.3 sizes: 19.7M parameters in 2D.
     "paper": dict(
@@ -143,6 +150,20 @@ class TransformNet(nn.Module):
         self.nonrigid = FlowHead(config.ndim, channels, config.flow_channels, config.leaky)
         self.residual_bound = config.residual_bound
 
+    def affine_residual(self, moving: torch.Tensor, fixed: torch.Tensor,
+                        theta0: torch.Tensor | None = None) -> torch.Tensor:
+        """T_af's own output ``(B, ndim, ndim + 1)``: the affine itself without ``theta0``; with it,
+        the residual on the moving features warped by ``theta0`` (bounded by ``residual_bound``)."""
+        if theta0 is None:
+            return self.affine(torch.cat([moving, fixed], dim=1))
+        moving_start = spatial.warp(moving, spatial.affine_to_displacement(theta0, moving.shape[2:]))
+        residual = self.affine(torch.cat([moving_start, fixed], dim=1))
+        if self.residual_bound:
+            identity = spatial.identity_affine(residual.shape[1], residual.shape[0], like=residual)
+            bound = self.residual_bound
+            residual = identity + bound * torch.tanh((residual - identity) / bound)
+        return residual
+
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, affine_only: bool = False,
                 theta0: torch.Tensor | None = None) -> Transform:
         """Features ``(B, C, *s)`` of the moving and fixed images -> :class:`Transform`.
@@ -150,16 +171,8 @@ class TransformNet(nn.Module):
         ``theta0`` ``(B, ndim, ndim + 1)``: a starting affine (pre-alignment); T_af then sees the
         moving features warped by it and its output is composed after it.
         """
-        if theta0 is None:
-            theta = self.affine(torch.cat([moving, fixed], dim=1))
-        else:
-            moving_start = spatial.warp(moving, spatial.affine_to_displacement(theta0, moving.shape[2:]))
-            residual = self.affine(torch.cat([moving_start, fixed], dim=1))
-            if self.residual_bound:
-                identity = spatial.identity_affine(residual.shape[1], residual.shape[0], like=residual)
-                bound = self.residual_bound
-                residual = identity + bound * torch.tanh((residual - identity) / bound)
-            theta = spatial.compose_affines(theta0, residual)
+        residual = self.affine_residual(moving, fixed, theta0)
+        theta = residual if theta0 is None else spatial.compose_affines(theta0, residual)
         if affine_only:
             return Transform(theta, torch.zeros_like(moving[:, : theta.shape[1]]))
         moving_affine = spatial.warp(moving, spatial.affine_to_displacement(theta, moving.shape[2:]))
@@ -320,6 +333,14 @@ class Fire(nn.Module):
                 theta[rows] = moments_init(moving[rows], fixed[rows])
         return theta.to(dtype)
 
+    def start_affine(self, moving: torch.Tensor, fixed: torch.Tensor, direction: str) -> torch.Tensor | None:
+        """:meth:`initial_affine` for one direction: as in training, the B->A start is the A->B one
+        (of the A image onto the B image) inverted, so the two starts are each other's inverse."""
+        if direction == "a2b":
+            return self.initial_affine(moving, fixed)
+        theta0 = self.initial_affine(fixed, moving)
+        return None if theta0 is None else spatial.invert_affine(theta0)
+
     def _transform_net(self, direction: str) -> TransformNet:
         if direction == "a2b":
             return self.transform_ab
@@ -362,13 +383,8 @@ class Fire(nn.Module):
         net = self._transform_net(direction)
         features = self.encoder(torch.cat([moving, fixed], dim=0))
         feat_moving, feat_fixed = _split(features, 2)
-        # As in training, the B->A start is the inverted A->B one.
-        if direction == "a2b":
-            theta0 = self.initial_affine(moving, fixed)
-        else:
-            theta0 = self.initial_affine(fixed, moving)
-            theta0 = None if theta0 is None else spatial.invert_affine(theta0)
-        transform = net(feat_moving, feat_fixed, affine_only=affine_only, theta0=theta0)
+        transform = net(feat_moving, feat_fixed, affine_only=affine_only,
+                        theta0=self.start_affine(moving, fixed, direction))
         displacement = transform.displacement(moving.shape[2:])
         return Registration(transform.theta, displacement, spatial.warp(moving, displacement), transform.flow)
 

@@ -31,7 +31,7 @@ from .data import DEFAULT_SPACING, map_points, network_grid, to_network
 from ._atomic import atomic_write_text
 from .errors import FirekitError
 from .io import itk_field_array, lps_flip
-from .model import Fire, load_checkpoint
+from .model import Fire, load_checkpoint, other_direction
 
 __all__ = [
     "RegistrationResult",
@@ -430,9 +430,8 @@ def register(
         theta, disp, warped_net = _solve(solver_model, x_moving, x_fixed, direction, affine_only, config, device,
                                          synthesis, progress, factor)
         if symmetric:
-            reverse = {"a2b": "b2a", "b2a": "a2b"}[direction]
-            theta_back, disp_back, _ = _solve(solver_model, x_fixed, x_moving, reverse, affine_only, config, device,
-                                              synthesis, progress, factor)
+            theta_back, disp_back, _ = _solve(solver_model, x_fixed, x_moving, other_direction(direction), affine_only,
+                                              config, device, synthesis, progress, factor)
             theta, disp = symmetrise(theta, disp, theta_back, disp_back)
             warped_net = spatial.warp(x_moving, disp)
         voxels = spatial.normalised_to_voxel(disp)
