@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import yaml
@@ -299,6 +299,7 @@ def train(
     device: str | torch.device | None = None,
     progress: bool = True,
     extra: dict | None = None,
+    callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on pairs from ``source``, writing a resumable run folder.
 
@@ -317,6 +318,9 @@ def train(
         device: ``"cuda"`` when available, else ``"cpu"``, by default.
         progress: show a tqdm bar (total, syn, reg, smooth = lambda R_smooth, latest val Dice).
         extra: plain data added to ``model.pt``'s extra (e.g. the command line).
+        callback: called after every step with the 1-based step and its loss terms
+            (``FireLoss.as_floats()``, plus ``val_dice`` when validation ran at that step), e.g. a
+            live plot (``viz.LossPlot``).
 
     Returns:
         a :class:`TrainResult`.
@@ -408,7 +412,8 @@ def train(
                 state.losses = loss.as_floats()
                 losses_log.write({"step": state.step, **state.losses, "seconds": seconds()})
                 last = state.step == config.iterations
-                if val_log is not None and (last or _due(state.step, config.val_every)):
+                validated = val_log is not None and (last or _due(state.step, config.val_every))
+                if validated:
                     scores = _validate(model, validation, device)
                     val_log.write({"step": state.step, **scores})
                     state.latest_dice = scores["dice_mean"]
@@ -419,6 +424,8 @@ def train(
                         model.save(run_dir / "model_best.pt", extra=_model_extra(config, data, extra, state))
                 if last or _due(state.step, config.checkpoint_every):
                     save()
+                if callback is not None:
+                    callback(state.step, {**state.losses, **({"val_dice": state.latest_dice} if validated else {})})
                 bar.set_postfix(_postfix(loss, state.latest_dice), refresh=False)
                 bar.update(1)
                 if interrupt.pending:

@@ -1,15 +1,46 @@
-"""Pictures of registrations with matplotlib (Agg-safe): checkerboards, deformation grids, Jacobians."""
+"""Pictures of registrations and the controls to browse them.
+
+Pictures (matplotlib, Agg-safe, return arrays or Figures): :func:`overlay`, :func:`checkerboard`,
+difference images, :func:`draw_grid`, :func:`draw_jacobian` (folding outlined),
+:func:`registration_figure`, :func:`affine_parameters`.
+
+Controls (ipywidgets, imported only when used): :func:`interactive_figure` redraws a figure into an
+``Output`` widget as a PNG whenever a control changes (offline-safe: no JavaScript beyond
+ipywidgets' own); :func:`explore_registration`, :func:`explore_features`, :func:`explore_grad_cam`,
+:func:`view_slices` and :func:`view3d` are built on it (slice, direction A->B / B->A, component,
+channel and phase controls).
+"""
 
 from __future__ import annotations
 
-from typing import Sequence
+import base64
+import importlib
+import io as _bytes_io
+import os
+import socket
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from . import spatial
 
-__all__ = ["checkerboard", "draw_grid", "registration_figure", "affine_parameters"]
+__all__ = ["checkerboard", "overlay", "difference", "draw_grid", "draw_jacobian", "network_slice",
+           "registration_figure", "affine_parameters", "figure_png", "interactive_figure",
+           "explore_registration", "explore_features", "explore_grad_cam", "view_slices", "view3d", "LossPlot"]
+
+
+def _pyplot():
+    """matplotlib.pyplot, on the Agg backend unless one was chosen already (Jupyter sets its own)."""
+    import sys
+
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _as_2d(image) -> np.ndarray:
@@ -18,6 +49,28 @@ def _as_2d(image) -> np.ndarray:
     if array.ndim != 2:
         raise ValueError(f"expected a 2D image after squeezing, got shape {array.shape}")
     return array
+
+
+def _unit(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
+    """Stretch intensities between two percentiles to [0, 1]."""
+    lo, hi = np.percentile(image, [low, high])
+    return np.clip((image - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
+
+
+def overlay(fixed, moving) -> np.ndarray:
+    """RGB ``(H, W, 3)`` in [0, 1]: fixed in green, moving in magenta (grey where they agree)."""
+    fixed, moving = _unit(_as_2d(fixed)), _unit(_as_2d(moving))
+    if fixed.shape != moving.shape:
+        raise ValueError(f"overlay needs equal shapes, got {fixed.shape} and {moving.shape}")
+    return np.stack([moving, fixed, moving], axis=-1)
+
+
+def difference(a, b) -> np.ndarray:
+    """``a - b`` of two 2D images after stretching each to [0, 1] (so different contrasts compare)."""
+    a, b = _unit(_as_2d(a)), _unit(_as_2d(b))
+    if a.shape != b.shape:
+        raise ValueError(f"difference needs equal shapes, got {a.shape} and {b.shape}")
+    return a - b
 
 
 def checkerboard(a, b, tiles: int = 8) -> np.ndarray:
@@ -50,6 +103,51 @@ def draw_grid(ax, displacement: torch.Tensor, step: int = 4, color: str = "yello
         ax.plot(cols[:, j], rows[:, j], color=color, linewidth=linewidth)
 
 
+def draw_jacobian(ax, jacobian, colorbar: bool = True):
+    """Show a 2D Jacobian-determinant map (1 = volume kept; blue < 1 contraction, red > 1
+    expansion) with the folded voxels (det <= 0) outlined in black; returns the fraction folded."""
+    jacobian = _as_2d(jacobian)
+    shown = ax.imshow(jacobian, cmap="RdBu_r", vmin=0, vmax=2)
+    folded = jacobian <= 0
+    if folded.any():
+        ax.contour(folded, levels=[0.5], colors="black", linewidths=0.8)
+    ax.set_title(f"Jacobian det. ({folded.mean():.2%} folded)")
+    if colorbar:
+        ax.figure.colorbar(shown, ax=ax, fraction=0.046)
+    return float(folded.mean())
+
+
+def network_slice(view, index: int | None = None) -> dict:
+    """One 2D slice of a registration's network view, for pictures.
+
+    Args:
+        view: a ``RegistrationResult`` or its ``NetworkView`` (2D pair, a 2D model's slices of a
+            volume, or a 3D volume, sliced along its last axis).
+        index: the slice (default the middle one).
+
+    Returns:
+        ``moving``, ``fixed``, ``warped`` (2D arrays), ``displacement`` ``(1, 2, H, W)`` in-plane
+        normalised field, ``jacobian`` (2D, of the full field), ``index``, ``count`` (slices).
+    """
+    view = getattr(view, "network", view)
+    field = view.displacement.detach().cpu()
+    batch, n = field.shape[:2]
+    count = batch if n == 2 else field.shape[-1]
+    index = count // 2 if index is None else int(index)
+    if not 0 <= index < count:
+        raise ValueError(f"slice {index} is outside 0..{count - 1}")
+    if n == 2:
+        pick = (lambda x: x[index, 0]) if batch > 1 else (lambda x: x[0, 0])
+        plane = field[index:index + 1] if batch > 1 else field[:1]
+        jacobian = spatial.jacobian_determinant(plane)[0]
+    else:
+        pick = lambda x: x[0, 0, ..., index]  # noqa: E731
+        plane = field[:1, :2, ..., index]
+        jacobian = spatial.jacobian_determinant(field[:1])[0, ..., index]
+    images = {k: pick(getattr(view, k).detach().cpu()).numpy() for k in ("moving", "fixed", "warped")}
+    return {**images, "displacement": plane, "jacobian": jacobian.numpy(), "index": index, "count": count}
+
+
 def registration_figure(
     moving,
     fixed,
@@ -68,31 +166,20 @@ def registration_figure(
     Returns:
         a matplotlib Figure (the caller saves or displays and closes it).
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     panels = 7 + (synthesised is not None)
     fig, axes = plt.subplots(1, panels, figsize=(2.4 * panels, 2.8))
     for ax, image, title in zip(axes[:3], (moving, fixed, warped), titles):
         ax.imshow(_as_2d(image), cmap="gray")
         ax.set_title(title)
-    axes[3].imshow(checkerboard(fixed, warped), cmap="gray")
+    axes[3].imshow(checkerboard(_unit(_as_2d(fixed)), _unit(_as_2d(warped))), cmap="gray")
     axes[3].set_title("checkerboard")
-    difference = _as_2d(warped) - _as_2d(fixed)
-    limit = float(np.abs(difference).max()) or 1.0
-    axes[4].imshow(difference, cmap="coolwarm", vmin=-limit, vmax=limit)
+    axes[4].imshow(difference(warped, fixed), cmap="coolwarm", vmin=-1, vmax=1)
     axes[4].set_title("warped - fixed")
     axes[5].imshow(_as_2d(warped), cmap="gray")
     draw_grid(axes[5], displacement, step=max(2, displacement.shape[-1] // 16))
     axes[5].set_title("deformation grid")
-    jac = _as_2d(spatial.jacobian_determinant(displacement.detach()))
-    shown = axes[6].imshow(jac, cmap="RdBu_r", vmin=0, vmax=2)
-    if (jac <= 0).any():
-        axes[6].contour(jac <= 0, levels=[0.5], colors="black", linewidths=0.8)
-    axes[6].set_title(f"Jacobian det. ({(jac <= 0).mean():.2%} folded)")
-    fig.colorbar(shown, ax=axes[6], fraction=0.046)
+    draw_jacobian(axes[6], spatial.jacobian_determinant(displacement.detach()))
     if synthesised is not None:
         axes[7].imshow(_as_2d(synthesised), cmap="gray")
         axes[7].set_title("synthesised")
@@ -140,3 +227,353 @@ def affine_parameters(matrix) -> dict:
                   np.degrees(np.arctan2(rotation[1, 0], rotation[0, 0]))]
     return {"rotation_deg": [float(a) for a in angles], "scale": [float(v) for v in scale],
             "shear": [float(v) for v in shear], "translation": [float(v) for v in translation]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Controls: figures redrawn into an ipywidgets Output as PNG images.
+
+
+def figure_png(fig, dpi: int = 80) -> bytes:
+    """Render a matplotlib Figure to PNG bytes and close it."""
+    buffer = _bytes_io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def _show_png(output, png: bytes) -> None:
+    """Replace an Output widget's content by one PNG (works with or without a running kernel)."""
+    data = {"image/png": base64.b64encode(png).decode("ascii"), "text/plain": "<figure>"}
+    output.outputs = ({"output_type": "display_data", "data": data, "metadata": {}},)
+
+
+def interactive_figure(draw: Callable, controls: dict, dpi: int = 80):
+    """A box of controls above an ``Output`` that shows ``draw(**values)`` and redraws on change.
+
+    Args:
+        draw: called with each control's ``value`` by name; returns a matplotlib Figure.
+        controls: ``{name: ipywidgets widget with a value}`` (sliders, dropdowns, toggles).
+
+    Returns:
+        ``ipywidgets.VBox``: ``children[0]`` the controls, ``children[1]`` the Output;
+        ``box.controls`` and ``box.output`` name them, ``box.redraw()`` draws again.
+    """
+    import ipywidgets as widgets
+
+    output = widgets.Output()
+
+    def redraw(_change=None) -> None:
+        _show_png(output, figure_png(draw(**{name: c.value for name, c in controls.items()}), dpi))
+
+    for control in controls.values():
+        control.observe(redraw, names="value")
+    box = widgets.VBox([widgets.HBox(list(controls.values())), output])
+    box.controls, box.output, box.redraw = controls, output, redraw
+    redraw()
+    return box
+
+
+def _slider(description: str, count: int, value: int | None = None):
+    import ipywidgets as widgets
+
+    return widgets.IntSlider(value=count // 2 if value is None else value, min=0, max=max(count - 1, 0),
+                             description=description, continuous_update=False)
+
+
+_VIEWS = ("overlay", "checkerboard", "difference", "grid", "jacobian")
+
+
+def explore_registration(result, views: Sequence[str] = _VIEWS):
+    """Browse a registration: moving, fixed, warped and one chosen view, slice by slice.
+
+    Args:
+        result: a ``RegistrationResult`` (or its ``NetworkView``): the network-grid images and
+            the full displacement (affine + non-rigid).
+        views: the choices of the fourth panel: overlay (fixed green, warped magenta),
+            checkerboard, difference, deformation grid, Jacobian determinant.
+    """
+    import ipywidgets as widgets
+
+    first = network_slice(result)
+    controls = {"view": widgets.ToggleButtons(options=list(views), value=views[0], description="view")}
+    if first["count"] > 1:
+        controls["index"] = _slider("slice", first["count"])
+
+    def draw(view: str, index: int | None = None):
+        part = network_slice(result, index)
+        plt = _pyplot()
+        fig, axes = plt.subplots(1, 4, figsize=(11, 3))
+        for ax, key in zip(axes, ("moving", "fixed", "warped")):
+            ax.imshow(part[key], cmap="gray")
+            ax.set_title(key if key != "warped" else "warped moving")
+        last = axes[3]
+        if view == "overlay":
+            last.imshow(overlay(part["fixed"], part["warped"]))
+        elif view == "checkerboard":
+            last.imshow(checkerboard(_unit(part["fixed"]), _unit(part["warped"])), cmap="gray")
+        elif view == "difference":
+            last.imshow(difference(part["warped"], part["fixed"]), cmap="coolwarm", vmin=-1, vmax=1)
+        elif view == "grid":
+            last.imshow(part["warped"], cmap="gray")
+            draw_grid(last, part["displacement"], step=max(2, part["displacement"].shape[-1] // 16))
+        else:
+            draw_jacobian(last, part["jacobian"])
+        if view != "jacobian":
+            last.set_title(view)
+        for ax in axes:
+            ax.set_axis_off()
+        fig.tight_layout()
+        return fig
+
+    return interactive_figure(draw, controls)
+
+
+def _pair_slice(array: torch.Tensor, index: int | None) -> np.ndarray:
+    """``(1, C, *s)`` -> ``(C, H, W)``: a 2D map as it is, a 3D one at ``index`` of its last axis."""
+    array = array.detach().cpu()[0]
+    if array.ndim == 4:
+        array = array[..., array.shape[-1] // 2 if index is None else index]
+    return array.numpy()
+
+
+def _slices_of(image: torch.Tensor) -> int:
+    return image.shape[-1] if image.ndim == 5 else 1
+
+
+def explore_features(model, image_a: torch.Tensor, image_b: torch.Tensor, direction: str = "a2b"):
+    """Browse G's latent features of A and B: one channel, the PCA of all channels as RGB, or the
+    modality-invariance map (RMS of ``G(fixed) - G(moving) o phi``, :func:`explain.invariance_map`).
+
+    Args:
+        model: a ``Fire`` model; image_a, image_b: ``(1, 1, *S)`` normalised images (modality A, B).
+        direction: which way phi registers for the invariance map.
+    """
+    import ipywidgets as widgets
+
+    from . import explain
+
+    features = {"A": explain.latent_features(model, image_a), "B": explain.latent_features(model, image_b)}
+    rgb = {key: explain.features_to_rgb(value) for key, value in features.items()}
+    moving, fixed = (image_a, image_b) if direction == "a2b" else (image_b, image_a)
+    invariance = explain.invariance_map(model, moving, fixed, direction)[:, None]
+    controls = {"mode": widgets.ToggleButtons(options=["channel", "PCA RGB", "invariance"], description="show"),
+                "image": widgets.ToggleButtons(options=["A", "B"], description="image"),
+                "channel": _slider("channel", features["A"].shape[1], 0)}
+    slices = _slices_of(features["A"])
+    if slices > 1:
+        controls["index"] = _slider("slice", slices)
+
+    def draw(mode: str, image: str, channel: int, index: int | None = None):
+        source = image_a if image == "A" else image_b
+        plt = _pyplot()
+        fig, axes = plt.subplots(1, 2, figsize=(7, 3.4))
+        full_index = None if index is None else int(round((index + 0.5) * source.shape[-1] / slices - 0.5))
+        axes[0].imshow(_pair_slice(source, full_index)[0], cmap="gray")
+        axes[0].set_title(f"image {image}")
+        if mode == "channel":
+            shown = axes[1].imshow(_pair_slice(features[image], index)[channel], cmap="viridis")
+            fig.colorbar(shown, ax=axes[1], fraction=0.046)
+            axes[1].set_title(f"G({image}) channel {channel}")
+        elif mode == "PCA RGB":
+            axes[1].imshow(_pair_slice(rgb[image], index).transpose(1, 2, 0))
+            axes[1].set_title(f"G({image}): 3 principal components")
+        else:
+            shown = axes[1].imshow(_pair_slice(invariance, index)[0], cmap="magma")
+            fig.colorbar(shown, ax=axes[1], fraction=0.046)
+            axes[1].set_title("RMS |G(fixed) - G(moving) o phi|")
+        for ax in axes:
+            ax.set_axis_off()
+        fig.tight_layout()
+        return fig
+
+    return interactive_figure(draw, controls)
+
+
+def explore_grad_cam(model, image_a: torch.Tensor, image_b: torch.Tensor, roi: torch.Tensor | None = None,
+                     components: Sequence[str] | None = None):
+    """Browse Grad-CAM maps (:func:`explain.grad_cam`) by component and direction, over the moving image.
+
+    Args:
+        model: a ``Fire`` model; image_a, image_b: ``(1, 1, *S)`` normalised images (modality A, B).
+        roi: optional ``(1, 1, *S)`` mask on the fixed grid of the direction (see ``explain.TARGETS``).
+        components: the choices (default every component of ``explain.TARGETS``).
+    """
+    import ipywidgets as widgets
+
+    from . import explain
+
+    components = list(components or explain.TARGETS)
+    cache: dict = {}
+
+    def cam(component: str, direction: str) -> torch.Tensor:
+        if (component, direction) not in cache:
+            moving, fixed = (image_a, image_b) if direction == "a2b" else (image_b, image_a)
+            cache[component, direction] = explain.grad_cam(model, moving, fixed, component, direction, roi=roi)[:, None]
+        return cache[component, direction]
+
+    controls = {"component": widgets.Dropdown(options=components, description="component"),
+                "direction": widgets.ToggleButtons(options=[("A->B", "a2b"), ("B->A", "b2a")], description="direction")}
+    if _slices_of(image_a) > 1:
+        controls["index"] = _slider("slice", _slices_of(image_a))
+
+    def draw(component: str, direction: str, index: int | None = None):
+        moving = image_a if direction == "a2b" else image_b
+        heat = _pair_slice(cam(component, direction), index)[0]
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(4.2, 3.8))
+        ax.imshow(_pair_slice(moving, index)[0], cmap="gray")
+        shown = ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        fig.colorbar(shown, ax=ax, fraction=0.046)
+        ax.set_title(f"Grad-CAM: {component}, {direction}", fontsize=9)
+        ax.set_axis_off()
+        fig.tight_layout()
+        return fig
+
+    return interactive_figure(draw, controls)
+
+
+def _as_array(volume) -> tuple[np.ndarray, np.ndarray]:
+    """(data, spacing) of a Volume, tensor or array (arrays: 1 mm)."""
+    data = getattr(volume, "data", volume)
+    data = data.detach().cpu().numpy() if torch.is_tensor(data) else np.asarray(data)
+    spacing = np.asarray(volume.spacing, float) if hasattr(volume, "spacing") else np.ones(min(data.ndim, 3))
+    return data, spacing
+
+
+def view_slices(volume, labels=None, cmap: str = "gray"):
+    """Orthogonal slices of a 3D volume (or a 4D series, last axis = phase) with a slider per axis.
+
+    Offline: matplotlib pictures in an Output widget. Voxels are drawn at their physical aspect.
+
+    Args:
+        volume: ``io.Volume``, array or tensor, 3D ``(X, Y, Z)`` or 4D ``(X, Y, Z, T)``.
+        labels: optional label map of the volume's spatial shape, outlined in colour.
+    """
+    data, spacing = _as_array(volume)
+    data = np.squeeze(data) if data.ndim > 4 else data
+    if data.ndim not in (3, 4):
+        raise ValueError(f"view_slices needs a 3D volume or a 4D series, got shape {data.shape}")
+    label_data = None if labels is None else _as_array(labels)[0]
+    if label_data is not None and label_data.shape != data.shape[:3]:
+        raise ValueError(f"labels shape {label_data.shape} differs from the volume's {data.shape[:3]}")
+    controls = {axis: _slider(axis, size) for axis, size in zip("xyz", data.shape[:3])}
+    if data.ndim == 4:
+        controls["phase"] = _slider("phase", data.shape[3], 0)
+    spacing = np.resize(spacing, 3)
+    limits = np.percentile(data, [1, 99])
+
+    def draw(x: int, y: int, z: int, phase: int = 0):
+        frame = data[..., phase] if data.ndim == 4 else data
+        plt = _pyplot()
+        fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+        cuts = ((frame[x], (1, 2), "sagittal x"), (frame[:, y], (0, 2), "coronal y"), (frame[:, :, z], (0, 1), "axial z"))
+        for ax, (plane, (i, j), title), position in zip(axes, cuts, (x, y, z)):
+            ax.imshow(plane.T, cmap=cmap, origin="lower", vmin=limits[0], vmax=limits[1],
+                      aspect=spacing[j] / spacing[i])
+            if label_data is not None:
+                cut = (label_data[x], label_data[:, y], label_data[:, :, z])["xyz".index(title[-1])]
+                ax.contour(cut.T, levels=np.unique(cut)[1:] - 0.5, cmap="tab10", linewidths=0.7, origin="lower")
+            ax.set_title(f"{title} = {position}")
+            ax.set_axis_off()
+        fig.tight_layout()
+        return fig
+
+    return interactive_figure(draw, controls)
+
+
+class LossPlot:
+    """A live plot of training losses: pass it as ``train(..., callback=plot)`` and show ``plot.widget``.
+
+    Draws the total, L_syn, L_reg and lambda R_smooth (log scale) and the validation Dice on a second
+    axis, every ``every`` steps (and at the last call, :meth:`draw`).
+    """
+
+    TERMS = {"total": "total (Eq. 1)", "syn": "L_syn (Eq. 6)", "reg": "L_reg (Eq. 9)", "smooth": "lambda R_smooth"}
+
+    def __init__(self, every: int = 10):
+        import ipywidgets as widgets
+
+        self.every = max(1, int(every))
+        self.widget = widgets.Output()
+        self.steps: list[int] = []
+        self.values: dict[str, list[float]] = {key: [] for key in self.TERMS}
+        self.validation: list[tuple[int, float]] = []
+
+    def __call__(self, step: int, losses: dict) -> None:
+        syn = sum(losses[k] for k in ("syn_acc", "syn_fea", "syn_cyc", "syn_align"))
+        reg = losses["reg_acc"] + losses["reg_ic"]
+        row = {"total": losses["total"], "syn": syn, "reg": reg, "smooth": losses["smooth_weight"] * losses["r_smooth"]}
+        self.steps.append(step)
+        for key, value in row.items():
+            self.values[key].append(value)
+        if "val_dice" in losses and losses["val_dice"] is not None:
+            self.validation.append((step, losses["val_dice"]))
+        if step % self.every == 0:
+            self.draw()
+
+    def figure(self):
+        """The plot as a Figure."""
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        for key, label in self.TERMS.items():
+            ax.plot(self.steps, self.values[key], label=label, linewidth=1)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(loc="upper left", fontsize=7)
+        if self.validation:
+            dice = ax.twinx()
+            dice.plot(*zip(*self.validation), "k.-", label="validation Dice")
+            dice.set_ylabel("validation Dice")
+            dice.legend(loc="upper right", fontsize=7)
+        fig.tight_layout()
+        return fig
+
+    def draw(self) -> None:
+        """Redraw into :attr:`widget` now."""
+        _show_png(self.widget, figure_png(self.figure()))
+
+
+# itkwidgets >= 1.0 loads its viewer (JavaScript) from this host when the widget is shown.
+ITKWIDGETS_HOST = ("itk.org", 443)
+
+
+def _itkwidgets_usable(timeout: float = 1.5) -> bool:
+    """itkwidgets imports and its viewer's host answers (Binder: yes; offline laptops and CI: no)."""
+    if os.environ.get("FIREKIT_VIEW3D", "auto") == "slices":
+        return False
+    try:
+        importlib.import_module("itkwidgets")
+    except Exception:
+        return False
+    try:
+        socket.create_connection(ITKWIDGETS_HOST, timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def view3d(volume, labels=None, backend: str = "auto"):
+    """Look at a 3D volume: itkwidgets' viewer where it can run, else :func:`view_slices`.
+
+    Args:
+        volume: ``io.Volume``, array or tensor ``(X, Y, Z)`` (a 4D series gets the slice viewer).
+        labels: optional label map of the same shape.
+        backend: ``"auto"`` (itkwidgets when it imports and its viewer's host is reachable; the
+            environment variable ``FIREKIT_VIEW3D=slices`` forces the fallback), ``"itkwidgets"``
+            or ``"slices"``.
+
+    Returns:
+        the itkwidgets viewer, or the ipywidgets box of :func:`view_slices`.
+    """
+    if backend not in ("auto", "itkwidgets", "slices"):
+        raise ValueError(f"backend must be 'auto', 'itkwidgets' or 'slices', got {backend!r}")
+    data, spacing = _as_array(volume)
+    use_itk = backend == "itkwidgets" or (backend == "auto" and data.ndim == 3 and _itkwidgets_usable())
+    if not use_itk:
+        return view_slices(volume, labels)
+    from itkwidgets import view
+
+    options = {} if labels is None else {"label_image": np.ascontiguousarray(_as_array(labels)[0].T)}
+    # itkwidgets takes NumPy arrays in (z, y, x) order
+    return view(image=np.ascontiguousarray(data.T.astype(np.float32)), **options)

@@ -82,13 +82,14 @@ def train_on_files(
     curriculum_steps: int = 0,
     prealign: str = "none",
     residual_bound: float = 0.0,
+    callback=None,
     **train_options,
 ):
     """Train a FIRE model on subjects matched from globs; writes the run folder (see ``train``).
 
     Validation uses the ``val_*`` globs when given, else fixed augmented pairs of the training
     subjects (only when labels are given). ``prealign`` and ``residual_bound`` go to the model (:class:`FireConfig`),
-    ``train_options`` to :class:`TrainConfig`.
+    ``train_options`` to :class:`TrainConfig`; ``callback`` to ``train`` (e.g. a ``viz.LossPlot``).
     """
     from .train import TrainConfig, train
 
@@ -113,7 +114,7 @@ def train_on_files(
                                           residual_bound=residual_bound))
     extra = {"modalities": {"a": a, "b": b}, "spacing": spacing}
     return train(model, dataset, config, out, validation=validation, resume=resume, overwrite=overwrite,
-                 device=device, progress=progress, extra=extra)
+                 device=device, progress=progress, extra=extra, callback=callback)
 
 
 def register_files(
