@@ -25,8 +25,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/firekit demo --data $(DEMO_DATA) --out $(DEMO_OUT) $(if $(TRAIN),--train)
 
-test: $(STAMP)
+# The browser test drives Debian's chromium (Playwright never downloads a browser here).
+CHROMIUM ?= /usr/bin/chromium
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest
+
+$(CHROMIUM):
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
+	$(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
 
 # firekit beside ANTs on the demo pairs (bench/results.md, .json, .png); 56 min on 2 cores. BENCH_ARGS="--ndims 2": 13 min.
 bench: $(STAMP)

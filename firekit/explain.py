@@ -21,7 +21,7 @@ import torch
 from . import spatial
 from .model import Fire
 
-__all__ = ["latent_features", "features_to_rgb", "invariance_map", "grad_cam", "TARGETS"]
+__all__ = ["latent_features", "features_to_rgb", "invariance_map", "grad_cam", "target_scalar", "TARGETS"]
 
 # Registration has no class logits: the scalar each component's Grad-CAM explains.
 TARGETS = {
@@ -114,8 +114,17 @@ def _roi_mean(values: torch.Tensor, roi: torch.Tensor | None) -> torch.Tensor:
     return (values.flatten(1) * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
 
-def _scalar(model: Fire, component: str, direction: str, fixed: torch.Tensor, target, roi):
-    """The forward function captum differentiates: moving ``(B, 1, *S)`` -> ``(B,)``."""
+def target_scalar(model: Fire, component: str, direction: str, fixed: torch.Tensor, target=None, roi=None):
+    """The scalar of :data:`TARGETS` for ``component`` as a function of the moving image.
+
+    What :func:`grad_cam` differentiates; usable with any captum attribution (occlusion,
+    integrated gradients) or by hand. Args as :func:`grad_cam`.
+
+    Returns:
+        ``forward(moving (B, 1, *S)) -> (B,)``; G(fixed) is computed once and held fixed.
+    """
+    if component not in TARGETS:
+        raise ValueError(f"component must be one of {sorted(TARGETS)}, got {component!r}")
     net, decoder = model._transform_net(direction), model._decoder(direction)
     with torch.no_grad():
         feat_fixed = model.encoder(fixed)  # G(fixed) is held fixed: the CAM is about moving's path
@@ -161,7 +170,7 @@ def grad_cam(model: Fire, moving: torch.Tensor, fixed: torch.Tensor, component: 
     model.check_input(fixed, "fixed")
     layer = _LAYERS[component](model, model._transform_net(direction), model._decoder(direction))
     with torch.enable_grad():
-        cam = LayerGradCam(_scalar(model, component, direction, fixed, target, roi), layer).attribute(
+        cam = LayerGradCam(target_scalar(model, component, direction, fixed, target, roi), layer).attribute(
             moving.detach().clone().requires_grad_(True), relu_attributions=True)
     mode = "bilinear" if model.ndim == 2 else "trilinear"
     cam = LayerAttribution.interpolate(cam.detach(), tuple(moving.shape[2:]), interpolate_mode=mode)[:, 0]

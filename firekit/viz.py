@@ -14,7 +14,7 @@ channel and phase controls).
 from __future__ import annotations
 
 import base64
-import importlib
+import importlib.util
 import io as _bytes_io
 import os
 import socket
@@ -25,7 +25,7 @@ import torch
 
 from . import spatial
 
-__all__ = ["checkerboard", "overlay", "difference", "draw_grid", "draw_jacobian", "network_slice",
+__all__ = ["show_image", "checkerboard", "overlay", "difference", "draw_grid", "draw_jacobian", "network_slice",
            "registration_figure", "affine_parameters", "figure_png", "interactive_figure",
            "explore_registration", "explore_features", "explore_grad_cam", "view_slices", "view3d", "LossPlot"]
 
@@ -49,6 +49,17 @@ def _as_2d(image) -> np.ndarray:
     if array.ndim != 2:
         raise ValueError(f"expected a 2D image after squeezing, got shape {array.shape}")
     return array
+
+
+def show_image(ax, image, title: str | None = None, **imshow_options):
+    """``imshow`` a 2D image (or ``(H, W, 3)`` RGB) with array axis 0 to the right and axis 1 up
+    (RAS x, y for axial slices: the usual orientation of a brain slice); returns the AxesImage."""
+    array = np.asarray(image.detach().cpu() if torch.is_tensor(image) else image)
+    array = _as_2d(array) if array.ndim != 3 or array.shape[-1] != 3 else array
+    shown = ax.imshow(np.swapaxes(array, 0, 1), origin="lower", **imshow_options)
+    if title is not None:
+        ax.set_title(title)
+    return shown
 
 
 def _unit(image: np.ndarray, low: float = 1.0, high: float = 99.0) -> np.ndarray:
@@ -84,10 +95,13 @@ def checkerboard(a, b, tiles: int = 8) -> np.ndarray:
 
 
 def draw_grid(ax, displacement: torch.Tensor, step: int = 4, color: str = "yellow", linewidth: float = 0.6) -> None:
-    """Draw the deformed grid ``x + u(x)`` of a 2D field over an image shown with ``imshow``.
+    """Draw the deformed grid ``x + u(x)`` of a 2D field over the MOVING image drawn by :func:`show_image`.
+
+    Each line joins the moving-image positions that land on one row (or column) of the fixed
+    grid: a regular grid on the fixed image, as the moving image sees it.
 
     Args:
-        ax: matplotlib axes (image axis 0 is the row, axis 1 the column).
+        ax: matplotlib axes holding the image (array axis 0 horizontal, axis 1 up).
         displacement: ``(1, 2, H, W)`` normalised displacement.
         step: spacing of grid lines in pixels.
     """
@@ -96,21 +110,24 @@ def draw_grid(ax, displacement: torch.Tensor, step: int = 4, color: str = "yello
     shape = displacement.shape[2:]
     points = spatial.normalised_to_voxel(spatial.identity_grid(shape, like=displacement) + displacement, shape)
     points = points[0].detach().cpu().numpy() + np.array([(s - 1) / 2 for s in shape])[:, None, None]
-    rows, cols = points
+    along_0, along_1 = points
+    limits = ax.get_xlim(), ax.get_ylim()  # keep the image's frame: grid lines may leave it
     for i in range(0, shape[0], step):
-        ax.plot(cols[i, :], rows[i, :], color=color, linewidth=linewidth)
+        ax.plot(along_0[i, :], along_1[i, :], color=color, linewidth=linewidth)
     for j in range(0, shape[1], step):
-        ax.plot(cols[:, j], rows[:, j], color=color, linewidth=linewidth)
+        ax.plot(along_0[:, j], along_1[:, j], color=color, linewidth=linewidth)
+    ax.set_xlim(*limits[0])
+    ax.set_ylim(*limits[1])
 
 
 def draw_jacobian(ax, jacobian, colorbar: bool = True):
     """Show a 2D Jacobian-determinant map (1 = volume kept; blue < 1 contraction, red > 1
     expansion) with the folded voxels (det <= 0) outlined in black; returns the fraction folded."""
     jacobian = _as_2d(jacobian)
-    shown = ax.imshow(jacobian, cmap="RdBu_r", vmin=0, vmax=2)
+    shown = show_image(ax, jacobian, cmap="RdBu_r", vmin=0, vmax=2)
     folded = jacobian <= 0
     if folded.any():
-        ax.contour(folded, levels=[0.5], colors="black", linewidths=0.8)
+        ax.contour(folded.T, levels=[0.5], colors="black", linewidths=0.8, origin="lower")
     ax.set_title(f"Jacobian det. ({folded.mean():.2%} folded)")
     if colorbar:
         ax.figure.colorbar(shown, ax=ax, fraction=0.046)
@@ -170,18 +187,18 @@ def registration_figure(
     panels = 7 + (synthesised is not None)
     fig, axes = plt.subplots(1, panels, figsize=(2.4 * panels, 2.8))
     for ax, image, title in zip(axes[:3], (moving, fixed, warped), titles):
-        ax.imshow(_as_2d(image), cmap="gray")
+        show_image(ax, _as_2d(image), cmap="gray")
         ax.set_title(title)
-    axes[3].imshow(checkerboard(_unit(_as_2d(fixed)), _unit(_as_2d(warped))), cmap="gray")
+    show_image(axes[3], checkerboard(_unit(_as_2d(fixed)), _unit(_as_2d(warped))), cmap="gray")
     axes[3].set_title("checkerboard")
-    axes[4].imshow(difference(warped, fixed), cmap="coolwarm", vmin=-1, vmax=1)
+    show_image(axes[4], difference(warped, fixed), cmap="coolwarm", vmin=-1, vmax=1)
     axes[4].set_title("warped - fixed")
-    axes[5].imshow(_as_2d(warped), cmap="gray")
+    show_image(axes[5], _as_2d(moving), cmap="gray")  # x + u(x) are moving-image positions
     draw_grid(axes[5], displacement, step=max(2, displacement.shape[-1] // 16))
-    axes[5].set_title("deformation grid")
+    axes[5].set_title("grid on moving")
     draw_jacobian(axes[6], spatial.jacobian_determinant(displacement.detach()))
     if synthesised is not None:
-        axes[7].imshow(_as_2d(synthesised), cmap="gray")
+        show_image(axes[7], _as_2d(synthesised), cmap="gray")
         axes[7].set_title("synthesised")
     for ax in axes:
         ax.set_axis_off()
@@ -290,7 +307,7 @@ def explore_registration(result, views: Sequence[str] = _VIEWS):
         result: a ``RegistrationResult`` (or its ``NetworkView``): the network-grid images and
             the full displacement (affine + non-rigid).
         views: the choices of the fourth panel: overlay (fixed green, warped magenta),
-            checkerboard, difference, deformation grid, Jacobian determinant.
+            checkerboard, difference, deformation grid (on the moving image), Jacobian determinant.
     """
     import ipywidgets as widgets
 
@@ -304,22 +321,22 @@ def explore_registration(result, views: Sequence[str] = _VIEWS):
         plt = _pyplot()
         fig, axes = plt.subplots(1, 4, figsize=(11, 3))
         for ax, key in zip(axes, ("moving", "fixed", "warped")):
-            ax.imshow(part[key], cmap="gray")
+            show_image(ax, part[key], cmap="gray")
             ax.set_title(key if key != "warped" else "warped moving")
         last = axes[3]
         if view == "overlay":
-            last.imshow(overlay(part["fixed"], part["warped"]))
+            show_image(last, overlay(part["fixed"], part["warped"]))
         elif view == "checkerboard":
-            last.imshow(checkerboard(_unit(part["fixed"]), _unit(part["warped"])), cmap="gray")
+            show_image(last, checkerboard(_unit(part["fixed"]), _unit(part["warped"])), cmap="gray")
         elif view == "difference":
-            last.imshow(difference(part["warped"], part["fixed"]), cmap="coolwarm", vmin=-1, vmax=1)
+            show_image(last, difference(part["warped"], part["fixed"]), cmap="coolwarm", vmin=-1, vmax=1)
         elif view == "grid":
-            last.imshow(part["warped"], cmap="gray")
+            show_image(last, part["moving"], cmap="gray")  # x + u(x) are moving-image positions
             draw_grid(last, part["displacement"], step=max(2, part["displacement"].shape[-1] // 16))
         else:
             draw_jacobian(last, part["jacobian"])
         if view != "jacobian":
-            last.set_title(view)
+            last.set_title("grid on moving" if view == "grid" else view)
         for ax in axes:
             ax.set_axis_off()
         fig.tight_layout()
@@ -368,17 +385,17 @@ def explore_features(model, image_a: torch.Tensor, image_b: torch.Tensor, direct
         plt = _pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(7, 3.4))
         full_index = None if index is None else int(round((index + 0.5) * source.shape[-1] / slices - 0.5))
-        axes[0].imshow(_pair_slice(source, full_index)[0], cmap="gray")
+        show_image(axes[0], _pair_slice(source, full_index)[0], cmap="gray")
         axes[0].set_title(f"image {image}")
         if mode == "channel":
-            shown = axes[1].imshow(_pair_slice(features[image], index)[channel], cmap="viridis")
+            shown = show_image(axes[1], _pair_slice(features[image], index)[channel], cmap="viridis")
             fig.colorbar(shown, ax=axes[1], fraction=0.046)
             axes[1].set_title(f"G({image}) channel {channel}")
         elif mode == "PCA RGB":
-            axes[1].imshow(_pair_slice(rgb[image], index).transpose(1, 2, 0))
+            show_image(axes[1], _pair_slice(rgb[image], index).transpose(1, 2, 0))
             axes[1].set_title(f"G({image}): 3 principal components")
         else:
-            shown = axes[1].imshow(_pair_slice(invariance, index)[0], cmap="magma")
+            shown = show_image(axes[1], _pair_slice(invariance, index)[0], cmap="magma")
             fig.colorbar(shown, ax=axes[1], fraction=0.046)
             axes[1].set_title("RMS |G(fixed) - G(moving) o phi|")
         for ax in axes:
@@ -421,8 +438,8 @@ def explore_grad_cam(model, image_a: torch.Tensor, image_b: torch.Tensor, roi: t
         heat = _pair_slice(cam(component, direction), index)[0]
         plt = _pyplot()
         fig, ax = plt.subplots(figsize=(4.2, 3.8))
-        ax.imshow(_pair_slice(moving, index)[0], cmap="gray")
-        shown = ax.imshow(heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        show_image(ax, _pair_slice(moving, index)[0], cmap="gray")
+        shown = show_image(ax, heat, cmap="jet", alpha=0.45, vmin=0, vmax=1)
         fig.colorbar(shown, ax=ax, fraction=0.046)
         ax.set_title(f"Grad-CAM: {component}, {direction}", fontsize=9)
         ax.set_axis_off()
@@ -534,22 +551,24 @@ class LossPlot:
         _show_png(self.widget, figure_png(self.figure()))
 
 
-# itkwidgets >= 1.0 loads its viewer (JavaScript) from this host when the widget is shown.
-ITKWIDGETS_HOST = ("itk.org", 443)
+# itkwidgets 1.0 (a55) loads its viewer and the ImJoy extension's scripts from these hosts in the browser.
+ITKWIDGETS_HOSTS = ("cdn.jsdelivr.net", "imjoy-team.github.io",
+                    "bafybeieiqiiwvdq66e2bndws5nwojbe4wwerbxyua6u37axxivi2rwf7wy.ipfs.dweb.link")
 
 
-def _itkwidgets_usable(timeout: float = 1.5) -> bool:
-    """itkwidgets imports and its viewer's host answers (Binder: yes; offline laptops and CI: no)."""
-    if os.environ.get("FIREKIT_VIEW3D", "auto") == "slices":
+def _itkwidgets_usable(timeout: float = 2.0) -> bool:
+    """itkwidgets is installed and every host its viewer loads from answers (Binder: yes; offline: no).
+
+    Checked WITHOUT importing itkwidgets: importing it in a kernel queues every later cell until its
+    viewer's JavaScript reports ready, which never happens offline.
+    """
+    if os.environ.get("FIREKIT_VIEW3D", "auto") == "slices" or importlib.util.find_spec("itkwidgets") is None:
         return False
-    try:
-        importlib.import_module("itkwidgets")
-    except Exception:
-        return False
-    try:
-        socket.create_connection(ITKWIDGETS_HOST, timeout=timeout).close()
-    except OSError:
-        return False
+    for host in ITKWIDGETS_HOSTS:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+        except OSError:
+            return False
     return True
 
 
@@ -557,11 +576,13 @@ def view3d(volume, labels=None, backend: str = "auto"):
     """Look at a 3D volume: itkwidgets' viewer where it can run, else :func:`view_slices`.
 
     Args:
-        volume: ``io.Volume``, array or tensor ``(X, Y, Z)`` (a 4D series gets the slice viewer).
+        volume: ``io.Volume``, array or tensor ``(X, Y, Z)`` (a 4D series or anisotropic voxels get
+            the slice viewer, which draws voxels at their physical aspect).
         labels: optional label map of the same shape.
-        backend: ``"auto"`` (itkwidgets when it imports and its viewer's host is reachable; the
+        backend: ``"auto"`` (itkwidgets when it is installed and its viewer's hosts answer; the
             environment variable ``FIREKIT_VIEW3D=slices`` forces the fallback), ``"itkwidgets"``
-            or ``"slices"``.
+            or ``"slices"``. Versions known to work: itkwidgets[notebook] 1.0a55 with
+            ngff-zarr 0.12.2 and zarr < 3 (``environment.yml``).
 
     Returns:
         the itkwidgets viewer, or the ipywidgets box of :func:`view_slices`.
@@ -569,7 +590,9 @@ def view3d(volume, labels=None, backend: str = "auto"):
     if backend not in ("auto", "itkwidgets", "slices"):
         raise ValueError(f"backend must be 'auto', 'itkwidgets' or 'slices', got {backend!r}")
     data, spacing = _as_array(volume)
-    use_itk = backend == "itkwidgets" or (backend == "auto" and data.ndim == 3 and _itkwidgets_usable())
+    # the viewer is given a plain array (voxels drawn as cubes): anisotropic volumes get the slice viewer
+    isotropic = np.allclose(spacing, spacing[0], rtol=1e-3)
+    use_itk = backend == "itkwidgets" or (backend == "auto" and data.ndim == 3 and isotropic and _itkwidgets_usable())
     if not use_itk:
         return view_slices(volume, labels)
     from itkwidgets import view

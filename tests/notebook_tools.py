@@ -1,7 +1,7 @@
 """Run a teaching notebook headless and read what each section drew (used by test_notebooks.py).
 
-``python -m tests.notebook_tools NOTEBOOK [DATA]`` runs one with the tests' small settings and
-prints the figures per section.
+``python -m tests.notebook_tools NOTEBOOK [DATA]`` runs one with the tests' small settings, prints
+the figures per section and keeps the executed copy in ``$TMPDIR/nb_NAME/``.
 """
 
 from __future__ import annotations
@@ -94,7 +94,10 @@ def main(argv: list[str]) -> int:
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"nb_{path.stem}"
     tick = time.perf_counter()
     notebook = execute(path, small_settings(data, out))
+    out.mkdir(parents=True, exist_ok=True)
+    nbformat.write(notebook, out / path.name)
     print(json.dumps(section_figures(notebook), indent=1))
+    print(f"executed notebook: {out / path.name}")
     print(f"{path.name}: {time.perf_counter() - tick:.0f} s")
     return 0
 
