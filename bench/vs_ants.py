@@ -148,7 +148,7 @@ def score(field, backward, pair: dict, volumes: dict, label_ids) -> dict:
     return row
 
 
-def _load_pair(pair: dict) -> dict:
+def load_pair(pair: dict) -> dict:
     from firekit import io
 
     volumes = {key: io.load_volume(pair[key]) for key in ("moving", "fixed")}
@@ -192,7 +192,7 @@ def run(data: Path, ndims, cases, transforms: dict, models: dict, methods, seed:
                                            moving=moving_contrast, fixed=fixed_contrast, seed=seed + 100 * index)
             run_rows = {name: [] for name in (*REFERENCE, *methods)}
             for number, pair in enumerate(records, 1):
-                volumes = _load_pair(pair)
+                volumes = load_pair(pair)
                 if number == 1 and case == cases[0]:  # first calls pay one-off costs: not timed
                     for name in (m for m in methods if m in FIREKIT):
                         run_firekit(FIREKIT[name], model, volumes["moving"], volumes["fixed"], direction, seed)
@@ -361,7 +361,8 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib
     import matplotlib.ticker
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
+        matplotlib.use("Agg")  # headless by default; a notebook keeps its own backend
     import matplotlib.pyplot as plt
 
     ndims = sorted({run["ndim"] for run in results["runs"]})

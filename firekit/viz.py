@@ -25,7 +25,7 @@ import torch
 
 from . import spatial
 
-__all__ = ["show_image", "checkerboard", "overlay", "difference", "draw_grid", "draw_jacobian", "network_slice",
+__all__ = ["show_image", "checkerboard", "overlay", "difference", "draw_grid", "draw_point_grid", "draw_jacobian", "network_slice",
            "registration_figure", "affine_parameters", "figure_png", "interactive_figure",
            "explore_registration", "explore_features", "explore_grad_cam", "view_slices", "view3d", "LossPlot"]
 
@@ -94,14 +94,37 @@ def checkerboard(a, b, tiles: int = 8) -> np.ndarray:
     return np.where((rows + cols) % 2 == 0, a, b)
 
 
+def draw_point_grid(ax, points, step: int = 4, color: str = "yellow", linewidth: float = 0.6) -> None:
+    """Draw lines through a grid of points given in the voxel coordinates of the image on ``ax``.
+
+    Args:
+        ax: matplotlib axes holding an image drawn by :func:`show_image` (axis 0 across, axis 1 up).
+        points: ``(1, 2, H, W)`` positions (e.g. ``fields.moving_points``: where each fixed voxel
+            lands in the moving image); every ``step``-th row and column is drawn.
+    """
+    points = points.detach().cpu().numpy() if torch.is_tensor(points) else np.asarray(points)
+    if points.ndim != 4 or points.shape[:2] != (1, 2):
+        raise ValueError(f"draw_point_grid needs (1, 2, H, W) points, got {tuple(points.shape)}")
+    along_0, along_1 = points[0]
+    limits = ax.get_xlim(), ax.get_ylim()  # keep the image's frame: grid lines may leave it
+    for i in range(0, along_0.shape[0], step):
+        ax.plot(along_0[i, :], along_1[i, :], color=color, linewidth=linewidth)
+    for j in range(0, along_0.shape[1], step):
+        ax.plot(along_0[:, j], along_1[:, j], color=color, linewidth=linewidth)
+    ax.set_xlim(*limits[0])
+    ax.set_ylim(*limits[1])
+
+
 def draw_grid(ax, displacement: torch.Tensor, step: int = 4, color: str = "yellow", linewidth: float = 0.6) -> None:
     """Draw the deformed grid ``x + u(x)`` of a 2D field over the MOVING image drawn by :func:`show_image`.
 
     Each line joins the moving-image positions that land on one row (or column) of the fixed
-    grid: a regular grid on the fixed image, as the moving image sees it.
+    grid: a regular grid on the fixed image, as the moving image sees it (moving and fixed on the
+    same grid, as the network's are; for files on different grids use :func:`draw_point_grid`
+    with ``fields.moving_points``).
 
     Args:
-        ax: matplotlib axes holding the image (array axis 0 horizontal, axis 1 up).
+        ax: matplotlib axes holding the image (array axis 0 across, axis 1 up).
         displacement: ``(1, 2, H, W)`` normalised displacement.
         step: spacing of grid lines in pixels.
     """
@@ -109,15 +132,8 @@ def draw_grid(ax, displacement: torch.Tensor, step: int = 4, color: str = "yello
         raise ValueError(f"draw_grid needs a (1, 2, H, W) field, got {tuple(displacement.shape)}")
     shape = displacement.shape[2:]
     points = spatial.normalised_to_voxel(spatial.identity_grid(shape, like=displacement) + displacement, shape)
-    points = points[0].detach().cpu().numpy() + np.array([(s - 1) / 2 for s in shape])[:, None, None]
-    along_0, along_1 = points
-    limits = ax.get_xlim(), ax.get_ylim()  # keep the image's frame: grid lines may leave it
-    for i in range(0, shape[0], step):
-        ax.plot(along_0[i, :], along_1[i, :], color=color, linewidth=linewidth)
-    for j in range(0, shape[1], step):
-        ax.plot(along_0[:, j], along_1[:, j], color=color, linewidth=linewidth)
-    ax.set_xlim(*limits[0])
-    ax.set_ylim(*limits[1])
+    points = points.detach().cpu().numpy() + np.array([(s - 1) / 2 for s in shape])[None, :, None, None]
+    draw_point_grid(ax, points, step, color, linewidth)
 
 
 def draw_jacobian(ax, jacobian, colorbar: bool = True):

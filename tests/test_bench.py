@@ -25,7 +25,7 @@ def data(tmp_path_factory):
 def test_ants_fields_reproduce_ants_own_resampling(data, tmp_path):
     """Composed ANTs transforms, read as an ITK field and applied by firekit, warp as ANTs does."""
     pair = make_test_pairs(data / "test" / "subj002", tmp_path, 1, ndim=2, seed=4)[0]
-    volumes = vs_ants._load_pair(pair)
+    volumes = vs_ants.load_pair(pair)
     fixed, moving = vs_ants._to_ants(volumes["fixed"]), vs_ants._to_ants(volumes["moving"])
     reg = ants.registration(fixed, moving, "SyN", aff_metric="mattes", random_seed=0)
     field, backward = vs_ants.ants_fields(reg, moving, fixed)
@@ -40,7 +40,7 @@ def test_ants_fields_reproduce_ants_own_resampling(data, tmp_path):
 
 def test_scores_of_the_reference_rows(data, tmp_path):
     pair = make_test_pairs(data / "test" / "subj002", tmp_path, 1, ndim=2, seed=5)[0]
-    volumes = vs_ants._load_pair(pair)
+    volumes = vs_ants.load_pair(pair)
     oracle = vs_ants.score(volumes["true_field"], None, pair, volumes, [1, 2, 3])
     unaligned = vs_ants.score(np.zeros_like(volumes["true_field"]), None, pair, volumes, [1, 2, 3])
     assert oracle["epe"] == 0 and oracle["ic"] is None
