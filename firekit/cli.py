@@ -49,6 +49,8 @@ def _train(args: argparse.Namespace) -> None:
         residual_bound=args.residual_bound,
         similarity_weight=args.similarity_weight, distill_weight=args.distill_weight,
         affine_first_steps=args.affine_first_steps,
+        **{f"lr_{group}": rate for group in ("affine", "nonrigid", "synthesis")
+           if (rate := getattr(args, f"lr_{group}")) is not None},
     )
     best = getattr(result, "best_val_dice", None)
     print(f"trained {getattr(result, 'steps', '?')} steps -> {Path(args.out) / 'model.pt'}"
@@ -159,6 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", choices=["small", "paper"], default="small",
                        help="model widths and learning rates (default small; paper = Section 3)")
     train.add_argument("--batch-size", type=int, default=1, help="pairs per step (default 1)")
+    for group, subnet in (("affine", "the affine subnets T_af"), ("nonrigid", "the non-rigid subnets T_nr"),
+                          ("synthesis", "G and the decoders F")):
+        train.add_argument(f"--lr-{group}", type=float,
+                           help=f"learning rate of the Adam optimiser of {subnet} (default: the preset's)")
     train.add_argument("--spacing", type=float, default=1.28, help="resample to this voxel size in mm (default 1.28)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.add_argument("--no-augment", action="store_true", help="turn off the paper's random affine + elastic augmentation")

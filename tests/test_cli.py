@@ -196,11 +196,14 @@ def test_train_learning_switches_reach_the_run_config(workspace):
     result = run("train", "--a", f"{data}/train/*/T1.nii.gz", "--b", f"{data}/train/*/T2.nii.gz",
                  "--ndim", 2, "--iterations", 2, "--spacing", 4, "--out", run_dir, "--quiet",
                  "--prealign", "moments", "--residual-bound", 0.2, "--aux-weight", 1000, "--curriculum-steps", 2,
-                 "--similarity-weight", 1, "--distill-weight", 1, "--affine-first-steps", 1)
+                 "--similarity-weight", 1, "--distill-weight", 1, "--affine-first-steps", 1,
+                 "--lr-affine", 3e-4, "--lr-nonrigid", 2e-4)
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["model"]["prealign"] == "moments" and config["model"]["residual_bound"] == 0.2
     train = config["train"]
     assert (train["aux_weight"], train["similarity_weight"], train["distill_weight"], train["affine_first_steps"]) \
         == (1000.0, 1.0, 1.0, 1)
+    # the rates given, and the small preset's for the group not given
+    assert (train["lr_affine"], train["lr_nonrigid"], train["lr_synthesis"]) == (3e-4, 2e-4, 1e-3)
     assert config["data"]["curriculum_steps"] == 2
