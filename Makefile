@@ -25,15 +25,25 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/firekit demo --data $(DEMO_DATA) --out $(DEMO_OUT) $(if $(TRAIN),--train)
 
-# The browser test drives Debian's chromium (Playwright never downloads a browser here).
-CHROMIUM ?= /usr/bin/chromium
+# Debian packages the tests need, installed when missing: chromium for the browser test (Playwright
+# never downloads a browser here), Xvfb and Mesa with Qt's X libraries for napari's rendered tests.
+SYSTEM_PACKAGES ?= chromium xvfb libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcb-cursor0 \
+	libxcb-icccm4 libxcb-keysyms1 libxcb-image0 libxcb-randr0 libxcb-render-util0 libxcb-shape0 \
+	libxcb-xfixes0 libxcb-xkb1 libfontconfig1 libdbus-1-3
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-test: $(STAMP) $(CHROMIUM)
+test: $(STAMP) system-packages
 	$(PY) -m pytest
 
-$(CHROMIUM):
-	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
-	$(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium
+.PHONY: system-packages
+system-packages:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null \
+		| grep -q "install ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 # firekit beside ANTs on the demo pairs (bench/results.md, .json, .png); 56 min on 2 cores. BENCH_ARGS="--ndims 2": 13 min.
 bench: $(STAMP)

@@ -29,7 +29,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from . import augment, spatial
+from . import augment, io, spatial
 from .data import map_points
 from ._atomic import atomic_write_text
 from .errors import FirekitError
@@ -46,6 +46,7 @@ __all__ = [
     "template_volumes",
     "subject_generator",
     "build_demo_dataset",
+    "demo_subject",
     "load_to_template",
     "template_points",
 ]
@@ -242,6 +243,16 @@ def _subject(template: Template, spacing: float, seed: int, index: int) -> dict[
     lps = ras[0].permute(1, 2, 3, 0).numpy() * lps_flip(3)
     out["to_template"] = itk_field_array(np.rint(lps / _FIELD_STEP) * _FIELD_STEP)
     return out
+
+
+def demo_subject(index: int, spacing: float = 1.28, shape: Sequence[int] = (128, 160, 128),
+                 seed: int = 0) -> dict[str, io.Volume]:
+    """One subject of the demo dataset, in memory (as ``build_demo_dataset`` would write subject
+    ``index`` with ``seed``): ``T1``, ``T2``, ``FLAIR`` and ``labels`` Volumes on the template grid."""
+    spacing, shape = _check_grid(spacing, shape)
+    template = _template(spacing, shape)
+    arrays = _subject(template, spacing, seed, index)
+    return {name: io.Volume(arrays[name], template.affine.copy()) for name in ("T1", "T2", "FLAIR", "labels")}
 
 
 def _readme(info: dict) -> str:
