@@ -236,18 +236,36 @@ def synthesis_layers(model: Fire, image: io.Volume, direction: str = "a2b", chan
 
 
 def grad_cam_layers(model: Fire, moving: io.Volume, fixed: io.Volume, component: str, direction: str = "b2a",
-                    name: str = "moving") -> list[LayerData]:
+                    name: str = "moving", roi: io.Volume | None = None,
+                    target: tuple[int, int] | None = None) -> list[LayerData]:
     """Grad-CAM of ``component`` (``explain.TARGETS``) for the pair, as a heat-map layer on the fixed
     image's network grid (in world space it lies over the moving image as the network saw it).
 
+    Args:
+        roi: a label map placed in world space by its affine; the scalar is measured where it is
+            non-zero (encoder, nonrigid, decoder).
+        target: the affine entry ``(i, j)`` explained (affine; default the translation along axis 0).
+
     A 2D model on volumes explains each axial slice (each slice's map divided by its own maximum).
     """
+    if target is not None and not (len(target) == 2 and 0 <= target[0] < model.ndim and 0 <= target[1] <= model.ndim):
+        raise FirekitError(f"affine entry {tuple(target)} does not exist: a {model.ndim}D affine has rows "
+                           f"0..{model.ndim - 1} and columns 0..{model.ndim}")
     model.eval()
     x_fixed, affine, slicewise = _network_input(model, fixed)
     x_moving, _, _ = _network_input(model, moving, grid_of=fixed)
-    maps = torch.cat([explain.grad_cam(model, m, f, component, direction)
-                      for m, f in zip(x_moving.split(16), x_fixed.split(16))])
-    return [(_unbatch(maps, slicewise), {"name": f"Grad-CAM {component} ({direction}) {name}", "affine": affine,
+    mask = None
+    if roi is not None:
+        mask = (resample(roi, x_fixed.shape[2:] if not slicewise else (*x_fixed.shape[2:], x_fixed.shape[0]),
+                         affine, mode="nearest") > 0).float()
+        if not mask.any():
+            raise FirekitError(f"the ROI {roi.name} has no voxel inside the fixed image's grid; pick labels drawn there")
+        mask = mask[0, 0].movedim(-1, 0)[:, None] if slicewise else mask
+    masks = mask.split(16) if mask is not None else [None] * len(x_fixed.split(16))
+    maps = torch.cat([explain.grad_cam(model, m, f, component, direction, target=target, roi=r)
+                      for m, f, r in zip(x_moving.split(16), x_fixed.split(16), masks)])
+    suffix = "" if roi is None else " in ROI"
+    return [(_unbatch(maps, slicewise), {"name": f"Grad-CAM {component} ({direction}){suffix} {name}", "affine": affine,
                                          "colormap": "turbo", "contrast_limits": (0.0, 1.0), "opacity": 0.5,
                                          "blending": "additive"}, "image")]
 

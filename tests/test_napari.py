@@ -121,6 +121,15 @@ def test_synthesis_and_grad_cam_layers_on_the_network_grid(ndim):
     (cam,) = layers.grad_cam_layers(model, image, image.with_data(image.data[::-1].copy()), "nonrigid", "a2b")
     assert cam[0].shape == synthesised.shape and 0 <= cam[0].min() and cam[0].max() <= 1 and cam[2] == "image"
     assert cam[1]["name"] == "Grad-CAM nonrigid (a2b) moving" and "nonrigid" in explain.TARGETS
+    # a region of interest (a label map in world space) and an affine entry
+    roi = image.with_data((np.indices(shape)[0] < 20).astype(np.uint8))
+    (in_roi,) = layers.grad_cam_layers(model, image, image.with_data(image.data[::-1].copy()), "decoder", "a2b", roi=roi)
+    assert in_roi[1]["name"] == "Grad-CAM decoder (a2b) in ROI moving" and in_roi[0].shape == cam[0].shape
+    outside = io.Volume(roi.data, roi.affine @ np.diag([1.0] * ndim + [1.0]) + np.eye(ndim + 1, k=ndim) * 1e4)
+    with pytest.raises(FirekitError, match="has no voxel inside"):
+        layers.grad_cam_layers(model, image, image, "decoder", roi=outside)
+    with pytest.raises(FirekitError, match=r"affine entry \(2, 0\) does not exist"):
+        layers.grad_cam_layers(model, image, image, "affine", target=(2, 0))
 
 
 def test_manifest_validates():
@@ -187,10 +196,19 @@ def test_synthesis_and_grad_cam_widgets_add_their_layers(make_napari_viewer, qtb
     _, cam = viewer.window.add_plugin_dock_widget("firekit", "Grad-CAM")
     cam.component.value = "affine"
     assert cam.explained.value.startswith("squared deviation")
+    cam.affine_entry.value = "0, 9"
+    cam.run()  # refused in the worker: one line in the widget, the viewer carries on
+    qtbot.waitUntil(lambda: cam.status.value.startswith("error: affine entry (0, 9) does not exist"), timeout=60_000)
+    qtbot.waitUntil(lambda: cam.run_button.enabled, timeout=10_000)
+    cam.affine_entry.value = "1, 2"
     cam.run()
     _wait(qtbot, cam)
     heat = viewer.layers["Grad-CAM affine (b2a) moving T2-like (subject 1)"]
     assert 0 <= heat.data.min() and heat.data.max() == pytest.approx(1.0)
+    cam.component.value, cam.roi.value = "decoder", viewer.layers["fixed labels"]
+    cam.run()
+    _wait(qtbot, cam)
+    assert "Grad-CAM decoder (b2a) in ROI moving T2-like (subject 1)" in viewer.layers
 
 
 def test_the_3d_sample_registers_slice_by_slice_in_the_viewer(make_napari_viewer, qtbot, tmp_path):

@@ -32,6 +32,15 @@ def layer_volume(layer: Layer):
     return layers.layer_volume(np.asarray(layer.data), world_affine(layer), layer.name)
 
 
+def _guarded(function, **kwargs):
+    """Run in the worker: ``(True, output)`` or ``(False, exception)``. Exceptions must not leave the
+    worker: napari 0.9's task-status handler of ``errored`` takes the wrong number of arguments."""
+    try:
+        return True, function(**kwargs)
+    except Exception as exc:  # shown as one line by the widget
+        return False, exc
+
+
 def _load_model(path) -> "object":
     from ..register import load
 
@@ -68,13 +77,17 @@ class _Worker(Container):
             return
         self.status.value = "running ..."
         self.run_button.enabled = False
-        self.worker = create_worker(function, _progress={"total": 0, "desc": f"firekit: {self.title}"}, **kwargs)
+        self.worker = create_worker(_guarded, function, _progress={"total": 0, "desc": f"firekit: {self.title}"},
+                                    **kwargs)
         self.worker.returned.connect(self._add)
-        self.worker.errored.connect(self._failed)
         self.worker.finished.connect(lambda: setattr(self.run_button, "enabled", True))
         self.worker.start()
 
-    def _add(self, output) -> None:
+    def _add(self, outcome) -> None:
+        succeeded, output = outcome
+        if not succeeded:
+            self._failed(output)
+            return
         new_layers, report = output if isinstance(output, tuple) else (output, {})
         for data, meta, layer_type in new_layers:
             if meta["name"] in self.viewer.layers:
@@ -165,9 +178,11 @@ class GradCamWidget(_Worker):
         self.checkpoint = FileEdit(mode="r", filter="*.pt", label="model (.pt; empty: shipped)", value="")
         self.component = ComboBox(choices=list(explain.TARGETS), value="encoder", label="component")
         self.direction = ComboBox(choices=DIRECTIONS, value="b2a", label="direction")
+        self.roi = create_widget(annotation=Optional[Labels], label="ROI (labels > 0)")
+        self.affine_entry = LineEdit(value="", label="affine entry i, j (empty: translation 0)")
         self.explained = Label(value="")
         super().__init__(viewer, [self.moving, self.fixed, self.checkpoint, self.component, self.direction,
-                                  self.explained])
+                                  self.roi, self.affine_entry, self.explained])
         self.component.changed.connect(self._explain)
         self._explain()
         RegisterWidget._default_choices(self)
@@ -179,7 +194,16 @@ class GradCamWidget(_Worker):
     def compute(self):
         if self.moving.value is None or self.fixed.value is None:
             raise FirekitError("choose a moving and a fixed image layer")
+        target = None
+        if self.affine_entry.value.strip():
+            try:
+                target = tuple(int(v) for v in self.affine_entry.value.replace(",", " ").split())
+            except ValueError:
+                target = ()
+            if len(target) != 2:
+                raise FirekitError(f"affine entry: {self.affine_entry.value!r} is not two integers 'i, j'")
         kwargs = dict(model=_load_model(self.checkpoint.value), moving=layer_volume(self.moving.value),
                       fixed=layer_volume(self.fixed.value), component=self.component.value,
-                      direction=self.direction.value, name=self.moving.value.name)
+                      direction=self.direction.value, name=self.moving.value.name, target=target,
+                      roi=None if self.roi.value is None else layer_volume(self.roi.value))
         return layers.grad_cam_layers, kwargs
