@@ -8,16 +8,18 @@ A :class:`Series` is an array ``(*S, T)`` (phases last, as in a 4D NIfTI) with t
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 
-from . import io
+from . import io, spatial
 from .errors import FirekitError
 
-__all__ = ["Series", "load_series", "save_series"]
+__all__ = ["Series", "load_series", "save_series", "reference_phase", "register_cine", "CineResult"]
 
 
 @dataclass
@@ -97,3 +99,212 @@ def save_series(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, h
     if spatial == 2:
         data = data[:, :, None]
     return io.save_nifti(data, affine, path, header=header, dtype=dtype, intent=intent, protect=protect)
+
+
+def reference_phase(reference, phases: int, ed: int | None = None, es: int | None = None) -> int:
+    """A 0-based phase from ``"ED"``, ``"ES"`` (needs ``ed`` / ``es``; ED defaults to phase 0, as in
+    ACDC's frame01) or an integer (negative counts from the end)."""
+    if isinstance(reference, str) and reference.upper() in ("ED", "ES"):
+        key = reference.upper()
+        value = (0 if ed is None else ed) if key == "ED" else es
+        if value is None:
+            raise FirekitError("reference ES needs the end-systolic phase: give es= (or an Info.cfg next to the "
+                               "series, ACDC layout), or a phase index")
+    else:
+        try:
+            value = int(reference)
+        except (TypeError, ValueError):
+            raise FirekitError(f"reference must be ED, ES or a phase index, got {reference!r}") from None
+    if not -phases <= value < phases:
+        raise FirekitError(f"reference phase {value} does not exist (0..{phases - 1})")
+    return value % phases
+
+
+@dataclass
+class CineResult:
+    """Every phase of a series registered to one reference phase, on the reference frame's grid.
+
+    Attributes:
+        warped: the series with each phase warped onto the reference (a motion-compensated series).
+        displacement: ``(*S, T, n)`` mm, ITK/LPS signs: phase t's point = reference point + u_t.
+        reference: the reference phase (0-based); its displacement is exactly zero.
+        series: the input.
+        seconds: registration time (all phases).
+    """
+
+    warped: Series
+    displacement: np.ndarray
+    reference: int
+    series: Series
+    seconds: float
+    moving_points: torch.Tensor = field(repr=False)  # (T, n, *S) phase-t voxel of each reference voxel
+    reference_points: torch.Tensor = field(repr=False)  # (T, n, *S) reference voxel of each phase-t voxel
+
+    def apply(self, labels: io.Volume | np.ndarray, phase: int) -> io.Volume:
+        """Warp a label map drawn on ``phase`` onto the reference grid (nearest neighbour)."""
+        return io.Volume(_sample_labels(labels, self.moving_points[phase:phase + 1], self.series),
+                         self.series.affine.copy())
+
+    def propagate(self, labels: io.Volume | np.ndarray) -> np.ndarray:
+        """Carry a label map drawn on the reference phase to every phase: ``(*S, T)`` integers."""
+        return np.stack([_sample_labels(labels, self.reference_points[t:t + 1], self.series)
+                         for t in range(self.series.phases)], axis=-1)
+
+    def jacobian_determinant(self) -> np.ndarray:
+        """``(*S, T)`` Jacobian determinant of each phase's mapping (1 at the reference)."""
+        from .register import field_jacobian
+
+        return np.stack([field_jacobian(self.displacement[..., t, :], self.series.affine)
+                         for t in range(self.series.phases)], axis=-1)
+
+    def save(self, out_dir: str | os.PathLike, labels: io.Volume | None = None, protect=()) -> dict[str, Path]:
+        """Write ``warped_4d.nii.gz``, ``field_4d.nii.gz`` (``(X, Y, Z, T, n)`` ITK vectors per phase)
+        and, with reference-phase ``labels``, ``labels_4d.nii.gz`` (propagated to every phase)."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        protect = [*protect, self.series.path]
+        written = {"warped": save_series(self.warped.data, self.series.affine, out_dir / "warped_4d.nii.gz",
+                                         header=self.series.header, dtype=np.float32, protect=protect)}
+        field_data = self.displacement if self.series.ndim == 3 else self.displacement[:, :, None]
+        written["field"] = io.save_nifti(field_data, self.series.affine, out_dir / "field_4d.nii.gz",
+                                         header=self.series.header, dtype=np.float32,
+                                         intent=io.NIFTI_INTENT_VECTOR, protect=protect)
+        if labels is not None:
+            written["labels"] = save_series(self.propagate(labels).astype(np.int16), self.series.affine,
+                                            out_dir / "labels_4d.nii.gz", header=self.series.header,
+                                            dtype=np.int16, protect=protect)
+        return written
+
+
+def _sample_labels(labels, points: torch.Tensor, series: Series) -> np.ndarray:
+    data = np.asarray(getattr(labels, "data", labels))
+    if data.shape != series.shape:
+        name = getattr(labels, "name", "labels")
+        raise FirekitError(f"{name}: shape {data.shape} differs from the series' frames {series.shape}; "
+                           "pass labels drawn on a frame of this series")
+    source = torch.as_tensor(data.astype(np.float32))[None, None]
+    out = spatial.sample(source, points.float(), mode="nearest", padding_mode="zeros")[0, 0].numpy()
+    return np.rint(out).astype(np.int32)
+
+
+# Refinement for cine ("auto"): the brain presets' regulariser is too stiff for a contracting ventricle
+# (radial motion of 10 mm and more) and their moments start is wrong for phases of one acquisition,
+# which start aligned. A coarser first level (1/4) and a weaker diffusion weight follow the motion.
+CINE_REFINE = {2: dict(field_levels=(4, 2, 1), field_iterations=(80, 40, 20), weight=0.01),
+               3: dict(field_levels=(4, 2, 1), field_iterations=(80, 40, 20), weight=0.01)}
+
+
+def cine_refine_config(refine, ndim: int, seed: int = 0):
+    """``register``'s ``refine`` argument for cine: ``"auto"`` is :data:`CINE_REFINE` over the ndim preset."""
+    from .refine import RefineConfig
+    from .register import refine_config
+
+    if isinstance(refine, str) and refine == "auto" or refine is True:
+        return RefineConfig.preset(ndim, **CINE_REFINE[ndim], seed=seed)
+    return refine_config(refine, ndim, seed)
+
+
+def _solve_phases(model, x_moving: torch.Tensor, x_fixed: torch.Tensor, config, direction: str, device,
+                  factor: int, progress: bool) -> torch.Tensor:
+    """Network and/or refinement for a batch of phases -> ``(B, n, *S)`` normalised displacement.
+
+    Refinement starts from the network's affine and flow, or from the identity (not from moments:
+    the phases of one acquisition are already aligned but for the motion)."""
+    from .refine import refine
+    from .register import _network
+
+    theta = flow = None
+    if model is not None:
+        theta, disp, _, flow = _network(model, x_moving, x_fixed, direction, False, device, factor)
+        if config is None:
+            return disp
+    if theta is None:
+        theta = spatial.identity_affine(x_fixed.ndim - 2, x_fixed.shape[0])
+    with torch.enable_grad():
+        result = refine(x_moving.to(device), x_fixed.to(device), theta0=theta.to(device),
+                        displacement0=None if flow is None else flow.to(device), config=config, progress=progress)
+    return result.displacement.detach().cpu()
+
+
+def register_cine(
+    model,
+    series: Series,
+    reference=0,
+    ed: int | None = None,
+    es: int | None = None,
+    refine="auto",
+    direction: str = "a2b",
+    spacing: float | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> CineResult:
+    """Register every phase of ``series`` to its ``reference`` phase, phases batched.
+
+    Intra-modality: each phase is the moving image, the reference phase the fixed one, on the
+    reference frame's grid (``spacing`` None keeps the native voxel size, e.g. 1.5 x 1.5 x 8 mm).
+
+    Args:
+        model: a FIRE model of the frames' ndim (e.g. trained with ``firekit train --cine``), or
+            None for refinement alone. A 2D model on 3D frames needs refinement (it then refines
+            in 3D from moments, as ``register`` does).
+        reference: ``"ED"``, ``"ES"`` or a 0-based phase (see :func:`reference_phase`).
+        ed, es: the 0-based end-diastolic / end-systolic phases, when known (ACDC's Info.cfg).
+        refine: ``"auto"`` (:data:`CINE_REFINE`), 0 for the network alone, K steps per level, or a
+            ``RefineConfig``.
+        batch_size: phases per batch (network and refinement run on a batch at once).
+    """
+    from .data import network_grid, to_network
+    from .model import Fire
+    from .register import network_factor, world_mapping
+
+    n, phases = series.ndim, series.phases
+    ref = reference_phase(reference, phases, ed, es)
+    config = cine_refine_config(refine, n, seed)
+    if model is None and config is None:
+        raise FirekitError("no model and no refinement: pass a model, or refine='auto'")
+    if model is not None and model.ndim > n:
+        raise FirekitError(f"{series.name}: a {model.ndim}D model cannot register {n}D frames")
+    solver_model = model if model is not None and model.ndim == n else None
+    if model is not None and solver_model is None and config is None:
+        raise FirekitError(f"{series.name}: a {model.ndim}D model on {n}D frames needs refinement (refine='auto') "
+                           "or a 3D model trained with --cine")
+    multiple, min_size = (model.size_multiple, model.min_size) if model is not None else (Fire.size_multiple, Fire.min_size)
+    frame = series.phase(ref)
+    shape, grid_affine = network_grid(frame, spacing, multiple, min_size)
+    device = torch.device(device) if device is not None else (
+        next(model.parameters()).device if model is not None else torch.device("cpu"))
+    x_fixed = to_network(frame, shape, grid_affine)
+    x_phases = torch.cat([to_network(series.phase(t), shape, grid_affine) for t in range(phases)])
+    if solver_model is not None:
+        solver_model.eval()
+    factor = network_factor(solver_model, shape, grid_affine)
+    others = [t for t in range(phases) if t != ref]
+    displacement = torch.zeros(phases, n, *shape, dtype=torch.float32)
+    tick = time.perf_counter()
+    for start in range(0, len(others), max(1, int(batch_size))):
+        chunk = others[start:start + max(1, int(batch_size))]
+        fixed_batch = x_fixed.expand(len(chunk), *x_fixed.shape[1:])
+        displacement[chunk] = _solve_phases(solver_model, x_phases[chunk], fixed_batch, config, direction, device,
+                                            factor, progress).float()
+    seconds = time.perf_counter() - tick
+    inverse = spatial.invert_displacement(displacement)
+    fields, forward, backward, warped = [], [], [], []
+    for t in range(phases):
+        mm, points = world_mapping(spatial.normalised_to_voxel(displacement[t:t + 1]), grid_affine, frame, series.affine)
+        _, back = world_mapping(spatial.normalised_to_voxel(inverse[t:t + 1]), grid_affine, frame, series.affine)
+        source = torch.as_tensor(np.asarray(series.data[..., t], dtype=np.float32))[None, None]
+        warped.append(spatial.sample(source, points.float(), padding_mode="zeros")[0, 0].numpy())
+        fields.append(mm)
+        forward.append(points)
+        backward.append(back)
+    return CineResult(
+        warped=Series(np.stack(warped, axis=-1), series.affine.copy(), series.header),
+        displacement=np.stack(fields, axis=-2),
+        reference=ref,
+        series=series,
+        seconds=seconds,
+        moving_points=torch.cat(forward),
+        reference_points=torch.cat(backward),
+    )

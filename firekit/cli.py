@@ -74,6 +74,47 @@ def _register(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(map(str, written))} (|J| <= 0: {folding:.3f} %)")
 
 
+def _register_cine(args: argparse.Namespace) -> None:
+    from . import cine, io
+    from .register import load
+
+    series = cine.load_series(args.series)
+    ed, es = _cine_phases(args, series)
+    model = None if args.model.lower() == "none" else load(args.model)
+    out = Path(args.out)
+    for name in ("warped_4d.nii.gz", "field_4d.nii.gz", "labels_4d.nii.gz"):
+        io.check_output_path(out / name, [args.series, args.labels])
+    labels = io.load_labels(args.labels) if args.labels else None
+    result = cine.register_cine(model, series, reference=args.reference, ed=ed, es=es, refine=args.refine,
+                                spacing=args.spacing, seed=args.seed, device=args.device, progress=not args.quiet)
+    if labels is not None and args.labels_phase is not None:
+        labels = result.apply(labels, cine.reference_phase(args.labels_phase, series.phases, ed, es))
+    written = result.save(out, labels=labels, protect=[args.labels])
+    folding = (result.jacobian_determinant() <= 0).mean(axis=tuple(range(series.ndim))) * 100
+    summary = {"series": str(args.series), "phases": series.phases, "reference": result.reference, "ed": ed,
+               "es": es, "seconds": result.seconds, "folding_percent": [float(f) for f in folding],
+               "outputs": {k: str(v) for k, v in written.items()}}
+    (out / "cine.json").write_text(json.dumps(summary, indent=1))
+    print(f"registered {series.phases} phases to phase {result.reference} in {result.seconds:.1f} s "
+          f"(|J| <= 0: max {folding.max():.3f} %); wrote {', '.join(str(v) for v in written.values())}")
+
+
+def _cine_phases(args: argparse.Namespace, series) -> tuple[int | None, int | None]:
+    """0-based ED/ES: --ed/--es (1-based frame numbers, as ACDC), else an Info.cfg beside the series."""
+    ed, es = args.ed, args.es
+    info_path = Path(args.series).parent / "Info.cfg"
+    if (ed is None or es is None) and info_path.is_file():
+        from .acdc import read_info
+
+        info = read_info(info_path)
+        ed = info["ED"] if ed is None else ed
+        es = info["ES"] if es is None else es
+    for name, value in (("ED", ed), ("ES", es)):
+        if value is not None and not 1 <= value <= series.phases:
+            raise FirekitError(f"{args.series}: {name} frame {value} is outside 1..{series.phases} (frames are 1-based)")
+    return (None if ed is None else ed - 1), (None if es is None else es - 1)
+
+
 def _refine_steps(value: str):
     if value == "auto":
         return value
@@ -232,6 +273,37 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--spacing", type=float, default=1.28, help="network voxel size in mm (default 1.28)")
     register.add_argument("--device", help="cpu, cuda ... (default cpu)")
     register.set_defaults(func=_register)
+
+    # ---------------------------------------------------------------- register-cine
+    register_cine = commands.add_parser(
+        "register-cine",
+        help="register every phase of a 2D+t or 3D+t cine series to a reference phase",
+        description=(
+            "Register each phase of a 4D NIfTI (X, Y, Z, T) to the reference phase (end-diastole by default), "
+            "phases batched, and write OUT/warped_4d.nii.gz (every phase on the reference), OUT/field_4d.nii.gz "
+            "((X, Y, Z, T, n) ITK displacement per phase), with --labels OUT/labels_4d.nii.gz (the reference "
+            "labels carried to every phase) and OUT/cine.json. ED/ES come from --ed/--es or an ACDC Info.cfg "
+            "beside the series."
+        ),
+    )
+    register_cine.add_argument("--model", required=True,
+                               help="model.pt (e.g. from firekit train --cine), 'default', or 'none' for refinement alone")
+    register_cine.add_argument("--series", required=True, help="4D NIfTI cine series, e.g. patient001_4d.nii.gz")
+    register_cine.add_argument("--reference", default="ED", help="ED, ES or a 0-based phase index (default ED)")
+    register_cine.add_argument("--ed", type=int, help="end-diastolic frame, 1-based as in ACDC (default: Info.cfg, else 1)")
+    register_cine.add_argument("--es", type=int, help="end-systolic frame, 1-based (default: Info.cfg)")
+    register_cine.add_argument("--labels", help="label map drawn on the reference phase (or --labels-phase), propagated")
+    register_cine.add_argument("--labels-phase", help="the phase --labels is drawn on: ED, ES or a 0-based index "
+                               "(default: the reference)")
+    register_cine.add_argument("--refine", type=_refine_steps, default="auto",
+                               help="per-series refinement: auto (default), 0 (network only) or steps per level")
+    register_cine.add_argument("--spacing", type=float, default=None,
+                               help="registration voxel size in mm (default: the series' own)")
+    register_cine.add_argument("--seed", type=int, default=0, help="refinement seed (default 0)")
+    register_cine.add_argument("--device", help="cpu, cuda ... (default: the model's, else cpu)")
+    register_cine.add_argument("--out", required=True, help="output folder (created)")
+    register_cine.add_argument("--quiet", action="store_true", help="no per-level progress lines")
+    register_cine.set_defaults(func=_register_cine)
 
     # ---------------------------------------------------------------- evaluate
     evaluate = commands.add_parser(

@@ -338,6 +338,29 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
     return result.theta.cpu(), result.displacement.detach().cpu(), warped.detach().cpu()
 
 
+def world_mapping(voxels: torch.Tensor, grid_affine: np.ndarray, fixed: io.Volume,
+                  moving_affine: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    """A network-grid displacement, at the fixed image's own voxels, in mm and as moving voxels.
+
+    Args:
+        voxels: ``(1, n, *G)`` displacement in voxels of the network grid (``grid_affine``).
+        fixed: the image whose voxels are mapped; moving_affine: the moving image's affine.
+
+    Returns:
+        ``(displacement, moving_points)``: ``(*fixed.shape, n)`` mm with ITK/LPS signs, and
+        ``(1, n, *fixed.shape)`` float64 voxel indices in the moving image.
+    """
+    n = fixed.ndim
+    voxels = voxels.double()
+    fixed_in_grid = map_points(torch.as_tensor((np.linalg.inv(grid_affine) @ fixed.affine)[:n])[None],
+                               spatial.voxel_grid(fixed.shape, like=voxels))
+    step = spatial.sample(voxels, fixed_in_grid, padding_mode="border")
+    moving_points = map_points(torch.as_tensor((np.linalg.inv(moving_affine) @ grid_affine)[:n])[None],
+                               fixed_in_grid + step)
+    u_ras = spatial.voxel_to_mm(step, grid_affine)[0].movedim(0, -1).numpy()
+    return (u_ras * lps_flip(n)).astype(np.float32), moving_points
+
+
 def register(
     model: Fire | None,
     moving,
@@ -437,17 +460,7 @@ def register(
         voxels = spatial.normalised_to_voxel(disp)
         world_affine = _network_affine_to_world(theta, shape, grid_affine)
         view = NetworkView(x_moving, x_fixed, warped_net, disp, theta, grid_affine)
-    voxels = voxels.double()
-    fixed_in_grid = map_points(
-        torch.as_tensor((np.linalg.inv(grid_affine) @ fixed.affine)[:n])[None],
-        spatial.voxel_grid(fixed.shape, like=voxels),
-    )
-    step = spatial.sample(voxels, fixed_in_grid, padding_mode="border")
-    moving_points = map_points(
-        torch.as_tensor((np.linalg.inv(moving.affine) @ grid_affine)[:n])[None], fixed_in_grid + step
-    )
-    u_ras = spatial.voxel_to_mm(step, grid_affine)[0].movedim(0, -1).numpy()
-    displacement = (u_ras * lps_flip(n)).astype(np.float32)
+    displacement, moving_points = world_mapping(voxels, grid_affine, fixed, moving.affine)
     source = torch.as_tensor(np.asarray(moving.data, dtype=np.float32))[None, None]
     warped = spatial.sample(source, moving_points.float(), padding_mode="zeros")[0, 0].numpy()
     return RegistrationResult(
