@@ -19,7 +19,7 @@ import torch
 from . import io, spatial
 from .errors import FirekitError
 
-__all__ = ["Series", "load_series", "save_series", "reference_phase", "register_cine", "CineResult"]
+__all__ = ["Series", "load_series", "save_series", "reference_phase", "register_cine", "CineResult", "CinePairs"]
 
 
 @dataclass
@@ -108,8 +108,8 @@ def reference_phase(reference, phases: int, ed: int | None = None, es: int | Non
         key = reference.upper()
         value = (0 if ed is None else ed) if key == "ED" else es
         if value is None:
-            raise FirekitError("reference ES needs the end-systolic phase: give es= (or an Info.cfg next to the "
-                               "series, ACDC layout), or a phase index")
+            raise FirekitError("reference ES needs the end-systolic phase: es= (--es), an ACDC Info.cfg beside "
+                               "the series, or a phase index instead")
     else:
         try:
             value = int(reference)
@@ -308,3 +308,99 @@ def register_cine(
         moving_points=torch.cat(forward),
         reference_points=torch.cat(backward),
     )
+
+
+class CinePairs:
+    """Training pairs of phases of cine series, intra-modality (Section 4.2: A and B are two phases
+    of one series, drawn across the whole cycle). The trainer's *pair source*.
+
+    ``sample(step, n)`` depends only on ``(seed, step)``: each pair picks a series, two different
+    phases (and an axial slice with enough foreground for a 2D model on 3D frames).
+
+    Args:
+        series: the series (all 2D + t, or all 3D + t), each on its own network grid (padded to one
+            common shape).
+        ndim: the model's ndim (2 on 3D frames: slices).
+        spacing: mm per network voxel (None: each series' own).
+        labels: per series, ``{phase: Volume}`` of its labelled phases (ACDC's ED and ES), for
+            :meth:`validation`.
+    """
+
+    def __init__(self, series: list[Series], ndim: int, spacing: float | None = None, seed: int = 0,
+                 labels: list[dict] | None = None, min_foreground: float = 0.15, names: list[str] | None = None):
+        from .data import _pad_to, network_grid, resample, to_network
+
+        if not series:
+            raise FirekitError("no cine series to train on")
+        frame_ndim = series[0].ndim
+        if any(s.ndim != frame_ndim for s in series):
+            raise FirekitError("the series mix 2D + t and 3D + t; use one kind")
+        if ndim not in (frame_ndim, frame_ndim - 1) or ndim not in (2, 3):
+            raise FirekitError(f"a {ndim}D model cannot train on {frame_ndim}D frames")
+        self.ndim, self.seed, self.spacing = ndim, int(seed), spacing
+        self.slicewise = frame_ndim == 3 and ndim == 2
+        self.names = names or [s.name for s in series]
+        grid_spacing = [spacing, spacing, None] if self.slicewise else spacing
+        tensors, label_tensors = [], []
+        for index, item in enumerate(series):
+            shape, affine = network_grid(item.phase(0), grid_spacing)
+            tensors.append(torch.cat([to_network(item.phase(t), shape, affine) for t in range(item.phases)]))
+            known = (labels or [{}] * len(series))[index] or {}
+            label_tensors.append({t: resample(v, shape, affine, mode="nearest").round().long() for t, v in known.items()})
+        spatial_shape = [max(t.shape[2 + i] for t in tensors) for i in range(frame_ndim)]
+        self.phases = [_pad_to(t, spatial_shape, -1.0) for t in tensors]
+        self.labels = [{k: _pad_to(v.float(), spatial_shape, 0.0).long() for k, v in known.items()}
+                       for known in label_tensors]
+        self.shape = tuple(spatial_shape[:ndim])
+        # (series, slice or -1)
+        self.items = []
+        for index, stack in enumerate(self.phases):
+            if not self.slicewise:
+                self.items.append((index, -1))
+                continue
+            foreground = (stack[:, 0] > -0.9).float().mean(dim=(0, 1, 2))
+            self.items += [(index, int(k)) for k in torch.nonzero(foreground >= min_foreground).flatten()]
+        if not self.items:
+            raise FirekitError(f"no slice has {min_foreground:.0%} foreground; check the series")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def describe(self) -> dict:
+        return {"cine": True, "series": self.names, "ndim": self.ndim, "slicewise": self.slicewise,
+                "shape": list(self.shape), "spacing": self.spacing, "seed": self.seed}
+
+    @staticmethod
+    def _take(x: torch.Tensor, k: int) -> torch.Tensor:
+        return x[..., k] if k >= 0 else x
+
+    def sample(self, step: int, batch_size: int = 1) -> dict[str, torch.Tensor]:
+        """``{"x_a", "x_b"}``: ``(B, 1, *shape)``, two different phases of one series per pair."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
+        a, b = [], []
+        for _ in range(batch_size):
+            index, k = self.items[int(torch.randint(len(self.items), (1,), generator=generator))]
+            stack = self.phases[index]
+            i, j = torch.randperm(stack.shape[0], generator=generator)[:2].tolist()
+            a.append(self._take(stack[i:i + 1], k))
+            b.append(self._take(stack[j:j + 1], k))
+        return {"x_a": torch.cat(a), "x_b": torch.cat(b)}
+
+    def validation(self, count: int = 8) -> list[dict[str, torch.Tensor]]:
+        """Fixed ED <-> ES batches (phases with labels), at most ``count``; each slice with labels for
+        a 2D model. Empty when no series has two labelled phases."""
+        batches = []
+        for index, known in enumerate(self.labels):
+            if len(known) < 2:
+                continue
+            (p, lp), (q, lq) = sorted(known.items())[:2]
+            stack = self.phases[index]
+            slices = [k for i, k in self.items if i == index] if self.slicewise else [-1]
+            for k in slices:
+                la, lb = self._take(lp, k), self._take(lq, k)
+                if self.slicewise and not (la.any() and lb.any()):
+                    continue
+                batches.append({"x_a": self._take(stack[p:p + 1], k), "x_b": self._take(stack[q:q + 1], k),
+                                "labels_a": la, "labels_b": lb})
+        step = max(1, len(batches) // max(1, count))
+        return batches[::step][:count]

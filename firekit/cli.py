@@ -37,8 +37,23 @@ def _splits(subjects: int) -> tuple[int, int, int]:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .workflows import train_on_files
+    from .workflows import train_on_cine, train_on_files
 
+    rates = {f"lr_{group}": rate for group in ("affine", "nonrigid", "synthesis")
+             if (rate := getattr(args, f"lr_{group}")) is not None}
+    if args.cine:
+        if args.a or args.b:
+            raise FirekitError("--cine trains on phases of cine series: give --cine alone, not with --a/--b")
+        result = train_on_cine(
+            args.cine, args.out, ndim=args.ndim, preset=args.preset, iterations=args.iterations,
+            batch_size=args.batch_size, val=args.val_cine, spacing=args.cine_spacing, seed=args.seed,
+            resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
+            val_every=args.val_every, checkpoint_every=args.checkpoint_every, **rates,
+        )
+        _trained(args, result)
+        return
+    if not (args.a and args.b):
+        raise FirekitError("train needs --a and --b (two modalities), or --cine (phases of cine series)")
     result = train_on_files(
         args.a, args.b, args.out, labels=args.labels, ndim=args.ndim, preset=args.preset,
         iterations=args.iterations, batch_size=args.batch_size, val_a=args.val_a, val_b=args.val_b,
@@ -48,10 +63,12 @@ def _train(args: argparse.Namespace) -> None:
         curriculum_steps=args.curriculum_steps, aux_weight=args.aux_weight, prealign=args.prealign,
         residual_bound=args.residual_bound,
         similarity_weight=args.similarity_weight, distill_weight=args.distill_weight,
-        affine_first_steps=args.affine_first_steps,
-        **{f"lr_{group}": rate for group in ("affine", "nonrigid", "synthesis")
-           if (rate := getattr(args, f"lr_{group}")) is not None},
+        affine_first_steps=args.affine_first_steps, **rates,
     )
+    _trained(args, result)
+
+
+def _trained(args: argparse.Namespace, result) -> None:
     best = getattr(result, "best_val_dice", None)
     print(f"trained {getattr(result, 'steps', '?')} steps -> {Path(args.out) / 'model.pt'}"
           + (f" (best validation Dice {best:.3f})" if best is not None else ""))
@@ -186,12 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a FIRE model on paired images matched per subject",
         description=(
             "Train FIRE on subjects matched from two globs (one folder per subject, or names that differ only "
-            "by the modality). Writes RUN_DIR/model.pt, checkpoint.pt, config.yaml, losses.csv and "
+            "by the modality), or with --cine on the phases of cine series (intra-modality). Writes RUN_DIR/model.pt, checkpoint.pt, config.yaml, losses.csv and "
             "validation.csv. An existing non-empty RUN_DIR needs --resume or --overwrite."
         ),
     )
-    train.add_argument("--a", required=True, help="glob of modality A images, e.g. 'data/train/*/T1.nii.gz'")
-    train.add_argument("--b", required=True, help="glob of modality B images, e.g. 'data/train/*/T2.nii.gz'")
+    train.add_argument("--a", help="glob of modality A images, e.g. 'data/train/*/T1.nii.gz'")
+    train.add_argument("--b", help="glob of modality B images, e.g. 'data/train/*/T2.nii.gz'")
+    train.add_argument("--cine", help="instead of --a/--b: glob of 4D cine series, e.g. 'data/cine/*/*_4d.nii.gz'; "
+                       "trains intra-modality on pairs of phases across the cycle (ACDC folders: ED/ES labels validate)")
+    train.add_argument("--val-cine", help="glob of held-out cine series (ED <-> ES Dice) with --cine")
+    train.add_argument("--cine-spacing", type=float, default=None,
+                       help="with --cine: resample to this voxel size in mm (default: each series' own)")
     train.add_argument("--labels", help="glob of label maps (one per subject, valid for A and B) for validation Dice")
     train.add_argument("--val-a", help="glob of held-out modality A images for validation")
     train.add_argument("--val-b", help="glob of held-out modality B images")

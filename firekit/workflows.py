@@ -117,6 +117,81 @@ def train_on_files(
                  device=device, progress=progress, extra=extra, callback=callback)
 
 
+def load_cine_series(pattern: str, flag: str = "--cine") -> tuple[list, list[dict], list[str]]:
+    """Series matched by a glob of 4D NIfTI files, with the labelled phases of ACDC-layout patients
+    (an ``Info.cfg`` beside the series): (series, [{phase: labels}], names)."""
+    import glob as globbing
+
+    from . import acdc, cine
+
+    paths = sorted(Path(p) for p in globbing.glob(pattern, recursive=True))
+    if not paths:
+        raise FirekitError(f"{flag} {pattern!r} matches no file; quote the glob, e.g. 'data/cine/*/*_4d.nii.gz'")
+    series, labels, names = [], [], []
+    for path in paths:
+        series.append(cine.load_series(path))
+        known = {}
+        if (path.parent / "Info.cfg").is_file():
+            patient = acdc.read_patient(path.parent)
+            known = {phase: patient.labels(phase) for phase, (_, gt) in patient.frames.items() if gt is not None}
+        labels.append(known)
+        names.append(path.parent.name if known else path.name)
+    return series, labels, names
+
+
+def train_on_cine(
+    pattern: str,
+    out: str | os.PathLike,
+    ndim: int = 2,
+    preset: str = "small",
+    iterations: int = 1000,
+    batch_size: int = 1,
+    val: str | None = None,
+    val_pairs: int = 8,
+    spacing: float | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+    device: str | None = None,
+    progress: bool = True,
+    callback=None,
+    **train_options,
+):
+    """Train a FIRE model intra-modality on the phases of cine series (``firekit train --cine``).
+
+    Pairs are two phases of one series across the whole cycle (:class:`cine.CinePairs`); validation
+    Dice is ED <-> ES on the labelled phases of ``val`` (or of the training series when ``val`` is
+    None and they have labels). ``spacing`` None keeps each series' own voxel size.
+    """
+    import torch
+
+    from .cine import CinePairs
+    from .train import TrainConfig, train
+
+    series, labels, names = load_cine_series(pattern)
+    pairs = CinePairs(series, ndim, spacing, seed, labels, names=names)
+    if val is not None:
+        val_series, val_labels, val_names = load_cine_series(val, "--val-cine")
+        held_out = CinePairs(val_series, ndim, spacing, seed, val_labels, names=val_names)
+        validation = held_out.validation(val_pairs)
+        if validation:
+            validation = [{k: _pad_batch(v, pairs.shape, k) for k, v in b.items()} for b in validation]
+    else:
+        validation = pairs.validation(val_pairs)
+    config = TrainConfig.from_preset(preset, iterations=iterations, batch_size=batch_size, seed=seed, **train_options)
+    torch.manual_seed(seed)
+    model = Fire(FireConfig.from_preset(preset, ndim=ndim))
+    extra = {"modalities": {"a": pattern, "b": pattern}, "cine": True, "spacing": spacing}
+    return train(model, pairs, config, out, validation=validation or None, resume=resume, overwrite=overwrite,
+                 device=device, progress=progress, extra=extra, callback=callback)
+
+
+def _pad_batch(x, shape, key: str):
+    from .data import _pad_to
+
+    return _pad_to(x.float(), shape, 0.0 if key.startswith("labels") else -1.0).to(x.dtype)
+
+
 def register_files(
     model: Fire | None,
     moving: str | os.PathLike,
