@@ -133,6 +133,10 @@ class RefineConfig(PlainConfig):
         grid_spacing: control-grid spacing in voxels of each level.
         regulariser: ``"bending"`` (second derivatives) or ``"diffusion"`` (first derivatives),
             mean over control points, in normalised coordinates.
+        diffeomorphic: the control grid holds a stationary velocity field whose flow
+            (``spatial.integrate_velocity``, ``integration_steps`` squarings, on the control grid)
+            is the non-rigid part: large motion (a contracting ventricle) without folding. The
+            regulariser then acts on the velocity.
         weight: the regulariser's weight lambda.
         seed: seed of the voxel samples (and of any other random draw) while optimising, for
             reproducibility.
@@ -164,6 +168,8 @@ class RefineConfig(PlainConfig):
     grid_spacing: int = 4
     regulariser: str = "bending"
     weight: float = 3e-3
+    diffeomorphic: bool = False
+    integration_steps: int = 6
     seed: int = 0
 
     def __post_init__(self):
@@ -818,7 +824,8 @@ def _optimise_field(moving, fixed_pyramid, theta, displacement0, similarity, con
         optimiser = torch.optim.Adam([param], lr=config.field_lr)
         for _ in range(int(steps)):
             optimiser.zero_grad(set_to_none=True)
-            sim = level.loss(partial(_field_motion, param, base), generator)
+            field = spatial.integrate_velocity(param, config.integration_steps) if config.diffeomorphic else param
+            sim = level.loss(partial(_field_motion, field, base), generator)
             reg = regulariser(param)
             (sim + config.weight * reg).sum().backward()
             optimiser.step()
@@ -830,5 +837,7 @@ def _optimise_field(moving, fixed_pyramid, theta, displacement0, similarity, con
     if base is not None:
         nonrigid = nonrigid + spatial.resize_displacement(base, shape)
     if grid is not None:
+        if config.diffeomorphic:
+            grid = spatial.integrate_velocity(grid, config.integration_steps)
         nonrigid = nonrigid + spatial.resize_displacement(grid, shape)
     return nonrigid, sim_history, reg_history

@@ -331,6 +331,25 @@ def compose(outer: torch.Tensor, inner: torch.Tensor, padding_mode: str = "borde
     return inner + warp(outer, inner, mode="linear", padding_mode=padding_mode)
 
 
+def integrate_velocity(velocity: torch.Tensor, steps: int = 6) -> torch.Tensor:
+    """Displacement of the flow of a stationary velocity field, ``exp(v)``, by scaling and squaring.
+
+    The result is a diffeomorphism up to interpolation error (no folding for smooth ``v``).
+
+    Args:
+        velocity: ``(B, ndim, *spatial)`` normalised.
+        steps: squarings (``v / 2^steps`` is composed with itself ``steps`` times).
+
+    Returns:
+        ``(B, ndim, *spatial)`` normalised displacement.
+    """
+    _check_field(velocity, "velocity")
+    field = velocity / (2 ** int(steps))
+    for _ in range(int(steps)):
+        field = compose(field, field)
+    return field
+
+
 def _axis_scales(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     """Voxels per normalised unit along each axis, shaped to broadcast over (B, n, *spatial)."""
     scales = torch.tensor([(s - 1) / 2.0 for s in shape], dtype=like.dtype, device=like.device)
