@@ -354,6 +354,12 @@ def report(results: dict, plot_name: str | None = None) -> str:
         lines += ["## Notes", ""] + [f"- {note}" for note in meta["notes"]] + [""]
     if plot_name:
         lines += [f"![firekit vs ANTs]({plot_name})", ""]
+    cine = HERE / "cine.json"
+    if cine.is_file():  # python -m bench.cine_vs_ants
+        from bench.cine_vs_ants import report as cine_report
+
+        lines += ["## Cardiac cine, ED → ES (`python -m bench.cine_vs_ants`)", "",
+                  cine_report(json.loads(cine.read_text())), ""]
     return "\n".join(lines)
 
 
