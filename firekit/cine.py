@@ -189,19 +189,29 @@ def _sample_labels(labels, points: torch.Tensor, series: Series) -> np.ndarray:
 
 # Refinement for cine ("auto"): the brain presets' regulariser is too stiff for a contracting ventricle
 # (radial motion of 10 mm and more) and their moments start is wrong for phases of one acquisition,
-# which start aligned. A coarser first level (1/4), a weaker diffusion weight on a stationary velocity
-# field (diffeomorphic: a weaker weight on a plain displacement followed the motion but folded 1-3 %).
-_CINE = dict(field_levels=(4, 2, 1), field_iterations=(80, 40, 20), weight=0.01, field_lr=0.02, diffeomorphic=True)
-CINE_REFINE = {2: dict(_CINE), 3: dict(_CINE)}
+# which start aligned (breath-hold): no affine stage, the identity start. A coarser first level (1/4),
+# a weaker diffusion weight on a stationary velocity field (diffeomorphic: a weaker weight on a plain
+# displacement followed the motion but folded 1-3 %). 3D (thick slices: a 1/4 level leaves 2-3 of
+# them): levels 1/2 and 1 and 10 % of the voxels per step, mean ED -> ES Dice 0.808 / 0.856 on phantom
+# seeds 0 / 50 (3 + 4 patients) against 0.775 / 0.791 with the 2D levels; an affine stage lost 0.01-0.06.
+_CINE = dict(weight=0.01, field_lr=0.02, diffeomorphic=True)
+CINE_REFINE = {2: dict(_CINE, field_levels=(4, 2, 1), field_iterations=(80, 40, 20), affine_iterations=(0, 0)),
+               3: dict(_CINE, field_levels=(2, 1), field_iterations=(80, 40), field_sampling=0.1,
+                       affine_iterations=(0,))}
 
 
 def cine_refine_config(refine, ndim: int, seed: int = 0):
-    """``register``'s ``refine`` argument for cine: ``"auto"`` is :data:`CINE_REFINE` over the ndim preset."""
+    """``refine`` for cine: ``"auto"`` is :data:`CINE_REFINE` over the ndim preset; K > 0 the same with
+    K steps per non-rigid level; 0/None off; a ``RefineConfig`` as it is."""
     from .refine import RefineConfig
     from .register import refine_config
 
     if isinstance(refine, str) and refine == "auto" or refine is True:
         return RefineConfig.preset(ndim, **CINE_REFINE[ndim], seed=seed)
+    if isinstance(refine, int) and not isinstance(refine, bool) and refine > 0:
+        levels = CINE_REFINE[ndim]["field_levels"]
+        return RefineConfig.preset(ndim, **{**CINE_REFINE[ndim], "field_iterations": (int(refine),) * len(levels)},
+                                   seed=seed)
     return refine_config(refine, ndim, seed)
 
 
@@ -257,7 +267,6 @@ def register_cine(
         batch_size: phases per batch (network and refinement run on a batch at once).
     """
     from .data import network_grid, to_network
-    from .model import Fire
     from .register import network_factor, world_mapping
 
     n, phases = series.ndim, series.phases
@@ -271,7 +280,8 @@ def register_cine(
     if model is not None and solver_model is None and config is None:
         raise FirekitError(f"{series.name}: a {model.ndim}D model on {n}D frames needs refinement (refine='auto') "
                            "or a 3D model trained with --cine")
-    multiple, min_size = (model.size_multiple, model.min_size) if model is not None else (Fire.size_multiple, Fire.min_size)
+    # refinement alone needs no padding for a network (a series of 10 slices stays 10, not 32)
+    multiple, min_size = (model.size_multiple, model.min_size) if solver_model is not None else (1, 4)
     frame = series.phase(ref)
     shape, grid_affine = network_grid(frame, spacing, multiple, min_size)
     device = torch.device(device) if device is not None else (

@@ -22,7 +22,7 @@ from .data import DEFAULT_SPACING, network_grid, resample, to_network
 from .errors import FirekitError
 from .model import Fire
 
-__all__ = ["LayerData", "volume_layer", "layer_volume", "read_nifti", "is_label_file", "demo_pair",
+__all__ = ["LayerData", "volume_layer", "layer_volume", "read_nifti", "is_label_file", "demo_pair", "cine_sample",
            "registration_layers", "register_layers", "synthesis_layers", "grad_cam_layers", "REFINE_CHOICES"]
 
 LayerData = tuple  # (data, kwargs, layer_type): napari's LayerDataTuple
@@ -101,6 +101,22 @@ def demo_pair(ndim: int = 2, spacing: float = 1.28, shape: Sequence[int] = (128,
                          visible=ndim == 2),
             volume_layer(fixed["labels"], "fixed labels", "labels", opacity=0.4, visible=False),
             volume_layer(moving["labels"], "moving labels", "labels", opacity=0.4, visible=False)]
+
+
+def cine_sample(index: int = 0, seed: int = 0) -> list[LayerData]:
+    """A cine phantom patient (``firekit data cine-phantom``'s patient ``index + 1``) as a 3D + time
+    image layer and its labels at every phase (phases on the last axis: napari gives it a slider)."""
+    from .cinephantom import cine_patient
+
+    patient = cine_patient(index, seed=seed)
+    affine = np.eye(5)  # (x, y, z, phase): the spatial affine, phases unscaled
+    affine[:3, :3], affine[:3, 4] = patient.affine[:3, :3], patient.affine[:3, 3]
+    name = f"cine phantom patient{index + 1:03d}"
+    return [(patient.series, {"name": f"{name} (ED phase {patient.ed}, ES phase {patient.es})", "affine": affine,
+                              "colormap": "gray", "metadata": {"ed": patient.ed, "es": patient.es, **patient.info}},
+             "image"),
+            (patient.labels, {"name": f"{name} labels (1 RV, 2 myocardium, 3 LV)", "affine": affine,
+                              "opacity": 0.4}, "labels")]
 
 
 def _axial_slice(volume: io.Volume, k: int) -> io.Volume:

@@ -27,7 +27,7 @@ from . import spatial
 
 __all__ = ["show_image", "checkerboard", "overlay", "difference", "draw_grid", "draw_point_grid", "draw_jacobian", "network_slice",
            "registration_figure", "affine_parameters", "figure_png", "interactive_figure",
-           "explore_registration", "explore_features", "explore_grad_cam", "view_slices", "view3d", "LossPlot"]
+           "explore_registration", "explore_features", "explore_grad_cam", "view_slices", "view3d", "explore_cine", "LossPlot"]
 
 
 def _pyplot():
@@ -507,6 +507,60 @@ def view_slices(volume, labels=None, cmap: str = "gray"):
                 cut = (label_data[x], label_data[:, y], label_data[:, :, z])["xyz".index(title[-1])]
                 ax.contour(cut.T, levels=np.unique(cut)[1:] - 0.5, cmap="tab10", linewidths=0.7, origin="lower")
             ax.set_title(f"{title} = {position}")
+            ax.set_axis_off()
+        fig.tight_layout()
+        return fig
+
+    return interactive_figure(draw, controls)
+
+
+_CINE_VIEWS = ("warped", "difference", "grid", "jacobian")
+
+
+def explore_cine(result, views: Sequence[str] = _CINE_VIEWS):
+    """Browse a cine registration (``cine.register_cine``): phase and slice sliders; panels: the
+    reference phase, phase t, and one view: phase t warped onto the reference, |warped - reference|
+    (vs |phase t - reference|), the deformation grid on phase t (in-plane), or the Jacobian
+    determinant (blue: contraction, red: expansion).
+    """
+    import ipywidgets as widgets
+
+    series = result.series
+    data, warped = series.data, result.warped.data
+    jacobian = result.jacobian_determinant()
+    points = result.moving_points.detach().cpu().numpy()  # (T, n, *S): phase-t voxel of each reference voxel
+    controls = {"view": widgets.ToggleButtons(options=list(views), value=views[0], description="view"),
+                "phase": _slider("phase", series.phases, 0)}
+    if series.ndim == 3:
+        controls["index"] = _slider("slice", series.shape[2])
+    limits = np.percentile(data, [1, 99.5])
+
+    def plane(array: np.ndarray, index: int | None) -> np.ndarray:
+        return array if index is None else array[..., index]
+
+    def draw(view: str, phase: int, index: int | None = None):
+        plt = _pyplot()
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
+        reference = plane(data[..., result.reference], index)
+        moving = plane(data[..., phase], index)
+        show_image(axes[0], reference, f"reference (phase {result.reference})", cmap="gray", vmin=limits[0], vmax=limits[1])
+        show_image(axes[1], moving, f"phase {phase}", cmap="gray", vmin=limits[0], vmax=limits[1])
+        last = axes[2]
+        if view == "warped":
+            show_image(last, plane(warped[..., phase], index), f"phase {phase} warped onto the reference",
+                       cmap="gray", vmin=limits[0], vmax=limits[1])
+        elif view == "difference":
+            before = np.abs(moving - reference).mean()
+            after = np.abs(plane(warped[..., phase], index) - reference)
+            show_image(last, after, f"|warped - reference| (mean {after.mean():.0f}, before {before:.0f})",
+                       cmap="magma", vmin=0, vmax=(limits[1] - limits[0]) / 2)
+        elif view == "grid":
+            show_image(last, moving, f"grid on phase {phase}", cmap="gray", vmin=limits[0], vmax=limits[1])
+            in_plane = points[phase, :2] if index is None else points[phase, :2, ..., index]
+            draw_point_grid(last, in_plane[None], step=max(2, moving.shape[0] // 24))
+        else:
+            draw_jacobian(last, plane(jacobian[..., phase], index))
+        for ax in axes:
             ax.set_axis_off()
         fig.tight_layout()
         return fig

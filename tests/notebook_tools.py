@@ -24,6 +24,7 @@ WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 def small_settings(data: Path, out: Path) -> dict[str, str]:
     """Environment variables the notebooks read for a quick run (their parameters cell)."""
     return {"FIREKIT_NOTEBOOK_FAST": "1", "FIREKIT_DATA": str(data), "FIREKIT_NOTEBOOK_OUT": str(out),
+            "FIREKIT_CINE_DATA": str(out / "cine_phantom"),
             "FIREKIT_VIEW3D": "slices", "MPLBACKEND": "module://matplotlib_inline.backend_inline",
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
 

@@ -211,6 +211,17 @@ def test_synthesis_and_grad_cam_widgets_add_their_layers(make_napari_viewer, qtb
     assert "Grad-CAM decoder (b2a) in ROI moving T2-like (subject 1)" in viewer.layers
 
 
+def test_the_cine_sample_has_a_phase_axis_in_physical_space(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    viewer.open_sample("firekit", "cine_phantom")
+    series, labels = viewer.layers
+    assert series.data.ndim == 4 and series.data.shape == labels.data.shape and viewer.dims.ndim == 4
+    np.testing.assert_allclose(np.diag(series.affine.affine_matrix)[:4], [1.5, 1.5, 10.0, 1.0])
+    ed, es = series.metadata["ed"], series.metadata["es"]
+    lv_ed, lv_es = ((labels.data[..., phase] == 3).sum() for phase in (ed, es))
+    assert 0.4 < 1 - lv_es / lv_ed < 0.8  # an ejection fraction, phase by phase on the last axis
+
+
 def test_the_3d_sample_registers_slice_by_slice_in_the_viewer(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer(show=True)
     viewer.open_sample("firekit", "demo_pair_3d")

@@ -3,7 +3,7 @@ built in memory from the MNI152 template nilearn ships (first call: a few second
 
 from __future__ import annotations
 
-from ..layers import demo_pair
+from ..layers import cine_sample, demo_pair
 
 
 def demo_pair_2d() -> list:
@@ -14,3 +14,8 @@ def demo_pair_2d() -> list:
 def demo_pair_3d() -> list:
     """The two demo brain volumes (128 x 160 x 128 at 1.28 mm)."""
     return demo_pair(ndim=3)
+
+
+def cine_phantom() -> list:
+    """A cardiac cine phantom patient, 3D + time, with labels at every phase."""
+    return cine_sample(0)
