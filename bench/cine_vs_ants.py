@@ -25,48 +25,38 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 LABELS = {3: "LV", 2: "Myo", 1: "RV"}
+FULL = {"LV cavity": "LV", "myocardium": "Myo", "RV cavity": "RV"}  # acdc.LABEL_NAMES -> table columns
 # The paper (Section 5.2): 10 volumes of 10 slices, FIRE on a CPU vs SyN.
 PAPER_SECONDS = {"FIRE (CPU)": 200.0, "ANTs SyN": 1887.0}
 
 
-def _score(warped_labels: np.ndarray, fixed_labels: np.ndarray, spacing, jacobian=None) -> dict:
-    import torch
-
-    from firekit import metrics
-
-    dice = metrics.dice(torch.as_tensor(warped_labels.astype(np.int64)), torch.as_tensor(fixed_labels.astype(np.int64)),
-                        labels=list(LABELS))
-    hd = metrics.hd95(warped_labels, fixed_labels, spacing=spacing, labels=list(LABELS))
-    folding = 0.0 if jacobian is None else float((jacobian <= 0).mean() * 100)
-    return {"dice": {LABELS[k]: float(v) for k, v in dice.items()}, "hd95": {LABELS[k]: float(v) for k, v in hd.items()},
-            "folding": folding}
+def _short(scores: dict) -> dict:
+    """``cine.score_labels`` output with the table's short label names."""
+    return {"dice": {FULL[k]: v for k, v in scores["dice"].items()}, "hd95": {FULL[k]: v for k, v in scores["hd95"].items()},
+            "folding": scores["folding_percent"]}
 
 
 def run_patient(patient, ants_series: bool, seed: int, log=print) -> dict:
     """Every method on one patient: {method: scores + seconds}."""
-    from firekit import cine, fields
+    from firekit import cine, fields, io
     from firekit.register import field_jacobian
 
     from bench.vs_ants import run_ants
 
     series = patient.series()
     ed, es = patient.ed, patient.es
-    moving, fixed = series.phase(ed), series.phase(es)
+    fixed = series.phase(es)
     labels_ed, labels_es = patient.labels(ed), patient.labels(es)
-    spacing = np.sqrt((series.affine[:-1, :-1] ** 2).sum(axis=0))
-    rows = {"unaligned": {**_score(labels_ed.data, labels_es.data, spacing), "seconds": None}}
+    firekit = cine.evaluate_ed_es(None, patient, seed=seed)
+    rows = {"unaligned": {**_short(firekit["unaligned"]), "seconds": None},
+            "firekit refinement (register_cine)": {**_short(firekit["registered"]), "seconds": firekit["seconds"],
+                                                   "phases": series.phases}}
+    log(f"  {patient.name}: firekit {firekit['seconds']:.1f} s for {series.phases} phases")
 
-    result = cine.register_cine(None, series, reference=es, ed=ed, es=es, seed=seed)
-    warped = result.apply(labels_ed, ed).data
-    jacobian = result.jacobian_determinant()[..., ed]
-    rows["firekit refinement (register_cine)"] = {**_score(warped, labels_es.data, spacing, jacobian),
-                                                   "seconds": result.seconds, "phases": series.phases}
-    log(f"  {patient.name}: firekit {result.seconds:.1f} s for {series.phases} phases")
-
-    pair = run_ants("SyN", moving, fixed, seed)
+    pair = run_ants("SyN", series.phase(ed), fixed, seed)
     warped = fields.apply_field(labels_ed, pair["field"], fixed, labels=True)
-    rows["ANTs SyN"] = {**_score(warped, labels_es.data, spacing, field_jacobian(pair["field"], fixed.affine)),
-                        "seconds_pair": pair["wall"]}
+    scores = cine.score_labels(warped, labels_es.data, io.spacing(fixed.affine), field_jacobian(pair["field"], fixed.affine))
+    rows["ANTs SyN"] = {**_short(scores), "seconds_pair": pair["wall"]}
     if ants_series:
         tick = time.perf_counter()
         for phase in range(series.phases):

@@ -125,6 +125,31 @@ def _register_cine(args: argparse.Namespace) -> None:
           f"(|J| <= 0: max {folding.max():.3f} %); wrote {', '.join(str(v) for v in written.values())}")
 
 
+def _evaluate_cine(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from . import acdc, cine
+    from .register import load
+
+    model = None if args.model.lower() == "none" else load(args.model)
+    rows = {}
+    for patient in acdc.find_patients(args.data):
+        rows[patient.name] = cine.evaluate_ed_es(model, patient, refine=args.refine, seed=args.seed)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    names = list(acdc.LABEL_NAMES.values())[::-1]
+    print(f"{'patient':<12}{'':>11}" + "".join(f"{n:>12}" for n in names) + "  HD95 mm  |J|<=0 %  s/series")
+    for name, row in rows.items():
+        for stage in ("unaligned", "registered"):
+            scores = row[stage]
+            hd = np.nanmean(list(scores["hd95"].values()))
+            tail = f"{hd:9.2f}{scores['folding_percent']:9.3f}" + (f"{row['seconds']:10.1f}" if stage == "registered" else "")
+            print(f"{name if stage == 'unaligned' else '':<12}{stage:>11}" + "".join(f"{scores['dice'][n]:12.3f}" for n in names) + tail)
+    mean = {n: float(np.mean([r["registered"]["dice"][n] for r in rows.values()])) for n in names}
+    print("mean Dice ED -> ES: " + ", ".join(f"{n} {v:.3f}" for n, v in mean.items()))
+
+
 def _cine_phases(args: argparse.Namespace, series) -> tuple[int | None, int | None]:
     """0-based ED/ES: --ed/--es (1-based frame numbers, as ACDC), else an Info.cfg beside the series."""
     ed, es = args.ed, args.es
@@ -354,6 +379,21 @@ def build_parser() -> argparse.ArgumentParser:
     register_cine.add_argument("--out", required=True, help="output folder (created)")
     register_cine.add_argument("--quiet", action="store_true", help="no per-level progress lines")
     register_cine.set_defaults(func=_register_cine)
+
+    evaluate_cine = commands.add_parser(
+        "evaluate-cine",
+        help="ED -> ES on ACDC-layout patients: Dice LV / myocardium / RV, HD95, folding (the paper's Table 3)",
+        description="For every patient under --data (ACDC layout: the real ACDC or firekit data cine-phantom), "
+        "register the series to end-systole and score the end-diastolic labels warped onto the end-systolic ones.",
+    )
+    evaluate_cine.add_argument("--data", required=True, help="folder of patientNNN folders (or training/patientNNN)")
+    evaluate_cine.add_argument("--model", default="none", help="model.pt, 'default', or 'none' for refinement alone "
+                               "(default none)")
+    evaluate_cine.add_argument("--refine", type=_refine_steps, default="auto",
+                               help="auto (default), 0 (network only) or steps per level")
+    evaluate_cine.add_argument("--seed", type=int, default=0, help="refinement seed (default 0)")
+    evaluate_cine.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    evaluate_cine.set_defaults(func=_evaluate_cine)
 
     # ---------------------------------------------------------------- evaluate
     evaluate = commands.add_parser(

@@ -190,3 +190,20 @@ def test_ed_to_es_on_a_tiny_phantom_beats_unaligned(tmp_path):
     for label, margin in ((3, 0.1), (2, 0.05)):  # LV cavity, myocardium (the paper's Table 3)
         assert dice(warped, labels_es, label) > dice(labels_ed, labels_es, label) + margin, label
     assert (registered.jacobian_determinant()[..., patient.ed] <= 0).mean() < 0.001
+
+
+def test_cli_evaluate_cine_scores_ed_to_es_per_patient(tmp_path):
+    from firekit import cinephantom
+
+    cinephantom.build_cine_phantom(tmp_path / "acdc" / "training", patients=2, phases=8, shape=(48, 48, 6), seed=4)
+    result = run("evaluate-cine", "--data", tmp_path / "acdc", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert sorted(rows) == ["patient001", "patient002"]
+    for row in rows.values():
+        before, after = row["unaligned"]["dice"]["LV cavity"], row["registered"]["dice"]["LV cavity"]
+        assert after > before and row["registered"]["folding_percent"] < 0.1 and row["phases"] == 8
+    table = run("evaluate-cine", "--data", tmp_path / "acdc")
+    assert table.returncode == 0 and "mean Dice ED -> ES: LV cavity" in table.stdout
+    empty = run("evaluate-cine", "--data", tmp_path / "nothing")
+    assert empty.returncode == 2 and empty.stderr.count("\n") == 1
