@@ -340,7 +340,13 @@ def train(
     data = _plain(describe() if callable(describe) else {}, "source.describe()")
     extra = _plain(extra or {}, "extra")
     validation = [_check_validation_batch(batch, i) for i, batch in enumerate(validation or [])]
-    run_dir = _prepare_run_dir(Path(out_dir), resume, overwrite)
+    rank, world, local_rank = _distributed()
+    main = rank == 0
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    run_dir = _prepare_run_dir(Path(out_dir), resume, overwrite) if main else Path(out_dir)
+    _barrier(world)
     if not resume:
         torch.manual_seed(config.seed)
 
@@ -349,14 +355,23 @@ def train(
     state = _RunState()
     if resume:
         state = _resume(run_dir, model, optimizers, config, data, device)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # The ranks start from rank 0's weights (DDP broadcasts them); gradients are averaged.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=config.affine_first_steps > 0)
     use_amp = config.amp and device.type == "cuda"
-    _write_config_yaml(run_dir, model, config, data)
+    if main:
+        _write_config_yaml(run_dir, model, config, data)
 
     loss_fields = ["step", *FireLoss._fields, "seconds"]
     keep = state.step if resume else None
-    losses_log = _CsvLog(run_dir / "losses.csv", loss_fields, keep)
+    losses_log = _CsvLog(run_dir / "losses.csv", loss_fields, keep) if main else _NoLog()
     val_fields = ["step", "dice_a2b", "dice_b2a", "dice_mean"]
-    val_log = _CsvLog(run_dir / "validation.csv", val_fields, keep) if validation else None
+    val_log = (_CsvLog(run_dir / "validation.csv", val_fields, keep) if main else _NoLog()) if validation else None
+    progress = progress and main
 
     started = time.perf_counter()
     seconds_before = state.seconds
@@ -381,7 +396,9 @@ def train(
     try:
         with _HeldInterrupt() as interrupt:
             for index in range(state.step, config.iterations):
-                batch = source.sample(index, config.batch_size)
+                # One global batch per step, the same whatever the number of processes: rank r
+                # takes its slice (batch_size is per process).
+                batch = _shard(source.sample(index, config.batch_size * world), rank, config.batch_size)
                 x_a, x_b = (_batch_tensor(batch, key, f"source.sample({index})", device) for key in ("x_a", "x_b"))
                 in_step = True
                 try:
@@ -396,23 +413,23 @@ def train(
                     if config.distill_weight:
                         distill_targets = _refinement_targets(x_a, x_b)
                     loss = train_step(
-                        model, optimizers, x_a, x_b, config.grad_clip, index, config.warmup_steps, autocast=use_amp,
+                        net, optimizers, x_a, x_b, config.grad_clip, index, config.warmup_steps, autocast=use_amp,
                         targets=targets, aux_weight=config.aux_weight, similarity=similarity,
                         similarity_weight=config.similarity_weight, distill_targets=distill_targets,
                         distill_weight=config.distill_weight, affine_only=affine_first,
                     )
                 except FirekitError as exc:
                     # train_step checks the loss before any optimiser steps: the last step stands.
-                    if state.step > state.saved_step:
+                    if main and state.step > state.saved_step:
                         save()
                     kept = f"; {run_dir / 'checkpoint.pt'} holds step {state.saved_step}" if state.saved_step else ""
                     raise FirekitError(f"step {index + 1}: {exc}{kept}") from None
                 in_step = False
                 state.step = index + 1
-                state.losses = loss.as_floats()
+                state.losses = _mean_over_ranks(loss.as_floats(), world, device)
                 losses_log.write({"step": state.step, **state.losses, "seconds": seconds()})
                 last = state.step == config.iterations
-                validated = val_log is not None and (last or _due(state.step, config.val_every))
+                validated = main and val_log is not None and (last or _due(state.step, config.val_every))
                 if validated:
                     scores = _validate(model, validation, device)
                     val_log.write({"step": state.step, **scores})
@@ -422,7 +439,7 @@ def train(
                     ):
                         state.best_val_dice, state.best_step = scores["dice_mean"], state.step
                         model.save(run_dir / "model_best.pt", extra=_model_extra(config, data, extra, state))
-                if last or _due(state.step, config.checkpoint_every):
+                if main and (last or _due(state.step, config.checkpoint_every)):
                     save()
                 if callback is not None:
                     callback(state.step, {**state.losses, **({"val_dice": state.latest_dice} if validated else {})})
@@ -432,7 +449,7 @@ def train(
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         # Mid-step (a second Ctrl-C) the groups may be half updated: keep the last checkpoint then.
-        if not in_step and state.step > state.saved_step:
+        if main and not in_step and state.step > state.saved_step:
             save()
         bar.write(
             f"interrupted; {run_dir / 'checkpoint.pt'} holds step {state.saved_step}"
@@ -504,6 +521,56 @@ class _HeldInterrupt:
 
 
 # ------------------------------------------------------------------------------------ run folder
+def _distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank) under ``torchrun`` (its environment variables), initialising the
+    process group (NCCL with CUDA, else gloo) if needed; (0, 1, 0) in a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _shard(batch: dict, rank: int, size: int) -> dict:
+    """Rank ``rank``'s ``size`` pairs of a global batch (every tensor's first axis)."""
+    if rank == 0 and all(v.shape[0] == size for v in batch.values() if torch.is_tensor(v)):
+        return batch
+    return {k: v[rank * size:(rank + 1) * size] if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _mean_over_ranks(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """The loss terms averaged over processes (what is logged), one all-reduce."""
+    if world <= 1:
+        return values
+    import torch.distributed as dist
+
+    keys = [k for k in values if k != "smooth_weight"]  # lambda is the same on every rank
+    stacked = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(stacked)
+    averaged = dict(zip(keys, (v / world for v in stacked.tolist())))
+    return {k: averaged.get(k, values[k]) for k in values}
+
+
+class _NoLog:
+    """What ranks other than 0 log: nothing."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
     if resume and overwrite:
         raise FirekitError("pass --resume or --overwrite, not both")
