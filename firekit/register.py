@@ -457,10 +457,18 @@ def register(
                                               config, device, synthesis, progress, factor)
             theta, disp = symmetrise(theta, disp, theta_back, disp_back)
             warped_net = spatial.warp(x_moving, disp)
-        voxels = spatial.normalised_to_voxel(disp)
-        world_affine = _network_affine_to_world(theta, shape, grid_affine)
-        view = NetworkView(x_moving, x_fixed, warped_net, disp, theta, grid_affine)
-    displacement, moving_points = world_mapping(voxels, grid_affine, fixed, moving.affine)
+        return _result(moving, fixed, direction, NetworkView(x_moving, x_fixed, warped_net, disp, theta, grid_affine))
+    return _result(moving, fixed, direction, view, voxels, world_affine)
+
+
+def _result(moving: io.Volume, fixed: io.Volume, direction: str, view: NetworkView, voxels: torch.Tensor | None = None,
+            world_affine: np.ndarray | None = None) -> RegistrationResult:
+    """A RegistrationResult from the network-grid view (its displacement, unless ``voxels`` is given
+    (slice by slice): ``(1, n, *G)`` voxels of the grid and ``world_affine``)."""
+    if voxels is None:
+        voxels = spatial.normalised_to_voxel(view.displacement)
+        world_affine = _network_affine_to_world(view.theta, view.fixed.shape[2:], view.affine)
+    displacement, moving_points = world_mapping(voxels, view.affine, fixed, moving.affine)
     source = torch.as_tensor(np.asarray(moving.data, dtype=np.float32))[None, None]
     warped = spatial.sample(source, moving_points.float(), padding_mode="zeros")[0, 0].numpy()
     return RegistrationResult(
@@ -473,3 +481,47 @@ def register(
         network=view,
         moving_points=moving_points,
     )
+
+
+def register_pairs(model: Fire, pairs, direction: str = "a2b", affine_only: bool = False,
+                   spacing: float | None = DEFAULT_SPACING, batch_size: int = 16, refine=0, seed: int = 0,
+                   device: str | torch.device | None = None) -> list[RegistrationResult]:
+    """Register many ``(moving, fixed)`` pairs with one model, ``batch_size`` pairs per forward pass.
+
+    Pairs whose network grids have the same shape are batched (the network, and refinement when on,
+    run on the batch at once under ``torch.inference_mode``); each result equals ``register``'s
+    for that pair (up to floating-point summation order). Images must have the model's ndim.
+
+    Args:
+        pairs: ``(moving, fixed)`` paths, nibabel images, Volumes or arrays.
+        Others: as :func:`register`.
+    """
+    config = refine_config(refine, model.ndim, seed)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    prepared = []
+    for index, (moving, fixed) in enumerate(pairs):
+        moving, fixed = as_volume(moving, "moving image"), as_volume(fixed, "fixed image")
+        if not moving.ndim == fixed.ndim == model.ndim:
+            raise FirekitError(f"pair {index} ({moving.name}, {fixed.name}): images must be {model.ndim}D for this "
+                               "model; use register() for a 2D model on volumes")
+        shape, grid_affine = network_grid(fixed, spacing, model.size_multiple, model.min_size)
+        prepared.append((moving, fixed, grid_affine, to_network(moving, shape, grid_affine),
+                         to_network(fixed, shape, grid_affine)))
+    results: list[RegistrationResult | None] = [None] * len(prepared)
+    groups: dict[tuple, list[int]] = {}
+    for index, item in enumerate(prepared):
+        groups.setdefault(tuple(item[3].shape[2:]), []).append(index)
+    for indices in groups.values():
+        for start in range(0, len(indices), max(1, int(batch_size))):
+            chunk = indices[start:start + max(1, int(batch_size))]
+            x_moving = torch.cat([prepared[i][3] for i in chunk])
+            x_fixed = torch.cat([prepared[i][4] for i in chunk])
+            factor = network_factor(model, x_fixed.shape[2:], prepared[chunk[0]][2])
+            theta, disp, warped = _solve(model, x_moving, x_fixed, direction, affine_only, config, device,
+                                         network_factor=factor)
+            for k, i in enumerate(chunk):
+                moving, fixed, grid_affine, xm, xf = prepared[i]
+                view = NetworkView(xm, xf, warped[k:k + 1], disp[k:k + 1], theta[k:k + 1], grid_affine)
+                results[i] = _result(moving, fixed, direction, view)
+    return results

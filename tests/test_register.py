@@ -263,3 +263,20 @@ def test_shipped_3d_model_loads_with_its_training_spacing_and_registers_a_volume
     volume = io.Volume(blobs((40, 48, 40)), np.diag([2.0, 2.0, 2.0, 1.0]))
     result = register(model, volume, volume, direction="b2a", refine=0)
     assert result.warped.shape == (40, 48, 40) and np.isfinite(result.displacement).all()
+
+
+def test_register_pairs_batches_and_matches_one_by_one():
+    from firekit.register import load, register, register_pairs
+
+    model = load("default")
+    rng = np.random.default_rng(0)
+    pairs = [(rng.random((60, 70)).astype(np.float32), rng.random((60, 70)).astype(np.float32)) for _ in range(3)]
+    pairs.append((rng.random((50, 44)).astype(np.float32), rng.random((50, 44)).astype(np.float32)))  # another grid
+    batched = register_pairs(model, pairs, direction="b2a", batch_size=2)
+    for (moving, fixed), result in zip(pairs, batched):
+        alone = register(model, moving, fixed, direction="b2a")
+        assert result.warped.shape == fixed.shape
+        np.testing.assert_allclose(result.displacement, alone.displacement, atol=1e-3)
+        np.testing.assert_allclose(result.affine, alone.affine, atol=1e-4)
+    with pytest.raises(FirekitError, match="images must be 2D for this model"):
+        register_pairs(model, [(np.zeros((8, 8, 8)), np.zeros((8, 8, 8)))])
