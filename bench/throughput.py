@@ -114,6 +114,49 @@ def measure(name: str, device: str, steps: int, amp: bool, channels_last: bool, 
             "parameters_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
 
+GOALS = {"2d": 50.0, "3d": 2000.0}  # ms per pair on 2 CPU cores (issue 9); 3D peak RAM under 4 GB
+
+
+def inference(kind: str, repeats: int = 5) -> dict:
+    """The shipped model registering one pair end to end (``register``, refinement off), as a user
+    calls it: 2D 256 x 256 arrays at 1 mm (``spacing=None``: the network sees 256 x 256), or the
+    demo brains' 3D volumes (128 x 160 x 128 at 1.28 mm; the 3D model runs at 2.56 mm)."""
+    import numpy as np
+
+    from firekit import register as reg
+
+    if kind == "2d":
+        model = reg.load("default")
+        rng = np.random.default_rng(0)
+        moving, fixed = rng.random((256, 256)).astype(np.float32), rng.random((256, 256)).astype(np.float32)
+        options = {}  # the default 1.28 mm grid: the network sees 200 x 200
+    else:
+        from firekit.braindata import demo_subject
+
+        model = reg.load(str(Path(reg.__file__).parent / "weights" / "fire3d_t1_t2like_small.pt"))
+        moving, fixed = demo_subject(1)["T2"], demo_subject(0)["T1"]
+        options = {}
+    reg.register(model, moving, fixed, "b2a", **options)  # warm-up
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        reg.register(model, moving, fixed, "b2a", **options)
+        times.append(time.perf_counter() - tick)
+    batch_ms = full_ms = None
+    if kind == "2d":
+        tick = time.perf_counter()
+        reg.register_pairs(model, [(moving, fixed)] * 16, "b2a")
+        batch_ms = (time.perf_counter() - tick) / 16 * 1000
+        full = []
+        for _ in range(repeats):  # the network on the full 256 x 256 grid (spacing=None)
+            tick = time.perf_counter()
+            reg.register(model, moving, fixed, "b2a", spacing=None)
+            full.append(time.perf_counter() - tick)
+        full_ms = float(np.median(full)) * 1000
+    return {"kind": kind, "median_ms": float(np.median(times)) * 1000, "batched_ms": batch_ms, "full_grid_ms": full_ms,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "goal_ms": GOALS[kind]}
+
+
 def _run_isolated(args, name: str) -> dict:
     command = [sys.executable, "-m", "bench.throughput", "--one", name, "--device", args.device,
                "--steps", str(args.steps), "--batch", str(args.batch)]
@@ -149,8 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--out", type=Path, default=HERE / "throughput.md")
+    parser.add_argument("--inference", action="store_true",
+                        help="also time the shipped models' register() on a 2D 256x256 and a 3D demo pair")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one config, print JSON
+    parser.add_argument("--one-inference", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.one_inference:
+        print(json.dumps(inference(args.one_inference)))
+        return 0
     if args.one:
         print(json.dumps(measure(args.one, args.device, args.steps, args.amp, args.channels_last, args.compile,
                                  args.batch)))
@@ -163,6 +212,26 @@ def main(argv: list[str] | None = None) -> int:
     settings = (f"{date.today()}, {device}, torch {torch.__version__}; amp {args.amp}, channels_last "
                 f"{args.channels_last}, compile {args.compile}; {args.steps} timed steps after 2 warm-up")
     text = "\n".join([settings, "", *table(rows)])
+    if args.inference:
+        lines = ["", "| shipped model, register() one pair (refinement off) | median ms | ms per pair, 16 batched "
+                 "(register_pairs) | network on the full grid (spacing=None), ms | peak RSS (MB) | goal |",
+                 "|---|---|---|---|---|---|"]
+        for kind in ("2d", "3d"):
+            done = subprocess.run([sys.executable, "-m", "bench.throughput", "--one-inference", kind],
+                                  capture_output=True, text=True, cwd=HERE.parent)
+            r = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+            if r is None:
+                lines.append(f"| {kind} | failed: {done.stderr.strip().splitlines()[-1][:120]} | | | |")
+                continue
+            met = r["median_ms"] <= r["goal_ms"] and (kind == "2d" or r["peak_mb"] <= 4096)
+            batched = f"{r['batched_ms']:.1f}" if r["batched_ms"] is not None else ""
+            full = f"{r['full_grid_ms']:.1f}" if r["full_grid_ms"] is not None else ""
+            goal = f"< {r['goal_ms']:.0f} ms" + (", < 4096 MB" if kind == "3d" else "")
+            where = "256x256 at 1 mm; network grid 200x200 (1.28 mm)" if kind == "2d" else \
+                "128x160x128 demo pair; 3D model at 2.56 mm"
+            lines.append(f"| {kind}: {where} | {r['median_ms']:.1f} | {batched} | {full} | "
+                         f"{r['peak_mb']:.0f} | {goal}: {'met' if met else '**missed**'} |")
+        text += "\n" + "\n".join(lines)
     print(text)
     with open(args.out, "a") as handle:
         handle.write(f"\n### `python -m bench.throughput {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"

@@ -393,12 +393,15 @@ def train(
         dynamic_ncols=True,
     )
     in_step = False
+    # On a GPU the next batches are drawn (augmented) on the CPU while the current step runs.
+    prefetch = _Prefetch(source, config.batch_size * world, ahead=2 if device.type == "cuda" else 0,
+                         pin=device.type == "cuda")
     try:
         with _HeldInterrupt() as interrupt:
             for index in range(state.step, config.iterations):
                 # One global batch per step, the same whatever the number of processes: rank r
                 # takes its slice (batch_size is per process).
-                batch = _shard(source.sample(index, config.batch_size * world), rank, config.batch_size)
+                batch = _shard(prefetch.get(index, config.iterations), rank, config.batch_size)
                 x_a, x_b = (_batch_tensor(batch, key, f"source.sample({index})", device) for key in ("x_a", "x_b"))
                 in_step = True
                 try:
@@ -457,6 +460,7 @@ def train(
         )
         raise
     finally:
+        prefetch.close()
         bar.close()
         losses_log.close()
         if val_log is not None:
@@ -772,7 +776,37 @@ def _batch_tensor(batch: dict, key: str, where: str, device: torch.device) -> to
         raise FirekitError(f"{where}[{key!r}] must be a tensor (B, 1, *spatial), got {type(value).__name__}")
     if key.startswith("labels"):
         return value.to(device=device, dtype=torch.int64)
-    return value.to(device=device, dtype=torch.float32)
+    return value.to(device=device, dtype=torch.float32, non_blocking=True)
+
+
+class _Prefetch:
+    """Batches of the steps ahead, drawn in worker threads while the current step runs (each batch
+    is a function of its step, so the result is the same as drawing in turn); pinned for CUDA."""
+
+    def __init__(self, source, batch_size: int, ahead: int, pin: bool):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.source, self.batch_size, self.ahead, self.pin = source, batch_size, max(0, int(ahead)), pin
+        self.pool = ThreadPoolExecutor(max_workers=self.ahead) if self.ahead else None
+        self.pending: dict = {}
+
+    def _draw(self, step: int) -> dict:
+        batch = self.source.sample(step, self.batch_size)
+        if self.pin and isinstance(batch, dict):
+            batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
+        return batch
+
+    def get(self, step: int, last: int) -> dict:
+        if self.pool is None:
+            return self._draw(step)
+        for ahead in range(step, min(step + self.ahead + 1, last)):
+            if ahead not in self.pending:
+                self.pending[ahead] = self.pool.submit(self._draw, ahead)
+        return self.pending.pop(step).result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _check_validation_batch(batch: dict, index: int) -> dict:

@@ -64,3 +64,21 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(data, tmp_p
     resumed = _train(data, tmp_path / "two", 1, 2, 8, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert [r["step"] for r in _losses(tmp_path / "two")] == list(range(1, 9))
+
+
+def test_prefetched_batches_are_the_batches_drawn_in_turn():
+    from firekit.train import _Prefetch
+
+    class Pairs:
+        def sample(self, step, batch_size):
+            generator = torch.Generator().manual_seed(step)
+            return {"x_a": torch.rand(batch_size, 1, 8, 8, generator=generator), "step": step}
+
+    prefetch = _Prefetch(Pairs(), 2, ahead=3, pin=False)
+    try:
+        for step in range(6):
+            batch = prefetch.get(step, last=6)
+            assert batch["step"] == step and torch.equal(batch["x_a"], Pairs().sample(step, 2)["x_a"])
+        assert not prefetch.pending  # nothing drawn past the last step
+    finally:
+        prefetch.close()
