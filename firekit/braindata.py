@@ -371,9 +371,9 @@ def build_demo_dataset(
         if old is not None:
             differ = [key for key in _PARAMETERS if old.get(key) != info[key]]
             raise FirekitError(f"{out}: holds a demo dataset with other {', '.join(differ)}; "
-                               "pass overwrite=True or choose another folder")
+                               "pass --overwrite (overwrite=True in Python) or choose another folder")
         raise FirekitError(f"{out}: folder is not empty and holds no demo dataset; choose an empty folder "
-                           "or pass overwrite=True")
+                           "or pass --overwrite (overwrite=True in Python)")
 
     template = _template(spacing, shape)
     info["affine"] = template.affine.tolist()

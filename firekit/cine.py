@@ -70,8 +70,8 @@ class Series:
 def load_series(path: str | os.PathLike, what: str = "cine series") -> Series:
     """Load a 4D NIfTI ``(X, Y, Z, T)`` (a single-slice series ``(X, Y, 1, T)`` becomes 2D + time).
 
-    Raises :class:`FirekitError` (one line naming the file) when it is not 4D, unreadable or has
-    NaN/Inf voxels.
+    Raises :class:`FirekitError` (one line naming the file) when it is not 4D, unreadable, has
+    NaN/Inf voxels or a constant phase.
     """
     path = Path(path)
     image = io._load_image(path, what)
@@ -83,6 +83,11 @@ def load_series(path: str | os.PathLike, what: str = "cine series") -> Series:
         raise FirekitError(f"{path}: {what} has {data.shape[3]} phase; a cine series needs at least 2")
     if not np.isfinite(data).all():
         raise FirekitError(f"{path}: {int((~np.isfinite(data)).sum())} NaN/Inf voxels; replace them first")
+    flat = data.reshape(-1, data.shape[3])
+    constant = np.flatnonzero(flat.min(axis=0) == flat.max(axis=0))
+    if constant.size:
+        which = "every phase is" if constant.size == data.shape[3] else f"phase {int(constant[0])} (0-based) is"
+        raise FirekitError(f"{path}: {which} constant; nothing to register (check it is the right file)")
     ndim = 2 if data.shape[2] == 1 else 3
     if ndim == 2:
         data = data[:, :, 0, :]
@@ -162,18 +167,29 @@ class CineResult:
         """Write ``warped_4d.nii.gz``, ``field_4d.nii.gz`` (``(X, Y, Z, T, n)`` ITK vectors per phase)
         and, with reference-phase ``labels``, ``labels_4d.nii.gz`` (propagated to every phase)."""
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         protect = [*protect, self.series.path]
-        written = {"warped": save_series(self.warped.data, self.series.affine, out_dir / "warped_4d.nii.gz",
-                                         header=self.series.header, dtype=np.float32, protect=protect)}
+        names = {"warped": "warped_4d.nii.gz", "field": "field_4d.nii.gz", "labels": "labels_4d.nii.gz"}
+        io.check_output_folder(out_dir, protect)
+        for name in names.values():
+            io.check_output_path(out_dir / name, protect)
+        propagated = None if labels is None else self.propagate(labels).astype(np.int16)  # may refuse the labels
+        created = not out_dir.exists()
         field_data = self.displacement if self.series.ndim == 3 else self.displacement[:, :, None]
-        written["field"] = io.save_nifti(field_data, self.series.affine, out_dir / "field_4d.nii.gz",
-                                         header=self.series.header, dtype=np.float32,
-                                         intent=io.NIFTI_INTENT_VECTOR, protect=protect)
-        if labels is not None:
-            written["labels"] = save_series(self.propagate(labels).astype(np.int16), self.series.affine,
-                                            out_dir / "labels_4d.nii.gz", header=self.series.header,
-                                            dtype=np.int16, protect=protect)
+        written = {}
+        try:
+            with io.all_or_nothing(out_dir / name for name in names.values()):
+                written["warped"] = save_series(self.warped.data, self.series.affine, out_dir / names["warped"],
+                                                header=self.series.header, dtype=np.float32, protect=protect)
+                written["field"] = io.save_nifti(field_data, self.series.affine, out_dir / names["field"],
+                                                 header=self.series.header, dtype=np.float32,
+                                                 intent=io.NIFTI_INTENT_VECTOR, protect=protect)
+                if propagated is not None:
+                    written["labels"] = save_series(propagated, self.series.affine, out_dir / names["labels"],
+                                                    header=self.series.header, dtype=np.int16, protect=protect)
+        except BaseException:
+            if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+            raise
         return written
 
 
@@ -275,12 +291,14 @@ def register_cine(
     config = cine_refine_config(refine, n, seed)
     if model is None and config is None:
         raise FirekitError("no model and no refinement: pass a model, or refine='auto'")
+    model_name = getattr(model, "path", None) or "model"
     if model is not None and model.ndim > n:
-        raise FirekitError(f"{series.name}: a {model.ndim}D model cannot register {n}D frames")
+        raise FirekitError(f"{model_name}: a {model.ndim}D model cannot register the {n}D frames of {series.name}; "
+                           f"use a {n}D model (or --model none)")
     solver_model = model if model is not None and model.ndim == n else None
     if model is not None and solver_model is None and config is None:
-        raise FirekitError(f"{series.name}: a {model.ndim}D model on {n}D frames needs refinement (refine='auto') "
-                           "or a 3D model trained with --cine")
+        raise FirekitError(f"{model_name}: a {model.ndim}D model on the {n}D frames of {series.name} needs refinement "
+                           "(--refine auto) or a 3D model trained with --cine")
     # refinement alone needs no padding for a network (a series of 10 slices stays 10, not 32)
     multiple, min_size = (model.size_multiple, model.min_size) if solver_model is not None else (1, 4)
     frame = series.phase(ref)
@@ -347,6 +365,10 @@ def evaluate_ed_es(model, patient, refine="auto", seed: int = 0) -> dict:
     """
     series = patient.series()
     labels_ed, labels_es = patient.labels(patient.ed), patient.labels(patient.es)
+    for labels in (labels_ed, labels_es):
+        if not (labels.data > 0).any():
+            raise FirekitError(f"{labels.name}: ground truth is empty (no label > 0); nothing to score; "
+                               "fix or re-download it, or move the patient out of --data")
     result = register_cine(model, series, reference=patient.es, ed=patient.ed, es=patient.es, refine=refine, seed=seed)
     spacing = io.spacing(series.affine)
     warped = result.apply(labels_ed, patient.ed).data
@@ -374,7 +396,7 @@ class CinePairs:
 
     def __init__(self, series: list[Series], ndim: int, spacing: float | None = None, seed: int = 0,
                  labels: list[dict] | None = None, min_foreground: float = 0.15, names: list[str] | None = None):
-        from .data import _pad_to, network_grid, resample, to_network
+        from .data import _pad_to, field_of_view, foreground_fraction, network_grid, resample, to_network
 
         if not series:
             raise FirekitError("no cine series to train on")
@@ -387,14 +409,16 @@ class CinePairs:
         self.slicewise = frame_ndim == 3 and ndim == 2
         self.names = names or [s.name for s in series]
         grid_spacing = [spacing, spacing, None] if self.slicewise else spacing
-        tensors, label_tensors = [], []
+        tensors, label_tensors, views = [], [], []
         for index, item in enumerate(series):
             shape, affine = network_grid(item.phase(0), grid_spacing)
             tensors.append(torch.cat([to_network(item.phase(t), shape, affine) for t in range(item.phases)]))
+            views.append(field_of_view(item.phase(0), shape, affine))
             known = (labels or [{}] * len(series))[index] or {}
             label_tensors.append({t: resample(v, shape, affine, mode="nearest").round().long() for t, v in known.items()})
         spatial_shape = [max(t.shape[2 + i] for t in tensors) for i in range(frame_ndim)]
         self.phases = [_pad_to(t, spatial_shape, -1.0) for t in tensors]
+        views = [_pad_to(v.float(), spatial_shape, 0.0) > 0.5 for v in views]
         self.labels = [{k: _pad_to(v.float(), spatial_shape, 0.0).long() for k, v in known.items()}
                        for known in label_tensors]
         self.shape = tuple(spatial_shape[:ndim])
@@ -404,10 +428,12 @@ class CinePairs:
             if not self.slicewise:
                 self.items.append((index, -1))
                 continue
-            foreground = (stack[:, 0] > -0.9).float().mean(dim=(0, 1, 2))
+            foreground = foreground_fraction(stack, views[index])
             self.items += [(index, int(k)) for k in torch.nonzero(foreground >= min_foreground).flatten()]
         if not self.items:
-            raise FirekitError(f"no slice has {min_foreground:.0%} foreground; check the series")
+            names = ", ".join(self.names[:3]) + (", ..." if len(self.names) > 3 else "")
+            raise FirekitError(f"{names}: no slice has {min_foreground:.0%} foreground; check the series "
+                               "(mostly background?) or train with --ndim 3")
 
     def __len__(self) -> int:
         return len(self.items)

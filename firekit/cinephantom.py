@@ -477,9 +477,9 @@ def build_cine_phantom(
         if old is not None:
             differ = [k for k in _PARAMETERS if old_parameters.get(k) != parameters[k]]
             raise FirekitError(f"{out}: holds a cine phantom with other {', '.join(differ)}; "
-                               "pass overwrite=True or choose another folder")
+                               "pass --overwrite (overwrite=True in Python) or choose another folder")
         raise FirekitError(f"{out}: folder is not empty and holds no cine phantom; choose an empty folder "
-                           "or pass overwrite=True")
+                           "or pass --overwrite (overwrite=True in Python)")
     names = [f"patient{i + 1:03d}" for i in range(int(patients))]
     index = {"name": "firekit synthetic cardiac cine phantom (ACDC layout)", "parameters": parameters,
              "names": names, "labels": {str(k): v for k, v in acdc.LABEL_NAMES.items()}, "patients": {}}

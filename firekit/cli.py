@@ -102,25 +102,38 @@ def _register(args: argparse.Namespace) -> None:
 
 def _register_cine(args: argparse.Namespace) -> None:
     from . import cine, io
+    from ._atomic import atomic_write_text
     from .register import load
 
+    out = Path(args.out)
+    inputs = [args.series, args.labels]
+    outputs = [out / name for name in ("warped_4d.nii.gz", "field_4d.nii.gz", "labels_4d.nii.gz", "cine.json")]
+    io.check_output_folder(out, inputs)
+    for path in outputs:
+        io.check_output_file(path, inputs)
     series = cine.load_series(args.series)
     ed, es = _cine_phases(args, series)
     model = None if args.model.lower() == "none" else load(args.model)
-    out = Path(args.out)
-    for name in ("warped_4d.nii.gz", "field_4d.nii.gz", "labels_4d.nii.gz"):
-        io.check_output_path(out / name, [args.series, args.labels])
-    labels = io.load_labels(args.labels) if args.labels else None
+    labels, labels_phase = None, None
+    if args.labels:
+        labels = io.load_labels(args.labels, "label map", allow_empty=False)
+        if labels.shape != series.shape:
+            raise FirekitError(f"{args.labels}: shape {labels.shape} differs from the frames of {args.series} "
+                               f"{series.shape}; pass labels drawn on a frame of this series")
+        if args.labels_phase is not None:
+            labels_phase = cine.reference_phase(args.labels_phase, series.phases, ed, es)
+    cine.reference_phase(args.reference, series.phases, ed, es)  # refuse a bad --reference before the work
     result = cine.register_cine(model, series, reference=args.reference, ed=ed, es=es, refine=args.refine,
                                 spacing=args.spacing, seed=args.seed, device=args.device, progress=not args.quiet)
-    if labels is not None and args.labels_phase is not None:
-        labels = result.apply(labels, cine.reference_phase(args.labels_phase, series.phases, ed, es))
-    written = result.save(out, labels=labels, protect=[args.labels])
+    if labels is not None and labels_phase is not None:
+        labels = result.apply(labels, labels_phase)
     folding = (result.jacobian_determinant() <= 0).mean(axis=tuple(range(series.ndim))) * 100
-    summary = {"series": str(args.series), "phases": series.phases, "reference": result.reference, "ed": ed,
-               "es": es, "seconds": result.seconds, "folding_percent": [float(f) for f in folding],
-               "outputs": {k: str(v) for k, v in written.items()}}
-    (out / "cine.json").write_text(json.dumps(summary, indent=1))
+    with io.all_or_nothing(outputs):
+        written = result.save(out, labels=labels, protect=[args.labels])
+        summary = {"series": str(args.series), "phases": series.phases, "reference": result.reference, "ed": ed,
+                   "es": es, "seconds": result.seconds, "folding_percent": [float(f) for f in folding],
+                   "outputs": {k: str(v) for k, v in written.items()}}
+        atomic_write_text(out / "cine.json", json.dumps(summary, indent=1))
     print(f"registered {series.phases} phases to phase {result.reference} in {result.seconds:.1f} s "
           f"(|J| <= 0: max {folding.max():.3f} %); wrote {', '.join(str(v) for v in written.values())}")
 
@@ -441,6 +454,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"firekit: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment rather than the input: a full disk, a permission, a vanished file
+        if args.debug:
+            raise
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"firekit: error: {text}; check the path, its permissions and the free disk space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("firekit: interrupted", file=sys.stderr)

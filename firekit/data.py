@@ -82,25 +82,30 @@ def _keys(paths: list[Path]) -> list[list[str]]:
     return [k for k in options if k is not None]
 
 
-def find_pairs(a: str, b: str, labels: str | None = None) -> list[Subject]:
+def find_pairs(a: str, b: str, labels: str | None = None,
+               flags: Sequence[str] = ("--a", "--b", "--labels")) -> list[Subject]:
     """Match the files of two globs (and a label glob) per subject.
 
     Subjects are matched by parent folder when every subject's files share names
     (``SUBJ/T1.nii``, ``SUBJ/T2.nii``), otherwise by file name with the tokens common to all files
     of a glob removed (``sub01_T1.nii.gz`` ~ ``sub01_T2.nii.gz``). A single file per glob pairs as is.
 
-    Raises :class:`FirekitError` if a glob matches nothing or the subjects do not match one to one.
+    Raises :class:`FirekitError` if a glob matches nothing or the subjects do not match one to one;
+    ``flags`` name the three globs in its message (the command line's options).
     """
-    files = {"--a": _expand(a, "--a"), "--b": _expand(b, "--b")}
+    flag_a, flag_b, flag_labels = flags
+    patterns = {flag_a: a, flag_b: b, flag_labels: labels}
+    files = {flag_a: _expand(a, flag_a), flag_b: _expand(b, flag_b)}
     if labels is not None:
-        files["--labels"] = _expand(labels, "--labels")
+        files[flag_labels] = _expand(labels, flag_labels)
     counts = {flag: len(paths) for flag, paths in files.items()}
     if len(set(counts.values())) != 1:
-        listing = ", ".join(f"{flag} {n}" for flag, n in counts.items())
-        raise FirekitError(f"unequal numbers of files ({listing}); every subject needs one file per glob")
-    if counts["--a"] == 1:
+        listing = ", ".join(f"{flag} {patterns[flag]!r} matched {n}" for flag, n in counts.items())
+        raise FirekitError(f"unequal numbers of files: {listing}; every subject needs one file per glob")
+    if counts[flag_a] == 1:
         only = {flag: paths[0] for flag, paths in files.items()}
-        return [Subject(only["--a"].parent.name or _stem(only["--a"]), only["--a"], only["--b"], only.get("--labels"))]
+        name = only[flag_a].parent.name or _stem(only[flag_a])
+        return [Subject(name, only[flag_a], only[flag_b], only.get(flag_labels))]
     for method in range(3):
         keyed = {}
         for flag, paths in files.items():
@@ -110,12 +115,12 @@ def find_pairs(a: str, b: str, labels: str | None = None) -> list[Subject]:
         key_sets = [set(k) for k in keyed.values()]
         if all(s == key_sets[0] for s in key_sets):
             return [
-                Subject(key, keyed["--a"][key], keyed["--b"][key], keyed.get("--labels", {}).get(key))
+                Subject(key, keyed[flag_a][key], keyed[flag_b][key], keyed.get(flag_labels, {}).get(key))
                 for key in sorted(key_sets[0])
             ]
-    example = files["--a"][0]
+    example = files[flag_a][0]
     raise FirekitError(
-        f"cannot match --a and --b files per subject (e.g. {example}); use one folder per subject "
+        f"cannot match {flag_a} and {flag_b} files per subject (e.g. {example}); use one folder per subject "
         "(SUBJ/A.nii.gz, SUBJ/B.nii.gz) or names that differ only by the modality (sub01_T1, sub01_T2)"
     )
 
@@ -215,13 +220,15 @@ def to_network(volume: io.Volume, shape: Sequence[int], affine: np.ndarray) -> t
 
 @dataclass
 class SubjectData:
-    """A subject on its network grid: tensors ``(1, 1, *S)``; labels int64 or None."""
+    """A subject on its network grid: tensors ``(1, 1, *S)``; labels int64 or None; ``fov`` bool,
+    True where the grid lies inside A's field of view (None: everywhere)."""
 
     name: str
     a: torch.Tensor
     b: torch.Tensor
     labels: torch.Tensor | None
     affine: np.ndarray
+    fov: torch.Tensor | None = None
 
 
 def load_subject(
@@ -238,11 +245,36 @@ def load_subject(
     shape, affine = network_grid(vol_a, spacing, multiple, min_size)
     labels = None
     if subject.labels is not None:
-        vol_l = io.load_labels(subject.labels)
+        vol_l = io.load_labels(subject.labels, allow_empty=False)
         if vol_l.ndim != vol_a.ndim:
             raise FirekitError(f"{subject.labels}: labels are {vol_l.ndim}D but {subject.a} is {vol_a.ndim}D")
         labels = resample(vol_l, shape, affine, mode="nearest").round().long()
-    return SubjectData(subject.name, to_network(vol_a, shape, affine), to_network(vol_b, shape, affine), labels, affine)
+    return SubjectData(subject.name, to_network(vol_a, shape, affine), to_network(vol_b, shape, affine), labels, affine,
+                       field_of_view(vol_a, shape, affine))
+
+
+def field_of_view(volume: io.Volume, shape: Sequence[int], affine: np.ndarray) -> torch.Tensor:
+    """``(1, 1, *shape)`` bool: the grid points inside ``volume``'s field of view (not padding)."""
+    ones = io.Volume(np.ones(volume.shape, np.float32), volume.affine)
+    return resample(ones, shape, affine) > 0.5
+
+
+def foreground_fraction(x: torch.Tensor, fov: torch.Tensor | None = None) -> torch.Tensor:
+    """Per axial slice (last axis), the fraction of in-view voxels above background.
+
+    Args:
+        x: ``(T, 1, X, Y, Z)`` normalised images (background -1); fov: ``(1, 1, X, Y, Z)`` bool or
+            None (the whole grid). Relative to the field of view, so an image smaller than the
+            network's minimum size (padded) keeps its slices.
+
+    Returns:
+        ``(Z,)`` fractions in [0, 1] (0 for slices outside the field of view).
+    """
+    foreground = (x[:, 0] > -0.9).float()
+    if fov is None:
+        return foreground.mean(dim=(0, 1, 2))
+    inside = fov[0].float()
+    return (foreground * inside).sum(dim=(0, 1, 2)) / (inside.sum(dim=(0, 1, 2)) * x.shape[0]).clamp(min=1.0)
 
 
 def _pad_to(x: torch.Tensor, shape: Sequence[int], value: float) -> torch.Tensor:
@@ -317,10 +349,12 @@ class PairDataset:
             if not self.slicewise:
                 self.items.append((index, -1))
                 continue
-            foreground = (subject.a[0, 0] > -0.9).float().mean(dim=(0, 1))
+            foreground = foreground_fraction(subject.a, getattr(subject, "fov", None))
             self.items += [(index, int(k)) for k in torch.nonzero(foreground >= min_foreground).flatten()]
         if not self.items:
-            raise FirekitError(f"no slice has {min_foreground:.0%} foreground; check the images or lower min_foreground")
+            names = ", ".join(s.name for s in self.subjects[:3]) + (", ..." if len(self.subjects) > 3 else "")
+            raise FirekitError(f"{names}: no axial slice has {min_foreground:.0%} foreground; check the images "
+                               "(mostly background?) or train with --ndim 3")
 
     def __len__(self) -> int:
         return len(self.items)

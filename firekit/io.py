@@ -12,9 +12,10 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -30,6 +31,9 @@ __all__ = [
     "save_nifti",
     "save_volume",
     "check_output_path",
+    "check_output_folder",
+    "check_output_file",
+    "all_or_nothing",
     "nd_affine",
     "affine_4x4",
     "spacing",
@@ -188,8 +192,12 @@ def load_volume(path: str | os.PathLike, what: str = "image", allow_nonfinite: b
     return Volume(data, nd_affine(image.affine, data.ndim), image.header.copy(), path)
 
 
-def load_labels(path: str | os.PathLike, what: str = "label map") -> Volume:
-    """Load an integer label map (values rounded to int32)."""
+def load_labels(path: str | os.PathLike, what: str = "label map", allow_empty: bool = True) -> Volume:
+    """Load an integer label map (values rounded to int32).
+
+    ``allow_empty`` False refuses a map with no label > 0 (nothing to warp or score: usually the
+    wrong file, e.g. an empty mask exported by mistake).
+    """
     path = Path(path)
     image = _load_image(path, what)
     data = _spatial_array(_read_array(image, path, np.float64), path, what)
@@ -198,6 +206,8 @@ def load_labels(path: str | os.PathLike, what: str = "label map") -> Volume:
     rounded = np.rint(data)
     if np.abs(rounded - data).max() > 1e-3:
         raise FirekitError(f"{path}: label map has non-integer values; pass an integer segmentation")
+    if not allow_empty and not (rounded > 0).any():
+        raise FirekitError(f"{path}: {what} is empty (no label > 0); pass a segmentation with labels, or leave it out")
     return Volume(rounded.astype(np.int32), nd_affine(image.affine, data.ndim), image.header.copy(), path)
 
 
@@ -234,11 +244,21 @@ def itk_field_array(displacement: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(displacement.reshape(*spatial_shape, 1, n).astype(np.float32))
 
 
-def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
-    """Refuse an output path that is (or resolves to) an input; refuse non-NIfTI names."""
+def _check_parent(path: Path, fix: str) -> None:
+    """Refuse an output whose folder cannot be made or written (a file in the way, no permission)."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise FirekitError(f"{path}: {parent} is a file, not a folder; {fix}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise FirekitError(f"{path}: folder {parent} is not writable; {fix}")
+
+
+def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Refuse an output path that is (or resolves to) an input, a folder, or in a folder that
+    cannot hold it (a file in the way, no write permission)."""
     path = Path(path)
-    if not _is_nifti(path):
-        raise FirekitError(f"{path}: output name must end in .nii or .nii.gz")
     target = path.resolve()
     for item in inputs:
         if item is None:
@@ -247,8 +267,58 @@ def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
         if target == source.resolve() or (path.exists() and source.exists() and path.samefile(source)):
             raise FirekitError(f"{path}: output would overwrite an input; choose another --out path")
     if path.is_dir():
-        raise FirekitError(f"{path}: is a directory; give a file name ending in .nii.gz")
+        raise FirekitError(f"{path}: is a directory; give a file name")
+    _check_parent(path, "choose another output path")
     return path
+
+
+def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """:func:`check_output_file` for a NIfTI output (the name must end in .nii or .nii.gz)."""
+    path = Path(path)
+    if not _is_nifti(path):
+        raise FirekitError(f"{path}: output name must end in .nii or .nii.gz")
+    if path.is_dir():
+        raise FirekitError(f"{path}: is a directory; give a file name ending in .nii.gz")
+    return check_output_file(path, inputs)
+
+
+def check_output_folder(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """Refuse an output folder that is an existing file (e.g. an input) or that cannot be created."""
+    path = Path(path)
+    for item in inputs:
+        if item is not None and path.resolve() == Path(item).resolve():
+            raise FirekitError(f"{path}: --out is an input; give a folder for the outputs")
+    if path.exists() and not path.is_dir():
+        raise FirekitError(f"{path}: is a file; --out takes a folder (created if missing)")
+    _check_parent(path / "x", "choose another --out folder")
+    return path
+
+
+@contextmanager
+def all_or_nothing(outputs: Iterable[str | os.PathLike | None]) -> Iterator[None]:
+    """Writes of a set of outputs that land together or not at all.
+
+    Each write is atomic on its own; if the block fails part-way (a later write, a disk error,
+    Ctrl-C), the outputs it already wrote are removed, so no half set of results is left behind.
+    An output that existed before the block and was not rewritten is kept.
+    """
+    paths = [Path(p) for p in outputs if p is not None]
+    before = {p: _identity(p) for p in paths}
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            if _identity(path) not in (None, before[path]):
+                path.unlink(missing_ok=True)
+        raise
+
+
+def _identity(path: Path):
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
 
 
 def save_nifti(
@@ -327,5 +397,5 @@ def normalise_intensity(data: np.ndarray, low: float = 0.5, high: float = 99.5, 
     if not hi > lo:
         lo, hi = float(values.min()), float(values.max())
         if not hi > lo:
-            raise FirekitError(f"{name}: image is constant ({lo:g}); nothing to register")
+            raise FirekitError(f"{name}: image is constant ({lo:g}); nothing to register (check it is the right file)")
     return np.clip((values - lo) / (hi - lo) * 2.0 - 1.0, -1.0, 1.0).astype(np.float32)

@@ -506,7 +506,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         config = FireConfig.from_dict(payload["config"])
     except (FirekitError, KeyError, TypeError, ValueError) as exc:
-        raise FirekitError(f"{path}: unusable model config ({_first_line(exc)}); use a model.pt written by firekit") from None
+        raise FirekitError(
+            f"{path}: unusable model config ({_first_line(exc)}); use a model.pt written by firekit"
+        ) from None
     model = Fire(config)
     try:
         model.load_state_dict(payload["state_dict"])
@@ -542,12 +544,12 @@ def _load_failure(exc: BaseException) -> str:
     text = str(exc)
     blocked = re.search(r"unsupported GLOBAL (\S+)", text, re.IGNORECASE)
     if blocked:
-        return (f"refused: it would import {blocked.group(1)} (pickled code, not only tensors and plain data); "
-                "nothing in it was run; use a model.pt written by firekit")
-    if isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
-        return ("refused: not a weights-only torch checkpoint (a plain pickle or another format); nothing in it "
-                "was run; use a model.pt written by firekit")
-    return f"truncated, corrupt or not a torch file ({_first_line(exc)}); use a model.pt written by firekit"
+        why = f"it would import {blocked.group(1)}: pickled code, not only tensors and plain data; refused, nothing ran"
+    elif isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
+        why = "not a weights-only torch file: a plain pickle or another format; refused, nothing ran"
+    else:
+        why = f"truncated or corrupt: {_first_line(exc)}"
+    return f"not a loadable firekit checkpoint ({why}); use a model.pt written by firekit"
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Fire:

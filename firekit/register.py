@@ -420,7 +420,8 @@ def register(
     if synthesis and (model is None or model.ndim < n):
         raise FirekitError("synthesis needs a model of the images' ndim (its decoder maps moving into fixed's contrast)")
     if model is not None and model.ndim > n:
-        raise FirekitError(f"{fixed.name}: a {model.ndim}D model cannot register {n}D images; use a {n}D model")
+        where = getattr(model, "path", None) or "the model"
+        raise FirekitError(f"{where}: a {model.ndim}D model cannot register {n}D images ({fixed.name}); use a {n}D model")
     slicewise = model is not None and model.ndim < n
     if symmetric and slicewise and config is None:
         raise FirekitError("symmetric registration needs refinement or a model of the images' ndim; "

@@ -585,6 +585,9 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
             raise FirekitError(
                 f"{run_dir / 'checkpoint.pt'} not found; nothing to resume (drop --resume to start a new run)"
             )
+        for name in RUN_FILES:  # half-written temporary files of a killed run (the files themselves are whole)
+            for tmp in run_dir.glob(f".{name}.*.tmp"):
+                tmp.unlink(missing_ok=True)
         return run_dir
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not overwrite:

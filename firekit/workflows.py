@@ -34,18 +34,20 @@ def build_dataset(
     pairing: str = "subject",
     progress: bool = True,
     curriculum_steps: int = 0,
+    flags: tuple[str, str, str] = ("--a", "--b", "--labels"),
 ) -> PairDataset:
     """Match, load and wrap subjects from globs into a :class:`PairDataset`.
 
     Args:
         augment: True for the paper's augmentation (``AugmentConfig()``), False for none, or an
             ``AugmentConfig``.
+        flags: the command-line names of the three globs, for error messages.
     """
     from tqdm.auto import tqdm
 
     from .augment import AugmentConfig
 
-    subjects = find_pairs(a, b, labels)
+    subjects = find_pairs(a, b, labels, flags=flags)
     # A 2D model on 3D volumes trains on axial slices: keep the native through-plane spacing.
     grid_spacing = (spacing, spacing, None if ndim == 2 else spacing)
     loaded = [load_subject(s, grid_spacing) for s in
@@ -99,7 +101,8 @@ def train_on_files(
     if val_a or val_b:
         if not (val_a and val_b):
             raise FirekitError("--val-a and --val-b go together; pass both or neither")
-        held_out = build_dataset(val_a, val_b, val_labels, ndim, spacing, seed, augment, progress=progress)
+        held_out = build_dataset(val_a, val_b, val_labels, ndim, spacing, seed, augment, progress=progress,
+                                 flags=("--val-a", "--val-b", "--val-labels"))
         held_out.shape = dataset.shape
         validation = held_out.validation(val_pairs)
     elif labels is not None:
@@ -216,9 +219,10 @@ def register_files(
 
     ``model`` None with ``refine`` on registers by refinement alone (see ``register.register``).
 
-    Every output path is checked before any work: none may be an input or another output.
+    Every output path and every input is checked before any work (none may be an input or another
+    output; an empty label map is refused), and the outputs are written together or not at all.
     """
-    from .register import register
+    from .register import refine_config, register
 
     inputs = [moving, fixed, moving_labels]
     outputs = [p for p in (out, out_labels, field) if p is not None]
@@ -229,20 +233,38 @@ def register_files(
     resolved = [Path(p).resolve() for p in outputs + ([affine] if affine else [])]
     if len(set(resolved)) != len(resolved):
         raise FirekitError("two outputs share one path; give --out, --out-labels, --field and --affine distinct names")
-    if affine is not None and Path(affine).resolve() in {Path(p).resolve() for p in inputs if p}:
-        raise FirekitError(f"{affine}: would overwrite an input; choose another --affine path")
-    labels_volume = io.load_labels(moving_labels, "moving label map") if moving_labels is not None else None
-    result = register(model, moving, fixed, direction=direction, affine_only=affine_only, spacing=spacing,
-                      device=device, refine=refine, seed=seed, similarity=similarity, synthesis=synthesis,
-                      progress=progress, symmetric=symmetric)
-    if labels_volume is not None and labels_volume.shape != result.moving.shape:
-        raise FirekitError(
-            f"{moving_labels}: shape {labels_volume.shape} differs from {moving} {result.moving.shape}; "
-            "pass labels drawn on the moving image"
-        )
-    result.save(out, field=field, affine_path=affine, protect=inputs)
-    if labels_volume is not None:
-        warped_labels = result.apply(labels_volume, labels=True)
-        io.save_nifti(warped_labels.data, result.fixed.affine, out_labels, header=result.fixed.header,
-                      dtype="int16" if warped_labels.data.max() < 32768 else "int32", protect=inputs)
+    if affine is not None:
+        if Path(affine).resolve() in {Path(p).resolve() for p in inputs if p}:
+            raise FirekitError(f"{affine}: would overwrite an input; choose another --affine path")
+        io.check_output_file(affine, inputs)
+    # Every input is read and checked before any work, so a bad one costs no registration.
+    moving_volume = io.load_volume(moving, "moving image")
+    fixed_volume = io.load_volume(fixed, "fixed image")
+    n = fixed_volume.ndim
+    if moving_volume.ndim != n:
+        raise FirekitError(f"{moving} is {moving_volume.ndim}D but {fixed} is {n}D; register images of the same ndim")
+    if model is not None and model.ndim > n:
+        name = getattr(model, "path", None) or "model"
+        raise FirekitError(f"{name}: a {model.ndim}D model cannot register the {n}D image {fixed}; "
+                           f"use a {n}D model (or --no-network)")
+    if affine is not None and model is not None and model.ndim < n and refine_config(refine, n) is None:
+        raise FirekitError(f"{affine}: a {model.ndim}D model without refinement registers {fixed} slice by slice, so "
+                           "there is no single affine; drop --affine or turn refinement on")
+    labels_volume = None
+    if moving_labels is not None:
+        labels_volume = io.load_labels(moving_labels, "moving label map", allow_empty=False)
+        if labels_volume.shape != moving_volume.shape:
+            raise FirekitError(
+                f"{moving_labels}: shape {labels_volume.shape} differs from {moving} {moving_volume.shape}; "
+                "pass labels drawn on the moving image"
+            )
+    result = register(model, moving_volume, fixed_volume, direction=direction, affine_only=affine_only,
+                      spacing=spacing, device=device, refine=refine, seed=seed, similarity=similarity,
+                      synthesis=synthesis, progress=progress, symmetric=symmetric)
+    warped_labels = result.apply(labels_volume, labels=True) if labels_volume is not None else None
+    with io.all_or_nothing([*outputs, affine]):
+        result.save(out, field=field, affine_path=affine, protect=inputs)
+        if warped_labels is not None:
+            io.save_nifti(warped_labels.data, result.fixed.affine, out_labels, header=result.fixed.header,
+                          dtype="int16" if warped_labels.data.max() < 32768 else "int32", protect=inputs)
     return result
