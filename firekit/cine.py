@@ -7,6 +7,7 @@ A :class:`Series` is an array ``(*S, T)`` (phases last, as in a 4D NIfTI) with t
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -144,7 +145,19 @@ class CineResult:
     series: Series
     seconds: float
     moving_points: torch.Tensor = field(repr=False)  # (T, n, *S) phase-t voxel of each reference voxel
-    reference_points: torch.Tensor = field(repr=False)  # (T, n, *S) reference voxel of each phase-t voxel
+    grid_displacement: torch.Tensor = field(repr=False)  # (T, n, *G) normalised, on the registration grid
+    grid_affine: np.ndarray = field(repr=False)
+
+    @functools.cached_property
+    def reference_points(self) -> torch.Tensor:
+        """``(T, n, *S)`` reference voxel of each phase-t voxel, through the inverted fields (computed
+        on first use: only :meth:`propagate` needs it)."""
+        from .register import world_mapping
+
+        inverse = spatial.invert_displacement(self.grid_displacement)
+        frame = self.series.phase(self.reference)
+        return torch.cat([world_mapping(spatial.normalised_to_voxel(inverse[t:t + 1]), self.grid_affine, frame,
+                                        self.series.affine)[1] for t in range(self.series.phases)])
 
     def apply(self, labels: io.Volume | np.ndarray, phase: int) -> io.Volume:
         """Warp a label map drawn on ``phase`` onto the reference grid (nearest neighbour)."""
@@ -156,10 +169,13 @@ class CineResult:
         return np.stack([_sample_labels(labels, self.reference_points[t:t + 1], self.series)
                          for t in range(self.series.phases)], axis=-1)
 
-    def jacobian_determinant(self) -> np.ndarray:
-        """``(*S, T)`` Jacobian determinant of each phase's mapping (1 at the reference)."""
+    def jacobian_determinant(self, phase: int | None = None) -> np.ndarray:
+        """``(*S, T)`` Jacobian determinant of each phase's mapping (1 at the reference), or ``(*S)``
+        of one ``phase``."""
         from .register import field_jacobian
 
+        if phase is not None:
+            return field_jacobian(self.displacement[..., phase, :], self.series.affine)
         return np.stack([field_jacobian(self.displacement[..., t, :], self.series.affine)
                          for t in range(self.series.phases)], axis=-1)
 
@@ -319,16 +335,13 @@ def register_cine(
         displacement[chunk] = _solve_phases(solver_model, x_phases[chunk], fixed_batch, config, direction, device,
                                             factor, progress).float()
     seconds = time.perf_counter() - tick
-    inverse = spatial.invert_displacement(displacement)
-    fields, forward, backward, warped = [], [], [], []
+    fields, forward, warped = [], [], []
     for t in range(phases):
         mm, points = world_mapping(spatial.normalised_to_voxel(displacement[t:t + 1]), grid_affine, frame, series.affine)
-        _, back = world_mapping(spatial.normalised_to_voxel(inverse[t:t + 1]), grid_affine, frame, series.affine)
         source = torch.as_tensor(np.asarray(series.data[..., t], dtype=np.float32))[None, None]
         warped.append(spatial.sample(source, points.float(), padding_mode="zeros")[0, 0].numpy())
         fields.append(mm)
         forward.append(points)
-        backward.append(back)
     return CineResult(
         warped=Series(np.stack(warped, axis=-1), series.affine.copy(), series.header),
         displacement=np.stack(fields, axis=-2),
@@ -336,7 +349,8 @@ def register_cine(
         series=series,
         seconds=seconds,
         moving_points=torch.cat(forward),
-        reference_points=torch.cat(backward),
+        grid_displacement=displacement,
+        grid_affine=grid_affine,
     )
 
 
@@ -374,7 +388,7 @@ def evaluate_ed_es(model, patient, refine="auto", seed: int = 0) -> dict:
     warped = result.apply(labels_ed, patient.ed).data
     return {"unaligned": score_labels(labels_ed.data, labels_es.data, spacing),
             "registered": score_labels(warped, labels_es.data, spacing,
-                                       result.jacobian_determinant()[..., patient.ed]),
+                                       result.jacobian_determinant(patient.ed)),
             "seconds": result.seconds, "phases": series.phases}
 
 

@@ -121,9 +121,10 @@ def cine_sample(index: int = 0, seed: int = 0) -> list[LayerData]:
 
 def _axial_slice(volume: io.Volume, k: int) -> io.Volume:
     """Slice ``k`` of axis 2 as a 2D Volume (in-plane affine)."""
-    affine = volume.affine.copy()
-    affine[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, k]) + affine[:3, 3]
-    return io.Volume(np.ascontiguousarray(volume.data[:, :, k]), io.nd_affine(affine, 2))
+    from .protocol import axial_slice
+
+    data, affine = axial_slice(volume, k)
+    return io.Volume(np.ascontiguousarray(data), io.nd_affine(affine, 2))
 
 
 def _world_points(volume: io.Volume, step: int) -> tuple[np.ndarray, tuple]:

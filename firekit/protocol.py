@@ -20,11 +20,12 @@ from . import io, spatial
 from ._atomic import atomic_write_text
 from .errors import FirekitError
 
-__all__ = ["make_test_pairs", "read_pairs", "end_point_error"]
+__all__ = ["make_test_pairs", "read_pairs", "end_point_error", "axial_slice"]
 
 
-def _slice_volume(volume: io.Volume, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Axial slice ``k`` (axis 2) as 2D data with its NIfTI 4x4 affine."""
+def axial_slice(volume: io.Volume, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Axial slice ``k`` (axis 2) as 2D data with its NIfTI 4x4 affine (``io.nd_affine(affine, 2)``
+    gives the in-plane one)."""
     affine = volume.affine.copy()
     affine[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, k]) + affine[:3, 3]
     return volume.data[:, :, k], affine
@@ -68,7 +69,7 @@ def make_test_pairs(
             lo, hi = brain_slices.min(), brain_slices.max()
             band = (int(lo + slice_band[0] * (hi - lo)), int(lo + slice_band[1] * (hi - lo)))
             k = int(torch.randint(band[0], band[1] + 1, (1,), generator=generator))
-            (m, affine), f, lab = _slice_volume(vol_m, k), _slice_volume(vol_f, k)[0], _slice_volume(vol_l, k)[0]
+            (m, affine), f, lab = axial_slice(vol_m, k), axial_slice(vol_f, k)[0], axial_slice(vol_l, k)[0]
         else:
             m, f, lab, affine = vol_m.data, vol_f.data, vol_l.data, vol_m.affine
         grid_affine = io.nd_affine(affine, ndim)

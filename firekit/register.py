@@ -421,7 +421,8 @@ def register(
         raise FirekitError("synthesis needs a model of the images' ndim (its decoder maps moving into fixed's contrast)")
     if model is not None and model.ndim > n:
         where = getattr(model, "path", None) or "the model"
-        raise FirekitError(f"{where}: a {model.ndim}D model cannot register {n}D images ({fixed.name}); use a {n}D model")
+        raise FirekitError(f"{where}: a {model.ndim}D model cannot register {n}D images ({fixed.name}); use a {n}D model "
+                           "(or refinement alone: no model, --no-network)")
     slicewise = model is not None and model.ndim < n
     if symmetric and slicewise and config is None:
         raise FirekitError("symmetric registration needs refinement or a model of the images' ndim; "

@@ -546,9 +546,7 @@ def _barrier(world: int) -> None:
 
 
 def _shard(batch: dict, rank: int, size: int) -> dict:
-    """Rank ``rank``'s ``size`` pairs of a global batch (every tensor's first axis)."""
-    if rank == 0 and all(v.shape[0] == size for v in batch.values() if torch.is_tensor(v)):
-        return batch
+    """Rank ``rank``'s ``size`` pairs of a global batch (every tensor's first axis; a view)."""
     return {k: v[rank * size:(rank + 1) * size] if torch.is_tensor(v) else v for k, v in batch.items()}
 
 

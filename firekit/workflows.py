@@ -237,16 +237,11 @@ def register_files(
         if Path(affine).resolve() in {Path(p).resolve() for p in inputs if p}:
             raise FirekitError(f"{affine}: would overwrite an input; choose another --affine path")
         io.check_output_file(affine, inputs)
-    # Every input is read and checked before any work, so a bad one costs no registration.
+    # Every input is read and checked before any work, so a bad one costs no registration (register()
+    # itself refuses images of different ndim and a model of the wrong ndim before it works).
     moving_volume = io.load_volume(moving, "moving image")
     fixed_volume = io.load_volume(fixed, "fixed image")
     n = fixed_volume.ndim
-    if moving_volume.ndim != n:
-        raise FirekitError(f"{moving} is {moving_volume.ndim}D but {fixed} is {n}D; register images of the same ndim")
-    if model is not None and model.ndim > n:
-        name = getattr(model, "path", None) or "model"
-        raise FirekitError(f"{name}: a {model.ndim}D model cannot register the {n}D image {fixed}; "
-                           f"use a {n}D model (or --no-network)")
     if affine is not None and model is not None and model.ndim < n and refine_config(refine, n) is None:
         raise FirekitError(f"{affine}: a {model.ndim}D model without refinement registers {fixed} slice by slice, so "
                            "there is no single affine; drop --affine or turn refinement on")
