@@ -360,6 +360,14 @@ def report(results: dict, plot_name: str | None = None) -> str:
 
         lines += ["## Cardiac cine, ED → ES (`python -m bench.cine_vs_ants`)", "",
                   cine_report(json.loads(cine.read_text())), ""]
+    speed = HERE / "throughput.json"
+    if speed.is_file():  # python -m bench.throughput --inference
+        from bench.throughput import inference_table
+
+        info = json.loads(speed.read_text())
+        lines += ["## Speed: the CPU goals beside ANTs SyN on the same pairs (`python -m bench.throughput --inference`)",
+                  "", f"{info['date']}, {info['machine']}, torch {info['torch']}; bench/throughput.md has the rest.", "",
+                  *inference_table(info["pairs"]), ""]
     return "\n".join(lines)
 
 

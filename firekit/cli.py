@@ -48,8 +48,11 @@ def _data_cine_phantom(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from .workflows import train_on_cine, train_on_files
 
-    rates = {f"lr_{group}": rate for group in ("affine", "nonrigid", "synthesis")
-             if (rate := getattr(args, f"lr_{group}")) is not None}
+    options = {f"lr_{group}": rate for group in ("affine", "nonrigid", "synthesis")
+               if (rate := getattr(args, f"lr_{group}")) is not None}
+    # speed settings: they change how fast a step runs, not what it computes (beyond float rounding)
+    options.update(amp=not args.no_amp, amp_cpu=args.amp_cpu, compile=args.compile, channels_last=args.channels_last,
+                   sync_every=args.sync_every)
     if args.cine:
         if args.a or args.b:
             raise FirekitError("--cine trains on phases of cine series: give --cine alone, not with --a/--b")
@@ -57,7 +60,7 @@ def _train(args: argparse.Namespace) -> None:
             args.cine, args.out, ndim=args.ndim, preset=args.preset, iterations=args.iterations,
             batch_size=args.batch_size, val=args.val_cine, spacing=args.cine_spacing, seed=args.seed,
             resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
-            val_every=args.val_every, checkpoint_every=args.checkpoint_every, **rates,
+            val_every=args.val_every, checkpoint_every=args.checkpoint_every, **options,
         )
         _trained(args, result)
         return
@@ -72,7 +75,7 @@ def _train(args: argparse.Namespace) -> None:
         curriculum_steps=args.curriculum_steps, aux_weight=args.aux_weight, prealign=args.prealign,
         residual_bound=args.residual_bound,
         similarity_weight=args.similarity_weight, distill_weight=args.distill_weight,
-        affine_first_steps=args.affine_first_steps, **rates,
+        affine_first_steps=args.affine_first_steps, **options,
     )
     _trained(args, result)
 
@@ -318,6 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-every", type=int, default=100, help="validation every N steps (default 100)")
     train.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps (default 100)")
     train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    train.add_argument("--no-amp", action="store_true", help="on a GPU, train in float32 (default: bf16 autocast)")
+    train.add_argument("--amp-cpu", action="store_true", help="bf16 autocast on the CPU too (1.5x faster on "
+                       "CPUs with AVX512-BF16/AMX, slower without; bench/throughput.md)")
+    train.add_argument("--compile", action="store_true", help="torch.compile the network (for GPUs; the first "
+                       "step compiles, minutes; slower on the CPU: bench/throughput.md)")
+    train.add_argument("--channels-last", action="store_true",
+                       help="channels-last memory order of weights and batches (for GPUs)")
+    train.add_argument("--sync-every", type=int, default=0,
+                       help="read the losses back from the device every N steps (default 0: every step on the CPU, "
+                       "every 25 on a GPU)")
     train.add_argument("--out", required=True, help="run folder (created)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--overwrite", action="store_true", help="start again in a non-empty --out")

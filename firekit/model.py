@@ -280,8 +280,11 @@ class Fire(nn.Module):
     def ndim(self) -> int:
         return self.config.ndim
 
-    def check_input(self, x: torch.Tensor, name: str = "image") -> None:
-        """Raise a one-line :class:`FirekitError` unless ``x`` fits the network."""
+    def check_input(self, x: torch.Tensor, name: str = "image", finite: bool = True) -> None:
+        """Raise a one-line :class:`FirekitError` unless ``x`` fits the network.
+
+        ``finite``: also refuse NaN/Inf values (reading the answer back waits for a GPU).
+        """
         expected = self.ndim + 2
         if x.ndim != expected or x.shape[1] != self.config.in_channels:
             raise FirekitError(
@@ -294,7 +297,7 @@ class Fire(nn.Module):
                 f"{name} spatial size {spatial_shape} must be multiples of {self.size_multiple} and at least "
                 f"{self.min_size}; pad the image first"
             )
-        if not torch.isfinite(x).all():
+        if finite and not torch.isfinite(x).all():
             raise FirekitError(f"{name} contains NaN or Inf values; clean or mask them before registering")
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -398,10 +401,13 @@ class Fire(nn.Module):
 
         Calls of the same network are batched together; instance norm is per sample,
         so batching does not change any output. ``affine_only``: both T skip the non-rigid
-        subnet (zero flow), for affine-first training.
+        subnet (zero flow), for affine-first training. Off the CPU the values are not checked for
+        NaN here (that would wait for the GPU every step): :func:`firekit.train.train` checks its
+        batches on the host, and ``train_step`` the loss.
         """
-        self.check_input(x_a, "x_a")
-        self.check_input(x_b, "x_b")
+        on_cpu = x_a.device.type == "cpu"
+        self.check_input(x_a, "x_a", finite=on_cpu)
+        self.check_input(x_b, "x_b", finite=on_cpu)
         if x_a.shape != x_b.shape:
             raise FirekitError(f"x_a {tuple(x_a.shape)} and x_b {tuple(x_b.shape)} shapes differ")
         image_shape = x_a.shape[2:]

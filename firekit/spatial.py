@@ -259,6 +259,11 @@ def warp(
     grid = _to_grid_sample(points).to(image.dtype)
     image = image.expand(batch, *image.shape[1:])
     grid = grid.expand(batch, *grid.shape[1:])
+    if torch.is_grad_enabled() and (grid.requires_grad or image.requires_grad):
+        # grid_sample's backward indexes out of bounds at a NaN point with border or reflection
+        # padding (a segfault on the CPU in torch 2.13), as after a non-finite step that the trainer
+        # reads back later; a NaN point samples the centre instead, and the loss still shows the NaN.
+        grid = grid.nan_to_num(nan=0.0)
     return nnf.grid_sample(
         image,
         grid,

@@ -26,7 +26,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 import torch
 import yaml
@@ -54,7 +54,8 @@ __all__ = [
 RUN_FILES = ("checkpoint.pt", "model.pt", "model_best.pt", "config.yaml", "losses.csv", "validation.csv")
 
 # Settings a resumed run may change without leaving the path an uninterrupted run would take.
-_FREE_ON_RESUME = {"iterations", "val_every", "checkpoint_every", "amp"}
+_FREE_ON_RESUME = {"iterations", "val_every", "checkpoint_every", "amp", "amp_cpu", "sync_every", "compile",
+                   "channels_last"}
 
 
 @dataclass
@@ -76,7 +77,17 @@ class TrainConfig(PlainConfig):
         val_every: validate every this many steps and at the end (0: only at the end).
         checkpoint_every: write checkpoint.pt and model.pt every this many steps and at the
             end (0: only at the end).
-        amp: bf16 autocast for the forward pass; used on CUDA only.
+        amp: bf16 autocast for the forward pass on CUDA.
+        amp_cpu: bf16 autocast on the CPU too: 1.5x faster steps on a CPU with native bf16
+            (AVX512-BF16 or AMX; bench/throughput.md), slower on one without.
+        sync_every: read the step losses back to the host (CSV rows, callback, progress bar,
+            the finiteness check) every this many steps, each read waiting for the device to
+            finish; 0: every step on the CPU (where it costs nothing), every 25 steps on a GPU.
+            Validation, checkpoints and the end read at once; a non-finite loss is then reported
+            up to this many steps late, and nothing written after it.
+        compile: ``torch.compile`` the network for the step (compiles on the first step).
+        channels_last: keep weights and batches in channels-last memory order (GPU tensor cores
+            prefer it; slower on the CPU: bench/throughput.md).
         aux_weight: weight of the auxiliary self-supervised loss on the augmentation's own
             transform (batches carrying ``u_a2b``/``u_b2a``); not in the paper, 0 = off.
         similarity_weight: weight of a direct similarity between each warped image and the
@@ -109,6 +120,10 @@ class TrainConfig(PlainConfig):
     val_every: int = 100
     checkpoint_every: int = 100
     amp: bool = True
+    amp_cpu: bool = False
+    sync_every: int = 0
+    compile: bool = False
+    channels_last: bool = False
     aux_weight: float = 0.0
     similarity_weight: float = 0.0
     similarity: str = "mind"
@@ -127,7 +142,7 @@ class TrainConfig(PlainConfig):
             if not getattr(self, name) >= 0:
                 raise FirekitError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         minimum = {"iterations": 1, "batch_size": 1, "val_every": 0, "checkpoint_every": 0, "warmup_steps": 0,
-                   "affine_first_steps": 0}
+                   "affine_first_steps": 0, "sync_every": 0}
         for name, low in minimum.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -225,6 +240,7 @@ def train_step(
     distill_targets: tuple[torch.Tensor, torch.Tensor] | None = None,
     distill_weight: float = 0.0,
     affine_only: bool = False,
+    check_finite: bool = True,
 ) -> FireLoss:
     """One step: forward both directions, Eq. 1, one backward, each optimiser steps its own group.
 
@@ -243,9 +259,12 @@ def train_step(
         distill_targets: ``(u_a2b, u_b2a)`` displacements found by refinement, supervising the
             network's with weight ``distill_weight`` (0: off).
         affine_only: zero non-rigid flow (affine-first training).
+        check_finite: refuse a non-finite loss before any optimiser steps. Off, the step reads
+            nothing back from the device (no host sync on a GPU); the caller checks the returned
+            loss later (:func:`train` does, every ``sync_every`` steps).
 
     Returns:
-        the loss terms, detached.
+        the loss terms, detached (tensors on the device; nothing is read back).
     """
     model.train()
     for optimizer in optimizers.values():
@@ -276,7 +295,7 @@ def train_step(
         distill = (transform_supervision(out.disp_ab, distill_targets[0])
                    + transform_supervision(out.disp_ba, distill_targets[1]))
         loss = loss._replace(total=loss.total + distill_weight * distill, distill=distill)
-    if not torch.isfinite(loss.total):
+    if check_finite and not torch.isfinite(loss.total):
         raise FirekitError(f"loss became {float(loss.total.detach())}; lower the learning rates or check the inputs")
     loss.total.backward()
     for optimizer in optimizers.values():
@@ -350,7 +369,8 @@ def train(
     if not resume:
         torch.manual_seed(config.seed)
 
-    model.to(device)
+    memory_format = _memory_format(model.ndim) if config.channels_last else None
+    model.to(device=device, memory_format=memory_format or torch.preserve_format)
     optimizers = make_optimizers(model, config)
     state = _RunState()
     if resume:
@@ -362,7 +382,11 @@ def train(
         # The ranks start from rank 0's weights (DDP broadcasts them); gradients are averaged.
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=config.affine_first_steps > 0)
-    use_amp = config.amp and device.type == "cuda"
+    if config.compile:
+        net = torch.compile(net)
+    use_amp = config.amp if device.type == "cuda" else (config.amp_cpu and device.type == "cpu")
+    # Reading a loss back waits for the device; on a GPU the steps between reads queue up.
+    sync_every = config.sync_every or (1 if device.type == "cpu" else 25)
     if main:
         _write_config_yaml(run_dir, model, config, data)
 
@@ -383,6 +407,24 @@ def train(
         state.seconds = seconds()
         _save_run(run_dir, model, optimizers, config, data, extra, state, device)
 
+    def kept() -> str:
+        return f"; {run_dir / 'checkpoint.pt'} holds step {state.saved_step}" if state.saved_step else ""
+
+    pending: list[_PendingStep] = []  # steps done whose losses are still on the device
+
+    def read_back() -> list[dict[str, float]]:
+        """The pending steps' loss rows, read in one go and logged; raises at a non-finite loss
+        (the weights are then past it: nothing is saved)."""
+        rows = _read_losses(pending, world)
+        for row in rows:
+            if not math.isfinite(row["total"]):
+                raise FirekitError(f"step {row['step']}: loss became {row['total']}; lower the learning rates or "
+                                   f"check the inputs{kept()}")
+            losses_log.write(row)
+            state.step, state.losses = row["step"], {k: row[k] for k in FireLoss._fields}
+        pending.clear()
+        return rows
+
     similarity = None
     if config.similarity_weight:
         from .similarity import get_similarity
@@ -402,13 +444,13 @@ def train(
                 # One global batch per step, the same whatever the number of processes: rank r
                 # takes its slice (batch_size is per process).
                 batch = _shard(prefetch.get(index, config.iterations), rank, config.batch_size)
-                x_a, x_b = (_batch_tensor(batch, key, f"source.sample({index})", device) for key in ("x_a", "x_b"))
+                where = f"source.sample({index})"
                 in_step = True
                 try:
+                    x_a, x_b = (_batch_tensor(batch, key, where, device, memory_format) for key in ("x_a", "x_b"))
                     targets = None
                     if config.aux_weight and "u_a2b" in batch:
-                        targets = tuple(_batch_tensor(batch, key, f"source.sample({index})", device)
-                                        for key in ("u_a2b", "u_b2a"))
+                        targets = tuple(_batch_tensor(batch, key, where, device) for key in ("u_a2b", "u_b2a"))
                     affine_first = index < config.affine_first_steps
                     if affine_first:
                         x_a, x_b, targets = _half_resolution(x_a, x_b, targets, model)
@@ -420,19 +462,26 @@ def train(
                         targets=targets, aux_weight=config.aux_weight, similarity=similarity,
                         similarity_weight=config.similarity_weight, distill_targets=distill_targets,
                         distill_weight=config.distill_weight, affine_only=affine_first,
+                        check_finite=sync_every == 1,
                     )
                 except FirekitError as exc:
-                    # train_step checks the loss before any optimiser steps: the last step stands.
+                    # train_step checks before any optimiser steps: the steps before it stand, once
+                    # their losses are read and found finite.
+                    in_step = False
+                    read_back()
                     if main and state.step > state.saved_step:
                         save()
-                    kept = f"; {run_dir / 'checkpoint.pt'} holds step {state.saved_step}" if state.saved_step else ""
-                    raise FirekitError(f"step {index + 1}: {exc}{kept}") from None
+                    raise FirekitError(f"step {index + 1}: {exc}{kept()}") from None
                 in_step = False
-                state.step = index + 1
-                state.losses = _mean_over_ranks(loss.as_floats(), world, device)
-                losses_log.write({"step": state.step, **state.losses, "seconds": seconds()})
-                last = state.step == config.iterations
-                validated = main and val_log is not None and (last or _due(state.step, config.val_every))
+                pending.append(_PendingStep(index + 1, loss, seconds()))
+                last = index + 1 == config.iterations
+                validated = val_log is not None and (last or _due(index + 1, config.val_every))
+                checkpointed = last or _due(index + 1, config.checkpoint_every)
+                # Every rank reads at the same steps (the read averages over the ranks).
+                if not (len(pending) >= sync_every or validated or checkpointed or interrupt.pending):
+                    continue
+                rows = read_back()
+                validated = validated and main
                 if validated:
                     scores = _validate(model, validation, device)
                     val_log.write({"step": state.step, **scores})
@@ -442,17 +491,26 @@ def train(
                     ):
                         state.best_val_dice, state.best_step = scores["dice_mean"], state.step
                         model.save(run_dir / "model_best.pt", extra=_model_extra(config, data, extra, state))
-                if main and (last or _due(state.step, config.checkpoint_every)):
+                if main and checkpointed:
                     save()
                 if callback is not None:
-                    callback(state.step, {**state.losses, **({"val_dice": state.latest_dice} if validated else {})})
-                bar.set_postfix(_postfix(loss, state.latest_dice), refresh=False)
-                bar.update(1)
+                    for row in rows:
+                        terms = {k: row[k] for k in FireLoss._fields}
+                        if validated and row is rows[-1]:
+                            terms["val_dice"] = state.latest_dice
+                        callback(row["step"], terms)
+                bar.set_postfix(_postfix(rows[-1], state.latest_dice), refresh=False)
+                bar.update(len(rows))
                 if interrupt.pending:
                     raise KeyboardInterrupt
     except KeyboardInterrupt:
         # Mid-step (a second Ctrl-C) the groups may be half updated: keep the last checkpoint then.
-        if main and not in_step and state.step > state.saved_step:
+        if not in_step and pending and world == 1:
+            try:
+                read_back()
+            except FirekitError:
+                pass  # a non-finite loss among them: the weights are past it, keep the checkpoint
+        if main and not in_step and not pending and state.step > state.saved_step:
             save()
         bar.write(
             f"interrupted; {run_dir / 'checkpoint.pt'} holds step {state.saved_step}"
@@ -485,17 +543,49 @@ def _due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def _postfix(loss: FireLoss, dice: float | None) -> dict[str, str]:
+def _postfix(row: dict[str, float], dice: float | None) -> dict[str, str]:
     shown = {
-        "total": float(loss.total),
-        "syn": float(loss.syn),
-        "reg": float(loss.reg),
-        "smooth": loss.smooth_weight * float(loss.r_smooth),
+        "total": row["total"],
+        "syn": row["syn_acc"] + row["syn_fea"] + row["syn_cyc"] + row["syn_align"],
+        "reg": row["reg_acc"] + row["reg_ic"],
+        "smooth": row["smooth_weight"] * row["r_smooth"],
     }
     postfix = {k: f"{v:.4f}" for k, v in shown.items()}
     if dice is not None:
         postfix["dice"] = f"{dice:.3f}"
     return postfix
+
+
+class _PendingStep(NamedTuple):
+    """A step done whose loss terms are still on the device."""
+
+    step: int
+    loss: FireLoss
+    seconds: float
+
+
+def _read_losses(pending: list[_PendingStep], world: int) -> list[dict[str, float]]:
+    """Log rows (``step``, every FireLoss term, ``seconds``) of ``pending``, their tensors read back
+    in one copy and averaged over the processes in one all-reduce; Python-number terms (lambda,
+    terms that are off) are taken as they are."""
+    if not pending:
+        return []
+    tensors = [(i, k, v) for i, p in enumerate(pending) for k, v in p.loss._asdict().items() if torch.is_tensor(v)]
+    values = []
+    if tensors:
+        stacked = torch.stack([v.reshape(()).float() for _, _, v in tensors])
+        if world > 1:
+            import torch.distributed as dist
+
+            stacked = stacked.double()
+            dist.all_reduce(stacked)
+            stacked /= world
+        values = stacked.tolist()
+    rows = [{"step": p.step, **{k: float(v) for k, v in p.loss._asdict().items()
+                                if not torch.is_tensor(v)}, "seconds": p.seconds} for p in pending]
+    for (i, key, _), value in zip(tensors, values):
+        rows[i][key] = value
+    return [{k: row[k] for k in ("step", *FireLoss._fields, "seconds")} for row in rows]
 
 
 class _HeldInterrupt:
@@ -548,19 +638,6 @@ def _barrier(world: int) -> None:
 def _shard(batch: dict, rank: int, size: int) -> dict:
     """Rank ``rank``'s ``size`` pairs of a global batch (every tensor's first axis; a view)."""
     return {k: v[rank * size:(rank + 1) * size] if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _mean_over_ranks(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
-    """The loss terms averaged over processes (what is logged), one all-reduce."""
-    if world <= 1:
-        return values
-    import torch.distributed as dist
-
-    keys = [k for k in values if k != "smooth_weight"]  # lambda is the same on every rank
-    stacked = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(stacked)
-    averaged = dict(zip(keys, (v / world for v in stacked.tolist())))
-    return {k: averaged.get(k, values[k]) for k in values}
 
 
 class _NoLog:
@@ -768,7 +845,8 @@ def _row_step(row: dict) -> int | float:
 
 
 # -------------------------------------------------------------------------------------- batches
-def _batch_tensor(batch: dict, key: str, where: str, device: torch.device) -> torch.Tensor:
+def _batch_tensor(batch: dict, key: str, where: str, device: torch.device,
+                  memory_format: torch.memory_format | None = None) -> torch.Tensor:
     if not isinstance(batch, dict) or key not in batch:
         keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise FirekitError(f"{where} must give a dict with {key!r}, got {keys}")
@@ -777,7 +855,16 @@ def _batch_tensor(batch: dict, key: str, where: str, device: torch.device) -> to
         raise FirekitError(f"{where}[{key!r}] must be a tensor (B, 1, *spatial), got {type(value).__name__}")
     if key.startswith("labels"):
         return value.to(device=device, dtype=torch.int64)
-    return value.to(device=device, dtype=torch.float32, non_blocking=True)
+    # Checked on the host, where the batch was drawn (on a GPU the check would wait for it).
+    if value.device.type == "cpu" and value.is_floating_point() and not torch.isfinite(value).all():
+        raise FirekitError(f"{where}[{key!r}] contains NaN or Inf values; clean or mask the images")
+    value = value.to(device=device, dtype=torch.float32, non_blocking=True)
+    return value if memory_format is None else value.contiguous(memory_format=memory_format)
+
+
+def _memory_format(ndim: int) -> torch.memory_format:
+    """Channels-last order of a ``(B, C, *S)`` tensor with ``ndim`` spatial axes."""
+    return {2: torch.channels_last, 3: torch.channels_last_3d}[ndim]
 
 
 class _Prefetch:

@@ -93,8 +93,6 @@ def train_on_files(
     subjects (only when labels are given). ``prealign`` and ``residual_bound`` go to the model (:class:`FireConfig`),
     ``train_options`` to :class:`TrainConfig`; ``callback`` to ``train`` (e.g. a ``viz.LossPlot``).
     """
-    from .train import TrainConfig, train
-
     dataset = build_dataset(a, b, labels, ndim, spacing, seed, augment, progress=progress,
                             curriculum_steps=curriculum_steps)
     validation = None
@@ -109,15 +107,26 @@ def train_on_files(
         validation = dataset.validation(val_pairs)
     if validation is not None and "labels_a" not in validation[0]:
         validation = None
-    config = TrainConfig.from_preset(preset, iterations=iterations, batch_size=batch_size, seed=seed, **train_options)
+    return _train_new_model(
+        dataset, out, preset, ndim, seed, iterations, batch_size, train_options,
+        dict(prealign=prealign, residual_bound=residual_bound), validation,
+        {"modalities": {"a": a, "b": b}, "spacing": spacing},
+        resume=resume, overwrite=overwrite, device=device, progress=progress, callback=callback,
+    )
+
+
+def _train_new_model(source, out, preset: str, ndim: int, seed: int, iterations: int, batch_size: int,
+                     train_options: dict, model_options: dict, validation, extra: dict, **run):
+    """A new ``preset`` model, its weights initialised from ``seed``, trained on ``source``
+    (``run``: :func:`firekit.train.train`'s resume, overwrite, device, progress, callback)."""
     import torch
 
+    from .train import TrainConfig, train
+
+    config = TrainConfig.from_preset(preset, iterations=iterations, batch_size=batch_size, seed=seed, **train_options)
     torch.manual_seed(seed)  # the weights' initialisation is part of the run's seed
-    model = Fire(FireConfig.from_preset(preset, ndim=ndim, prealign=prealign,
-                                          residual_bound=residual_bound))
-    extra = {"modalities": {"a": a, "b": b}, "spacing": spacing}
-    return train(model, dataset, config, out, validation=validation, resume=resume, overwrite=overwrite,
-                 device=device, progress=progress, extra=extra, callback=callback)
+    model = Fire(FireConfig.from_preset(preset, ndim=ndim, **model_options))
+    return train(model, source, config, out, validation=validation, extra=extra, **run)
 
 
 def load_cine_series(pattern: str, flag: str = "--cine") -> tuple[list, list[dict], list[str]]:
@@ -166,10 +175,7 @@ def train_on_cine(
     Dice is ED <-> ES on the labelled phases of ``val`` (or of the training series when ``val`` is
     None and they have labels). ``spacing`` None keeps each series' own voxel size.
     """
-    import torch
-
     from .cine import CinePairs
-    from .train import TrainConfig, train
 
     series, labels, names = load_cine_series(pattern)
     pairs = CinePairs(series, ndim, spacing, seed, labels, names=names)
@@ -181,12 +187,11 @@ def train_on_cine(
             validation = [{k: _pad_batch(v, pairs.shape, k) for k, v in b.items()} for b in validation]
     else:
         validation = pairs.validation(val_pairs)
-    config = TrainConfig.from_preset(preset, iterations=iterations, batch_size=batch_size, seed=seed, **train_options)
-    torch.manual_seed(seed)
-    model = Fire(FireConfig.from_preset(preset, ndim=ndim))
-    extra = {"modalities": {"a": pattern, "b": pattern}, "cine": True, "spacing": spacing}
-    return train(model, pairs, config, out, validation=validation or None, resume=resume, overwrite=overwrite,
-                 device=device, progress=progress, extra=extra, callback=callback)
+    return _train_new_model(
+        pairs, out, preset, ndim, seed, iterations, batch_size, train_options, {}, validation or None,
+        {"modalities": {"a": pattern, "b": pattern}, "cine": True, "spacing": spacing},
+        resume=resume, overwrite=overwrite, device=device, progress=progress, callback=callback,
+    )
 
 
 def _pad_batch(x, shape, key: str):

@@ -4,3 +4,35 @@
 import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+# A 3-subject demo dataset at 4 mm, one subject each in train/val/test (a few seconds to build).
+TINY_DEMO = dict(subjects=3, splits=(1, 1, 1), spacing=4.0, shape=(44, 52, 44), seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """``demo_data(**settings)``: the folder of a demo dataset built with :data:`TINY_DEMO` updated
+    by ``settings``, once per session for each settings; shared, so read it and never write."""
+    from firekit import braindata
+
+    built = {}
+
+    def build(**settings):
+        settings = {**TINY_DEMO, **settings}
+        key = json.dumps(settings, sort_keys=True)
+        if key not in built:
+            built[key] = tmp_path_factory.mktemp("demo") / "data"
+            braindata.build_demo_dataset(built[key], **settings)
+        return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(demo_data):
+    """The :data:`TINY_DEMO` dataset's folder."""
+    return demo_data()

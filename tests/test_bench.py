@@ -7,19 +7,15 @@ import pytest
 import torch
 
 from bench import vs_ants
-from firekit import braindata, fields, metrics
+from firekit import fields, metrics
 from firekit.protocol import make_test_pairs
 
 ants = pytest.importorskip("ants")
 
-TINY = dict(subjects=3, splits=(1, 1, 1), spacing=4.0, shape=(44, 52, 44), seed=0, progress=False)
-
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "data"
-    braindata.build_demo_dataset(out, **TINY)
-    return out
+def data(tiny_demo):
+    return tiny_demo
 
 
 def test_ants_fields_reproduce_ants_own_resampling(data, tmp_path):
@@ -102,3 +98,61 @@ def test_goals_say_met_or_missed_and_by_how_much():
     assert verdict["best firekit"][0]
     summary = vs_ants.summarise(copy.deepcopy(fake_run(2, (0.8, 0.9, 1.0), (0, 0, 0), 1, 1, 1)["rows"]["firekit network + refinement"]))
     assert summary["mean"] == pytest.approx(0.9)
+
+
+# ------------------------------------------------------------------------------ bench/throughput
+def test_throughput_measures_a_step_and_says_how_many_syncs():
+    from bench import throughput
+
+    row = throughput.measure("2d-tiny", "cpu", steps=1, amp=False, channels_last=False, compile_model=False, batch=1)
+    assert row["shape"] == [32, 32] and row["it_per_s"] > 0 and row["train_peak_mb"] > 0
+    assert row["syncs_per_step"] is None  # counted on CUDA only
+    assert row["hours_144k"] == pytest.approx(144_000 / row["it_per_s"] / 3600)
+    assert "| 2d-tiny | small | 32x32 | 1 |" in "\n".join(throughput.table([row]))
+
+
+def test_throughput_tables_compare_each_change_and_the_goals():
+    from bench import throughput
+
+    def run(it_per_s, syncs=None):
+        return {"it_per_s": it_per_s, "hours_144k": 1.0, "train_peak_mb": 100.0, "syncs_per_step": syncs}
+
+    rows = [("2d", change, run(rate, syncs)) for (change, _), rate, syncs in
+            zip(throughput.CHANGES, (1.0, 2.0, 3.0, 1.5, 6.0), (3, 0, 0, 0, 0))]
+    lines = throughput.changes_table(rows)
+    assert lines[2].startswith("| 2d | fp32, loss read back each step | 1.00 |  |  |") and lines[2].endswith("| 3 |")
+    assert "| 2.00x | 2.00x |" in lines[3] and "| 0.50x | 1.50x |" in lines[5] and "| 4.00x | 6.00x |" in lines[6]
+    goals = throughput.inference_table([
+        {"kind": "2d", "pair": "p2", "goal_ms": 50.0, "median_ms": 40.0, "peak_mb": 500.0, "syn_ms": 800.0,
+         "batched_ms": 45.0, "full_grid_ms": 60.0},
+        {"kind": "3d", "pair": "p3", "goal_ms": 2000.0, "median_ms": 1500.0, "peak_mb": 5000.0},
+    ])
+    assert goals[2] == "| p2 | 40.0 | 45.0 | 60.0 | 500 | 800.0 | 20x | < 50 ms: met |"
+    assert goals[3].endswith("| — | — | < 2000 ms, < 4096 MB: **missed** |")  # over 4 GB; no SyN timing
+
+
+def test_throughput_pairs_are_real_brains_on_the_stated_grids():
+    from bench import throughput
+
+    moving, fixed = throughput.demo_pair("2d")
+    assert moving.shape == fixed.shape == (256, 256)
+    for image in (moving, fixed):  # the brain centred, with background all round
+        inside = image.data > image.data.min()
+        rows, cols = np.nonzero(inside)
+        assert 80 < rows.mean() < 176 and 80 < cols.mean() < 176 and not inside[0].any() and not inside[:, 0].any()
+    assert np.corrcoef(moving.data.ravel(), fixed.data.ravel())[0, 1] < 0.99  # two subjects, two contrasts
+
+
+def test_results_md_carries_the_speed_goals_beside_syn(tmp_path, monkeypatch):
+    import json
+
+    results = {"runs": [{**fake_run(2, (0.8, 0.9, 0.95), (0.6, 0.7, 0.8), 0.2, 0.5, 0.01), "subjects": ["subj008"]}],
+               "meta": dict(date="d", machine="m", torch="t", ants="a", threads=1, transforms={"2": 1}, seed=0,
+                            minutes=0.1, command="c", models={})}
+    monkeypatch.setattr(vs_ants, "HERE", tmp_path)
+    assert "## Speed" not in vs_ants.report(results)
+    (tmp_path / "throughput.json").write_text(json.dumps({"date": "d", "machine": "m", "torch": "t", "pairs": [
+        {"kind": "3d", "pair": "3D demo pair", "goal_ms": 2000.0, "median_ms": 1400.0, "peak_mb": 1300.0,
+         "syn_ms": 21000.0}]}))
+    text = vs_ants.report(results)
+    assert "## Speed" in text and "| 3D demo pair | 1400.0 |" in text and "| 21000.0 | 15x | < 2000 ms, < 4096 MB: met |" in text

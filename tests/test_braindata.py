@@ -12,14 +12,12 @@ from firekit.io import NIFTI_INTENT_VECTOR
 
 pytest.importorskip("nilearn")
 
-TINY = dict(subjects=3, splits=(1, 1, 1), spacing=4.0, shape=(44, 52, 44), seed=0, progress=False)
+from conftest import TINY_DEMO as TINY
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "data"
-    info = braindata.build_demo_dataset(out, **TINY)
-    return out, info
+def dataset(tiny_demo):
+    return tiny_demo, braindata.build_demo_dataset(tiny_demo, **TINY)  # a second call reads what is there
 
 
 def array(path):

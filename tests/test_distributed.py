@@ -11,17 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from firekit import braindata
 from firekit.model import Fire, FireConfig, load_checkpoint
-
-TINY = dict(subjects=3, splits=(2, 1, 0), spacing=4.0, shape=(44, 52, 44), seed=0, progress=False)
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "data"
-    braindata.build_demo_dataset(out, **TINY)
-    return out
+def data(demo_data):
+    return demo_data(splits=(2, 1, 0))  # two training subjects
 
 
 def _train(data: Path, out: Path, processes: int, batch: int, iterations: int, *extra) -> subprocess.CompletedProcess:

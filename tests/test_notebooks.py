@@ -17,20 +17,17 @@ import nbformat
 import pytest
 import yaml
 
-from firekit import braindata
 from tests.notebook_tools import NOTEBOOKS, ROOT, execute, section_figures, small_settings
 
 NAMES = ["01_quickstart", "02_inside_fire", "03_explainability", "04_train_your_own", "05_fire_vs_ants",
          "06_cardiac_4d"]
 # The demo dataset at a coarser grid (2 mm): the notebooks' code paths at a fraction of the cost.
-SMALL_DATA = dict(subjects=4, splits=(2, 1, 1), spacing=2.0, shape=(84, 100, 84), seed=0, progress=False)
+SMALL_DATA = dict(subjects=4, splits=(2, 1, 1), spacing=2.0, shape=(84, 100, 84))
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("notebook_data") / "demo"
-    braindata.build_demo_dataset(out, **SMALL_DATA)
-    return out
+def data(demo_data):
+    return demo_data(**SMALL_DATA)
 
 
 def _notebook(name: str) -> nbformat.NotebookNode:

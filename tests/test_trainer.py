@@ -298,3 +298,91 @@ def test_auxiliary_loss_enters_the_total_only_when_weighted():
     assert float(on.aux) > 0.01
     fire_total = on.syn + on.reg + on.regularisation
     assert float(on.total) == pytest.approx(float(fire_total + 2.0 * on.aux), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------- host syncs
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_a_step_reads_nothing_back_from_the_device(ndim):
+    """Meta tensors have no values: any read (``.item()``, ``if tensor``, a NaN check, a nonzero)
+    raises, so a whole step running on them makes no host sync on a GPU either."""
+    model = small_model(ndim=ndim).to("meta")
+    optimizers = firekit.make_optimizers(model, small_config(grad_clip=1.0))
+    x = torch.empty(2, 1, *(SIZE,) * ndim, device="meta")
+    loss = train_step(model, optimizers, x, x, grad_clip=1.0, step=0, warmup_steps=3, check_finite=False)
+    assert loss.total.device.type == "meta"
+    with pytest.raises(Exception):  # the check this step leaves to the caller reads the loss
+        train_step(model, optimizers, x, x, check_finite=True)
+
+
+def test_reading_losses_every_few_steps_logs_the_same_rows(tmp_path, monkeypatch):
+    reads = []
+    read_losses = train_module._read_losses
+    monkeypatch.setattr(train_module, "_read_losses", lambda pending, world: reads.append(
+        [p.step for p in pending]) or read_losses(pending, world))
+    seen = []
+    every_step = train(small_model(), PhantomSource(), small_config(iterations=7, checkpoint_every=100),
+                       tmp_path / "a", progress=False)
+    assert reads == [[k] for k in range(1, 8)]  # on the CPU: every step
+    reads.clear()
+    grouped = train(small_model(), PhantomSource(), small_config(iterations=7, sync_every=3, val_every=5),
+                    tmp_path / "b", validation=validation_batches(1), progress=False,
+                    callback=lambda step, terms: seen.append((step, "val_dice" in terms)))
+    # every 3 steps, at the validation (step 5) and at the end
+    assert reads == [[1, 2, 3], [4, 5], [6, 7]]
+    assert loss_rows(tmp_path / "a" / "losses.csv") == loss_rows(tmp_path / "b" / "losses.csv")
+    assert every_step.losses == grouped.losses
+    assert seen == [(1, False), (2, False), (3, False), (4, False), (5, True), (6, False), (7, True)]
+
+
+def test_a_non_finite_loss_found_late_keeps_the_checkpoint_before_it(tmp_path, monkeypatch):
+    fire_loss = train_module.fire_loss
+
+    def exploding_from_step_3(out, x_a, x_b):
+        loss = fire_loss(out, x_a, x_b)
+        return loss._replace(total=loss.total * (math.inf if calls.append(1) or len(calls) >= 3 else 1.0))
+
+    calls = []
+    monkeypatch.setattr(train_module, "fire_loss", exploding_from_step_3)
+    run = tmp_path / "run"
+    with pytest.raises(FirekitError, match="step 3: loss became inf.*holds step 2") as error:
+        train(small_model(), PhantomSource(), small_config(iterations=8, sync_every=4, checkpoint_every=2), run,
+              progress=False)
+    assert "\n" not in str(error.value)
+    assert len(calls) == 4  # found when steps 3 and 4 were read back
+    assert load_checkpoint(run / "checkpoint.pt")[1]["step"] == 2
+    assert sorted(loss_rows(run / "losses.csv")) == [1, 2]
+
+
+def test_a_nan_batch_is_refused_before_the_step(tmp_path):
+    class NaNSource(PhantomSource):
+        def sample(self, step, batch_size):
+            batch = super().sample(step, batch_size)
+            if step == 1:
+                batch["x_b"][0, 0, 3, 3] = math.nan
+            return batch
+
+    with pytest.raises(FirekitError, match=r"step 2: source.sample\(1\)\['x_b'\] contains NaN.*holds step 1"):
+        train(small_model(), NaNSource(), small_config(iterations=3, checkpoint_every=1), tmp_path / "run",
+              progress=False)
+
+
+def test_channels_last_and_compile_train_the_same_model(tmp_path, monkeypatch):
+    compiled, compile_ = [], torch.compile
+
+    def compile_eagerly(module, **options):  # the wiring; inductor itself is measured in bench/throughput
+        compiled.append(module)
+        return compile_(module, backend="eager", **options)
+
+    plain = train(small_model(), PhantomSource(), small_config(iterations=3), tmp_path / "plain", progress=False)
+    monkeypatch.setattr(train_module.torch, "compile", compile_eagerly)
+    model = small_model()
+    fast = train(model, PhantomSource(), small_config(iterations=3, channels_last=True, compile=True),
+                 tmp_path / "fast", progress=False)
+    assert compiled == [model]
+    conv = next(p for p in model.parameters() if p.ndim == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    # Step 1 starts from the same weights; later steps drift apart as float sums reorder.
+    first_plain, first_fast = (loss_rows(tmp_path / name / "losses.csv")[1] for name in ("plain", "fast"))
+    assert first_fast == pytest.approx(first_plain, rel=1e-4, abs=1e-7)
+    assert fast.losses["total"] == pytest.approx(plain.losses["total"], rel=0.05)
+    assert firekit.load(tmp_path / "fast" / "model.pt").config == model.config
