@@ -386,3 +386,15 @@ def test_channels_last_and_compile_train_the_same_model(tmp_path, monkeypatch):
     assert first_fast == pytest.approx(first_plain, rel=1e-4, abs=1e-7)
     assert fast.losses["total"] == pytest.approx(plain.losses["total"], rel=0.05)
     assert firekit.load(tmp_path / "fast" / "model.pt").config == model.config
+
+
+def test_amp_cpu_runs_the_forward_in_bf16_on_the_cpu(tmp_path):
+    plain = train(small_model(), PhantomSource(), small_config(iterations=1), tmp_path / "fp32", progress=False)
+    bf16 = train(small_model(), PhantomSource(), small_config(iterations=1, amp_cpu=True), tmp_path / "bf16",
+                 progress=False)
+    assert bf16.losses["total"] != plain.losses["total"]  # bf16 rounding: the autocast ran
+    assert bf16.losses["total"] == pytest.approx(plain.losses["total"], rel=0.05)
+    # config.amp alone is for CUDA: on the CPU it changes nothing
+    again = train(small_model(), PhantomSource(), small_config(iterations=1, amp=True), tmp_path / "amp",
+                  progress=False)
+    assert again.losses == plain.losses
