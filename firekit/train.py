@@ -84,10 +84,11 @@ class TrainConfig(PlainConfig):
             the finiteness check) every this many steps, each read waiting for the device to
             finish; 0: every step on the CPU (where it costs nothing), every 25 steps on a GPU.
             Validation, checkpoints and the end read at once; a non-finite loss is then reported
-            up to this many steps late, and nothing written after it.
+            up to this many steps late, and nothing written after it. The ``seconds`` column
+            counts when each step was queued on the device.
         compile: ``torch.compile`` the network for the step (compiles on the first step).
         channels_last: keep weights and batches in channels-last memory order (GPU tensor cores
-            prefer it; slower on the CPU: bench/throughput.md).
+            prefer it; on the CPU slower in float32, 7 % faster with ``amp_cpu``: bench/throughput.md).
         aux_weight: weight of the auxiliary self-supervised loss on the augmentation's own
             transform (batches carrying ``u_a2b``/``u_b2a``); not in the paper, 0 = off.
         similarity_weight: weight of a direct similarity between each warped image and the
@@ -337,9 +338,10 @@ def train(
         device: ``"cuda"`` when available, else ``"cpu"``, by default.
         progress: show a tqdm bar (total, syn, reg, smooth = lambda R_smooth, latest val Dice).
         extra: plain data added to ``model.pt``'s extra (e.g. the command line).
-        callback: called after every step with the 1-based step and its loss terms
-            (``FireLoss.as_floats()``, plus ``val_dice`` when validation ran at that step), e.g. a
-            live plot (``viz.LossPlot``).
+        callback: called for every step, in order, with the 1-based step and its loss terms
+            (``FireLoss.as_floats()``, plus ``val_dice`` when validation ran at that step) once
+            they are read back (after each step on the CPU, every ``config.sync_every`` steps on a
+            GPU), e.g. a live plot (``viz.LossPlot``).
 
     Returns:
         a :class:`TrainResult`.
@@ -477,8 +479,9 @@ def train(
                 last = index + 1 == config.iterations
                 validated = val_log is not None and (last or _due(index + 1, config.val_every))
                 checkpointed = last or _due(index + 1, config.checkpoint_every)
-                # Every rank reads at the same steps (the read averages over the ranks).
-                if not (len(pending) >= sync_every or validated or checkpointed or interrupt.pending):
+                # Every rank reads at the same steps (the read averages over the ranks), so with
+                # several processes a Ctrl-C waits for the next read to stop them all at one step.
+                if not (len(pending) >= sync_every or validated or checkpointed or (interrupt.pending and world == 1)):
                     continue
                 rows = read_back()
                 validated = validated and main
