@@ -460,11 +460,15 @@ class CinePairs:
     def _take(x: torch.Tensor, k: int) -> torch.Tensor:
         return x[..., k] if k >= 0 else x
 
-    def sample(self, step: int, batch_size: int = 1) -> dict[str, torch.Tensor]:
-        """``{"x_a", "x_b"}``: ``(B, 1, *shape)``, two different phases of one series per pair."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
+    def sample(self, step: int, batch_size: int = 1, first: int = 0) -> dict[str, torch.Tensor]:
+        """``{"x_a", "x_b"}``: ``(B, 1, *shape)``, two different phases of one series per pair;
+        pairs ``first`` to ``first + batch_size - 1`` of the batch of ``step`` (as
+        :meth:`firekit.data.PairDataset.sample`)."""
+        from .data import pair_generator
+
         a, b = [], []
-        for _ in range(batch_size):
+        for pair in range(first, first + batch_size):
+            generator = pair_generator(self.seed, step, pair)
             index, k = self.items[int(torch.randint(len(self.items), (1,), generator=generator))]
             stack = self.phases[index]
             i, j = torch.randperm(stack.shape[0], generator=generator)[:2].tolist()

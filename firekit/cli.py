@@ -52,7 +52,7 @@ def _train(args: argparse.Namespace) -> None:
                if (rate := getattr(args, f"lr_{group}")) is not None}
     # speed settings: they change how fast a step runs, not what it computes (beyond float rounding)
     options.update(amp=not args.no_amp, amp_cpu=args.amp_cpu, compile=args.compile, channels_last=args.channels_last,
-                   sync_every=args.sync_every)
+                   sync_every=args.sync_every, loader_threads=args.loader_threads)
     if args.cine:
         if args.a or args.b:
             raise FirekitError("--cine trains on phases of cine series: give --cine alone, not with --a/--b")
@@ -331,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sync-every", type=int, default=0,
                        help="read the losses back from the device every N steps (default 0: every step on the CPU, "
                        "every 25 on a GPU)")
+    train.add_argument("--loader-threads", type=int, default=0,
+                       help="threads drawing batches ahead of the step (default 0: none on the CPU, up to 8 on a GPU)")
     train.add_argument("--out", required=True, help="run folder (created)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--overwrite", action="store_true", help="start again in a non-empty --out")

@@ -34,6 +34,7 @@ __all__ = [
     "to_network",
     "load_subject",
     "PairDataset",
+    "pair_generator",
     "DEFAULT_SPACING",
 ]
 
@@ -286,6 +287,13 @@ def _pad_to(x: torch.Tensor, shape: Sequence[int], value: float) -> torch.Tensor
     return torch.nn.functional.pad(x, pads, value=value)
 
 
+def pair_generator(seed: int, step: int, pair: int) -> torch.Generator:
+    """The random stream of pair ``pair`` of the batch of ``step``: every pair is drawn from its
+    own stream, so any slice of a batch is drawn alone exactly as within the whole batch."""
+    state = np.random.SeedSequence([int(seed), int(step), int(pair)]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 class PairDataset:
     """Training pairs drawn deterministically per step (the trainer's *pair source*).
 
@@ -400,16 +408,18 @@ class PairDataset:
             labels = spatial.warp_labels(labels, moved.displacement)
         return x, labels, moved.displacement
 
-    def sample(self, step: int, batch_size: int = 1) -> dict[str, torch.Tensor]:
-        """A batch of ``(B, 1, *shape)`` tensors, a function of (seed, step).
+    def sample(self, step: int, batch_size: int = 1, first: int = 0) -> dict[str, torch.Tensor]:
+        """Pairs ``first`` to ``first + batch_size - 1`` of the batch of ``step``: ``(B, 1, *shape)``
+        tensors, each pair a function of (seed, step, its index), so a process of several draws
+        only its slice of a global batch (see :func:`pair_generator`).
 
         Keys: ``x_a``, ``x_b``; ``labels_a``, ``labels_b`` with labels; ``u_a2b``, ``u_b2a``
         ``(B, ndim, *shape)`` normalised, the known answer of each registration direction, when
         ``targets`` is on, A and B come from one subject and augmentation is on.
         """
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(step))
         out: dict[str, list] = {"x_a": [], "x_b": [], "labels_a": [], "labels_b": [], "u_a2b": [], "u_b2a": []}
-        for _ in range(batch_size):
+        for pair in range(first, first + batch_size):
+            generator = pair_generator(self.seed, step, pair)
             index, k = self.items[int(torch.randint(len(self.items), (1,), generator=generator))]
             subject = self.subjects[index]
             other = subject

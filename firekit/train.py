@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import inspect
 import io
 import math
 import os
@@ -54,8 +55,8 @@ __all__ = [
 RUN_FILES = ("checkpoint.pt", "model.pt", "model_best.pt", "config.yaml", "losses.csv", "validation.csv")
 
 # Settings a resumed run may change without leaving the path an uninterrupted run would take.
-_FREE_ON_RESUME = {"iterations", "val_every", "checkpoint_every", "amp", "amp_cpu", "sync_every", "compile",
-                   "channels_last"}
+_FREE_ON_RESUME = {"iterations", "val_every", "checkpoint_every", "amp", "amp_cpu", "sync_every", "loader_threads",
+                   "compile", "channels_last"}
 
 
 @dataclass
@@ -86,6 +87,9 @@ class TrainConfig(PlainConfig):
             Validation, checkpoints and the end read at once; a non-finite loss is then reported
             up to this many steps late, and nothing written after it. The ``seconds`` column
             counts when each step was queued on the device.
+        loader_threads: batches drawn (augmented) ahead in this many threads while the device
+            runs a step, pinned for the copy; 0: none on the CPU (the step uses the cores), on a
+            GPU ``min(8, cores per process)``.
         compile: ``torch.compile`` the network for the step (compiles on the first step).
         channels_last: keep weights and batches in channels-last memory order (GPU tensor cores
             prefer it; on the CPU slower in float32, 7 % faster with ``amp_cpu``: bench/throughput.md).
@@ -123,6 +127,7 @@ class TrainConfig(PlainConfig):
     amp: bool = True
     amp_cpu: bool = False
     sync_every: int = 0
+    loader_threads: int = 0
     compile: bool = False
     channels_last: bool = False
     aux_weight: float = 0.0
@@ -143,7 +148,7 @@ class TrainConfig(PlainConfig):
             if not getattr(self, name) >= 0:
                 raise FirekitError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         minimum = {"iterations": 1, "batch_size": 1, "val_every": 0, "checkpoint_every": 0, "warmup_steps": 0,
-                   "affine_first_steps": 0, "sync_every": 0}
+                   "affine_first_steps": 0, "sync_every": 0, "loader_threads": 0}
         for name, low in minimum.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -174,6 +179,11 @@ class PairSource(Protocol):
 
     def sample(self, step: int, batch_size: int) -> dict[str, torch.Tensor]:
         """Batch for 0-based ``step``, a deterministic function of the source's seed and ``step``.
+
+        A source whose ``sample`` also takes ``first`` (pairs ``first`` to ``first + batch_size
+        - 1`` of the step's batch, as :class:`firekit.data.PairDataset`'s) lets each of several
+        processes draw only its slice of the global batch; any other is drawn whole by every
+        process, which keeps its own slice.
 
         Returns:
             ``{"x_a", "x_b"}``: ``(B, 1, *S)`` float32 in [-1, 1]; optionally ``"labels_a"``,
@@ -438,14 +448,19 @@ def train(
     )
     in_step = False
     # On a GPU the next batches are drawn (augmented) on the CPU while the current step runs.
-    prefetch = _Prefetch(source, config.batch_size * world, ahead=2 if device.type == "cuda" else 0,
-                         pin=device.type == "cuda")
+    threads = config.loader_threads or (0 if device.type == "cpu" else _default_loader_threads())
+    # One global batch per step, the same whatever the number of processes: rank r trains on
+    # its slice (batch_size is per process), drawn alone when the source can.
+    drawn_alone = world > 1 and _draws_slices(source)
+    prefetch = _Prefetch(source, config.batch_size if drawn_alone or world == 1 else config.batch_size * world,
+                         ahead=threads, pin=device.type == "cuda",
+                         first=rank * config.batch_size if drawn_alone else None)
     try:
         with _HeldInterrupt() as interrupt:
             for index in range(state.step, config.iterations):
-                # One global batch per step, the same whatever the number of processes: rank r
-                # takes its slice (batch_size is per process).
-                batch = _shard(prefetch.get(index, config.iterations), rank, config.batch_size)
+                batch = prefetch.get(index, config.iterations)
+                if world > 1 and not drawn_alone:
+                    batch = _shard(batch, rank, config.batch_size)
                 where = f"source.sample({index})"
                 in_step = True
                 try:
@@ -874,15 +889,16 @@ class _Prefetch:
     """Batches of the steps ahead, drawn in worker threads while the current step runs (each batch
     is a function of its step, so the result is the same as drawing in turn); pinned for CUDA."""
 
-    def __init__(self, source, batch_size: int, ahead: int, pin: bool):
+    def __init__(self, source, batch_size: int, ahead: int, pin: bool, first: int | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.source, self.batch_size, self.ahead, self.pin = source, batch_size, max(0, int(ahead)), pin
+        self.options = {} if first is None else {"first": first}  # a slice of each step's batch
         self.pool = ThreadPoolExecutor(max_workers=self.ahead) if self.ahead else None
         self.pending: dict = {}
 
     def _draw(self, step: int) -> dict:
-        batch = self.source.sample(step, self.batch_size)
+        batch = self.source.sample(step, self.batch_size, **self.options)
         if self.pin and isinstance(batch, dict):
             batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
         return batch
@@ -898,6 +914,20 @@ class _Prefetch:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _draws_slices(source) -> bool:
+    """Whether ``source.sample`` takes ``first`` (draws a slice of a step's batch)."""
+    try:
+        return "first" in inspect.signature(source.sample).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _default_loader_threads() -> int:
+    """Threads drawing batches ahead on a GPU: the cores of this process's share, at most 8."""
+    per_process = (os.cpu_count() or 2) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(2, min(8, per_process))
 
 
 def _check_validation_batch(batch: dict, index: int) -> dict:

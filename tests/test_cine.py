@@ -153,6 +153,7 @@ def test_cine_pairs_draw_two_phases_of_one_series_and_validate_ed_es():
     batch = pairs.sample(5, batch_size=3)
     assert batch["x_a"].shape == (3, 1, 80, 80) and not torch.equal(batch["x_a"], batch["x_b"])
     assert torch.equal(pairs.sample(5, 3)["x_b"], batch["x_b"])  # a function of (seed, step)
+    assert torch.equal(pairs.sample(5, 2, first=1)["x_a"], batch["x_a"][1:])  # a slice drawn alone
     (validation,) = pairs.validation()
     assert validation["labels_a"].shape == (1, 1, 80, 80) and int(validation["labels_b"].max()) == 3
     assert pairs.describe()["cine"] is True

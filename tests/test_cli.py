@@ -197,7 +197,8 @@ def test_train_learning_switches_reach_the_run_config(workspace):
                  "--ndim", 2, "--iterations", 2, "--spacing", 4, "--out", run_dir, "--quiet",
                  "--prealign", "moments", "--residual-bound", 0.2, "--aux-weight", 1000, "--curriculum-steps", 2,
                  "--similarity-weight", 1, "--distill-weight", 1, "--affine-first-steps", 1,
-                 "--lr-affine", 3e-4, "--lr-nonrigid", 2e-4, "--channels-last", "--sync-every", 2, "--no-amp")
+                 "--lr-affine", 3e-4, "--lr-nonrigid", 2e-4, "--channels-last", "--sync-every", 2, "--no-amp",
+                 "--loader-threads", 2)
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["model"]["prealign"] == "moments" and config["model"]["residual_bound"] == 0.2
@@ -207,4 +208,5 @@ def test_train_learning_switches_reach_the_run_config(workspace):
     # the rates given, and the small preset's for the group not given
     assert (train["lr_affine"], train["lr_nonrigid"], train["lr_synthesis"]) == (3e-4, 2e-4, 1e-3)
     assert (train["channels_last"], train["sync_every"], train["amp"], train["compile"]) == (True, 2, False, False)
+    assert train["loader_threads"] == 2
     assert config["data"]["curriculum_steps"] == 2

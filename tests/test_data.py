@@ -87,6 +87,10 @@ def test_pair_dataset_is_deterministic_per_step(tmp_path, model_ndim):
     assert not torch.equal(first["labels_a"], first["labels_b"])
     validation = dataset.validation(2)
     assert torch.equal(validation[0]["x_a"], dataset.validation(2)[0]["x_a"])
+    # each process of several draws its slice of the step's batch alone, as within the whole batch
+    whole, second = dataset.sample(5, 3), dataset.sample(5, 1, first=1)
+    for key in whole:
+        assert torch.equal(whole[key][:2], first[key]) and torch.equal(whole[key][1:2], second[key])
 
 
 @pytest.mark.parametrize("model_ndim", [2, 3])
@@ -102,12 +106,17 @@ def test_known_answer_of_each_augmented_pair(tmp_path, model_ndim):
     io.save_nifti(image, np.eye(4), tmp_path / "s1" / "B.nii.gz")
     subjects = [load_subject(s, 1.0) for s in find_pairs(f"{tmp_path}/*/A.nii.gz", f"{tmp_path}/*/B.nii.gz")]
     dataset = PairDataset(subjects, model_ndim, AugmentConfig(elastic_mm=3.0), seed=1, spacing=1.0)
-    batch = dataset.sample(0, 2)
-    assert batch["u_a2b"].shape == (2, model_ndim, *batch["x_a"].shape[2:])
+    batch = dataset.sample(0, 4)
+    assert batch["u_a2b"].shape == (4, model_ndim, *batch["x_a"].shape[2:])
     for moving, fixed, answer in (("x_a", "x_b", "u_a2b"), ("x_b", "x_a", "u_b2a")):
-        before = (batch[moving] - batch[fixed]).abs().mean()
-        after = (spatial.warp(batch[moving], batch[answer]) - batch[fixed]).abs().mean()
-        assert after < 0.25 * before, (before, after)
+        # where the answer samples inside the moving image (the augmentation's zooms and shifts
+        # push content out of the field of view, and nothing can bring that back)
+        points = spatial.identity_grid(batch[answer].shape[2:]) + batch[answer]
+        inside = (points.abs() <= 1).all(dim=1, keepdim=True).float()
+        for i in range(4):
+            before = ((batch[moving] - batch[fixed]).abs() * inside)[i].sum() / inside[i].sum()
+            after = ((spatial.warp(batch[moving], batch[answer]) - batch[fixed]).abs() * inside)[i].sum() / inside[i].sum()
+            assert after < 0.1 * before, (i, before, after)
 
 
 def test_curriculum_ramps_the_augmentation():
