@@ -103,6 +103,7 @@ def measure(name: str, device: str, steps: int, amp: bool, channels_last: bool, 
     x_b = torch.roll(x_a, 3, dims=2)
     if channels_last:
         x_a, x_b = x_a.contiguous(memory_format=memory_format), x_b.contiguous(memory_format=memory_format)
+
     def step() -> None:  # read_back: the loss is checked on the host each step (a sync on a GPU)
         train_step(net, optimizers, x_a, x_b, autocast=amp, check_finite=read_back)
 

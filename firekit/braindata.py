@@ -32,6 +32,7 @@ import torch
 from . import augment, io, spatial
 from .data import map_points
 from ._atomic import atomic_write_text
+from ._dataset_folder import read_index, same_or_refuse
 from .errors import FirekitError
 from .io import NIFTI_INTENT_VECTOR, itk_field_array, lps_flip, save_nifti
 
@@ -293,16 +294,6 @@ subjects and the template share the affine in `dataset.json`.
 _PARAMETERS = ("version", "subjects", "split_sizes", "spacing", "shape", "seed")
 
 
-def _existing(out: Path) -> dict | None:
-    path = out / "dataset.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _complete(out: Path, info: dict) -> bool:
     return all((out / split / name / file).is_file()
                for split, names in info["splits"].items() for name in names for file in FILES)
@@ -342,9 +333,6 @@ def build_demo_dataset(
     if len(splits) != 3 or min(splits) < 0 or sum(splits) != int(subjects) or int(subjects) < 1:
         raise FirekitError(f"splits must be 3 counts (train, val, test) summing to subjects={subjects}, got {splits}")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FirekitError(f"{out}: is a file; give a folder for the demo dataset")
-
     names = [f"subj{i:03d}" for i in range(int(subjects))]
     bounds = np.cumsum((0,) + splits)
     info = {
@@ -363,17 +351,10 @@ def build_demo_dataset(
         "appearance": augment.AugmentConfig.mild().to_dict(),
         "to_template": "ITK displacement field, LPS signs: q_ras = p_ras + [-u0, -u1, u2] (mm)",
     }
-    old = _existing(out)
-    same = old is not None and all(old.get(key) == info[key] for key in _PARAMETERS)
+    old = read_index(out / "dataset.json")
+    same = same_or_refuse(out, "demo dataset", old, info, _PARAMETERS, overwrite)
     if same and not overwrite and _complete(out, old):
         return old
-    if out.is_dir() and any(out.iterdir()) and not (same or overwrite):
-        if old is not None:
-            differ = [key for key in _PARAMETERS if old.get(key) != info[key]]
-            raise FirekitError(f"{out}: holds a demo dataset with other {', '.join(differ)}; "
-                               "pass --overwrite (overwrite=True in Python) or choose another folder")
-        raise FirekitError(f"{out}: folder is not empty and holds no demo dataset; choose an empty folder "
-                           "or pass --overwrite (overwrite=True in Python)")
 
     template = _template(spacing, shape)
     info["affine"] = template.affine.tolist()

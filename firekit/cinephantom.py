@@ -26,6 +26,7 @@ import torch
 
 from . import acdc, augment
 from ._atomic import atomic_write_text
+from ._dataset_folder import read_index, same_or_refuse
 from .errors import FirekitError
 
 __all__ = ["VERSION", "INDEX_FILE", "INTENSITY_SCALE", "CinePatient", "cine_patient", "volume_curve",
@@ -411,13 +412,6 @@ layout of the ACDC challenge (Bernard et al., IEEE TMI 2018) so that ACDC reader
 _PARAMETERS = ("version", "patients", "phases", "shape", "spacing", "seed", "ef_range")
 
 
-def _existing(out: Path) -> dict | None:
-    try:
-        return json.loads((out / INDEX_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _complete(out: Path, index: dict) -> list[acdc.Patient] | None:
     try:
         patients = [acdc.read_patient(out / name) for name in index["names"]]
@@ -462,24 +456,15 @@ def build_cine_phantom(
     if int(patients) < 1:
         raise FirekitError(f"patients must be at least 1, got {patients}")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FirekitError(f"{out}: is a file; give a folder for the cine phantom")
     parameters = {"version": VERSION, "patients": int(patients), "phases": phases, "shape": list(shape),
                   "spacing": list(spacing), "seed": int(seed), "ef_range": list(ef_range)}
-    old = _existing(out)
-    old_parameters = (old or {}).get("parameters", {})
-    same = old is not None and all(old_parameters.get(k) == parameters[k] for k in _PARAMETERS)
+    old = read_index(out / INDEX_FILE)
+    old_parameters = None if old is None else old.get("parameters", {})
+    same = same_or_refuse(out, "cine phantom", old_parameters, parameters, _PARAMETERS, overwrite)
     if same and not overwrite:
         done = _complete(out, old)
         if done is not None:
             return done
-    if out.is_dir() and any(out.iterdir()) and not (same or overwrite):
-        if old is not None:
-            differ = [k for k in _PARAMETERS if old_parameters.get(k) != parameters[k]]
-            raise FirekitError(f"{out}: holds a cine phantom with other {', '.join(differ)}; "
-                               "pass --overwrite (overwrite=True in Python) or choose another folder")
-        raise FirekitError(f"{out}: folder is not empty and holds no cine phantom; choose an empty folder "
-                           "or pass --overwrite (overwrite=True in Python)")
     names = [f"patient{i + 1:03d}" for i in range(int(patients))]
     index = {"name": "firekit synthetic cardiac cine phantom (ACDC layout)", "parameters": parameters,
              "names": names, "labels": {str(k): v for k, v in acdc.LABEL_NAMES.items()}, "patients": {}}

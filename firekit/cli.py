@@ -215,6 +215,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _add_build_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """--seed, --overwrite and --quiet of a `data` subcommand that builds a ``what``."""
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--overwrite", action="store_true", help=f"replace an existing {what} with other settings")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="firekit",
@@ -242,9 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--spacing", type=float, default=1.28, help="voxel size in mm (default 1.28)")
     demo_data.add_argument("--shape", type=int, nargs=3, default=[128, 160, 128], metavar=("X", "Y", "Z"),
                            help="grid size in voxels (default 128 160 128; the brain must fit at --spacing)")
-    demo_data.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    demo_data.add_argument("--overwrite", action="store_true", help="replace an existing dataset with other settings")
-    demo_data.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_build_options(demo_data, "dataset")
     demo_data.set_defaults(func=_data_demo)
     phantom = data_commands.add_parser(
         "cine-phantom",
@@ -261,9 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--phases", type=int, default=25, help="phases per cardiac cycle (default 25)")
     phantom.add_argument("--shape", type=int, nargs=3, default=[128, 128, 10], metavar=("X", "Y", "Z"),
                          help="frame size in voxels (default 128 128 10)")
-    phantom.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    phantom.add_argument("--overwrite", action="store_true", help="replace an existing phantom with other settings")
-    phantom.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_build_options(phantom, "phantom")
     phantom.set_defaults(func=_data_cine_phantom)
 
     # ---------------------------------------------------------------- train

@@ -562,12 +562,8 @@ def _due(step: int, every: int) -> bool:
 
 
 def _postfix(row: dict[str, float], dice: float | None) -> dict[str, str]:
-    shown = {
-        "total": row["total"],
-        "syn": row["syn_acc"] + row["syn_fea"] + row["syn_cyc"] + row["syn_align"],
-        "reg": row["reg_acc"] + row["reg_ic"],
-        "smooth": row["smooth_weight"] * row["r_smooth"],
-    }
+    loss = FireLoss(**{k: row[k] for k in FireLoss._fields})  # of floats: its Eq. 6 and 9 sums
+    shown = {"total": loss.total, "syn": loss.syn, "reg": loss.reg, "smooth": loss.smooth_weight * loss.r_smooth}
     postfix = {k: f"{v:.4f}" for k, v in shown.items()}
     if dice is not None:
         postfix["dice"] = f"{dice:.3f}"
