@@ -70,12 +70,10 @@ def table(runs: list[dict], baseline: float | None) -> str:
 
 
 def plot(runs: list[dict], path: Path, references: dict[str, float] | None = None) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: a file needs no GUI backend
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     for index, run in enumerate(runs):
         steps, minutes, dice = zip(*run["curve"]) if run["curve"] else ((), (), ())
         style = dict(marker="o", markersize=3, linestyle=("-", "--", ":")[index // 10 % 3], label=run["name"])
@@ -93,7 +91,6 @@ def plot(runs: list[dict], path: Path, references: dict[str, float] | None = Non
     axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -372,20 +372,20 @@ def report(results: dict, plot_name: str | None = None) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
+    # A Figure of its own, not pyplot's: writing a file needs no GUI backend, whatever the
+    # process (a notebook, a test session with Qt loaded) has chosen.
     import matplotlib
     import matplotlib.ticker
-
-    if "matplotlib.pyplot" not in sys.modules and not os.environ.get("MPLBACKEND"):
-        matplotlib.use("Agg")  # headless by default; a notebook keeps its own backend
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     ndims = sorted({run["ndim"] for run in results["runs"]})
-    fig, axes = plt.subplots(len(ndims), 2, figsize=(13, 4.2 * len(ndims)), squeeze=False)
+    fig = Figure(figsize=(13, 4.2 * len(ndims)))
+    axes = fig.subplots(len(ndims), 2, squeeze=False)
     for row, ndim in enumerate(ndims):
         runs = [r for r in results["runs"] if r["ndim"] == ndim]
         names = [n for n in runs[0]["rows"] if runs[0]["rows"][n]]
         width = 0.8 / len(names)
-        colours = plt.cm.tab20(np.arange(len(names)) % 20)
+        colours = matplotlib.colormaps["tab20"](np.arange(len(names)) % 20)
         ax = axes[row, 0]
         for i, name in enumerate(names):
             means = [summarise(r["rows"][name])["mean"] for r in runs]
@@ -411,7 +411,6 @@ def plot(results: dict, path: Path) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07 if len(ndims) > 1 else 0.12, 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

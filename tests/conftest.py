@@ -1,9 +1,15 @@
 """Session settings: Qt draws through X (Xvfb, started by pytest-xvfb) with Mesa's OpenGL; Qt's
-`offscreen` platform fails inside vispy's OpenGL as soon as napari adds an image layer."""
+`offscreen` platform fails inside vispy's OpenGL as soon as napari adds an image layer.
+matplotlib draws with Agg in this process: left to choose, it picked Qt (PySide6 is installed
+for napari) and once failed to open the display ("Invalid DISPLAY variable"). Notebook kernels
+are other processes and keep their inline backend."""
 
 import os
 
+import matplotlib
+
 os.environ.setdefault("QT_QPA_PLATFORM", "xcb")
+matplotlib.use("Agg")
 
 import json  # noqa: E402
 
