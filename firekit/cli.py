@@ -10,6 +10,9 @@ from pathlib import Path
 from . import __version__
 from .errors import FirekitError
 
+# firekit.workflows.RECIPES by name (kept here so that --help imports no torch; a test keeps them equal)
+RECIPE_NAMES = ("learn2d", "learn2d-fine", "learn3d")
+
 CONVENTIONS = (
     "Conventions: the displacement u lives on the fixed image's grid, in mm, with ITK/LPS signs "
     "(ANTs and SimpleITK apply it directly), and warped(x) = moving(x + u(x)). A 2D registration writes "
@@ -45,11 +48,24 @@ def _data_cine_phantom(args: argparse.Namespace) -> None:
           f"_frameNN and _frameNN_gt at ED and ES)")
 
 
+def _apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fill the settings of ``--recipe NAME`` that the command line left at their defaults."""
+    from .workflows import RECIPES
+
+    if args.recipe is None:
+        return
+    for key, value in RECIPES[args.recipe].items():
+        if getattr(args, key) == parser.get_default(key):
+            setattr(args, key, value)
+
+
 def _train(args: argparse.Namespace) -> None:
     from .workflows import train_on_cine, train_on_files
 
+    _apply_recipe(args, args.train_parser)
     options = {f"lr_{group}": rate for group in ("affine", "nonrigid", "synthesis")
                if (rate := getattr(args, f"lr_{group}")) is not None}
+    options.update(schedule=args.schedule, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay)
     # speed settings: they change how fast a step runs, not what it computes (beyond float rounding)
     options.update(amp=not args.no_amp, amp_cpu=args.amp_cpu, compile=args.compile, channels_last=args.channels_last,
                    sync_every=args.sync_every, loader_threads=args.loader_threads)
@@ -73,7 +89,7 @@ def _train(args: argparse.Namespace) -> None:
         resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
         val_every=args.val_every, checkpoint_every=args.checkpoint_every,
         curriculum_steps=args.curriculum_steps, aux_weight=args.aux_weight, prealign=args.prealign,
-        residual_bound=args.residual_bound,
+        residual_bound=args.residual_bound, affine_pooling=args.affine_pooling, init=args.init,
         similarity_weight=args.similarity_weight, distill_weight=args.distill_weight,
         affine_first_steps=args.affine_first_steps, **options,
     )
@@ -321,6 +337,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "default 0 = off)")
     train.add_argument("--affine-first-steps", type=int, default=0,
                        help="train only the affine subnets, at half resolution, for the first N steps (default 0)")
+    train.add_argument("--affine-pooling", choices=["mean", "moments", "keypoints"], default="mean",
+                       help="how T_af reads its features: mean (the paper's global average pooling), moments, or "
+                       "keypoints (landmarks in each image + least-squares affine; not in the paper; default mean)")
+    train.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                       help="learning rates: constant (the paper) or cosine decay after --warmup-steps (default constant)")
+    train.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up steps (default 0)")
+    train.add_argument("--ema-decay", type=float, default=0.0,
+                       help="keep an EMA of the weights (model_ema.pt; validation uses it), e.g. 0.999 (default 0 = off)")
+    train.add_argument("--init", metavar="MODEL",
+                       help="start from this model.pt's weights (same model options), e.g. a coarser stage")
+    train.add_argument("--recipe", choices=sorted(RECIPE_NAMES),
+                       help="a documented long-training recipe (README, bench/training.md); flags given beside it win")
     train.add_argument("--val-every", type=int, default=100, help="validation every N steps (default 100)")
     train.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps (default 100)")
     train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -340,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--overwrite", action="store_true", help="start again in a non-empty --out")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.set_defaults(func=_train)
+    train.set_defaults(func=_train, train_parser=train)
 
     # ---------------------------------------------------------------- register
     register = commands.add_parser(

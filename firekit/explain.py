@@ -172,6 +172,8 @@ def grad_cam(model: Fire, moving: torch.Tensor, fixed: torch.Tensor, component: 
     with torch.enable_grad():
         cam = LayerGradCam(target_scalar(model, component, direction, fixed, target, roi), layer).attribute(
             moving.detach().clone().requires_grad_(True), relu_attributions=True)
+    # A layer that runs on moving and fixed stacked (the keypoint T_af): moving's rows come first.
+    cam = cam[: moving.shape[0]]
     mode = "bilinear" if model.ndim == 2 else "trilinear"
     cam = LayerAttribution.interpolate(cam.detach(), tuple(moving.shape[2:]), interpolate_mode=mode)[:, 0]
     peak = cam.flatten(1).max(dim=1).values.clamp_min(1e-30).view(-1, *[1] * model.ndim)

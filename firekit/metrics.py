@@ -1,4 +1,4 @@
-"""Registration quality measures: Dice, folding, inverse consistency. Pure tensor maths."""
+"""Registration quality measures: Dice, folding, inverse consistency, SSIM. Pure tensor maths."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from . import spatial
 
-__all__ = ["dice", "hd95", "folding_fraction", "mean_inverse_consistency"]
+__all__ = ["dice", "hd95", "folding_fraction", "mean_inverse_consistency", "ssim"]
 
 
 def dice(labels_a: torch.Tensor, labels_b: torch.Tensor, labels: Sequence[int] | None = None) -> dict[int, float]:
@@ -33,6 +33,43 @@ def dice(labels_a: torch.Tensor, labels_b: torch.Tensor, labels: Sequence[int] |
         total = int(a.sum()) + int(b.sum())
         scores[int(label)] = 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
     return scores
+
+
+def ssim(image: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor | None = None, window: int = 7,
+         data_range: float = 2.0) -> float:
+    """Mean structural similarity (Wang et al. 2004) of two images, over ``mask`` when given.
+
+    Local means, variances and covariance over a ``window``-wide box (every spatial axis), with the
+    usual constants ``(0.01 L)^2`` and ``(0.03 L)^2`` for intensities spanning ``data_range`` = L
+    (2 for firekit's [-1, 1] images).
+
+    Args:
+        image, reference: ``(B, 1, *S)`` tensors of the same shape.
+        mask: ``(B, 1, *S)`` boolean, where to average the SSIM map (default everywhere).
+
+    Returns:
+        the mean SSIM in [-1, 1] (1 for identical images).
+    """
+    if image.shape != reference.shape or image.ndim < 4:
+        raise ValueError(f"ssim needs two (B, C, *S) tensors of one shape, got {tuple(image.shape)} and "
+                         f"{tuple(reference.shape)}")
+    pool = getattr(torch.nn.functional, f"avg_pool{image.ndim - 2}d")
+
+    def local_mean(x: torch.Tensor) -> torch.Tensor:
+        return pool(x, window, stride=1, padding=window // 2, count_include_pad=False)
+
+    x, y = image.double(), reference.double()
+    mu_x, mu_y = local_mean(x), local_mean(y)
+    var_x = local_mean(x * x) - mu_x ** 2
+    var_y = local_mean(y * y) - mu_y ** 2
+    cov = local_mean(x * y) - mu_x * mu_y
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
+    if mask is not None:
+        if mask.shape != image.shape:
+            raise ValueError(f"ssim mask {tuple(mask.shape)} differs from the images {tuple(image.shape)}")
+        return float(index[mask.bool()].mean())
+    return float(index.mean())
 
 
 def folding_fraction(displacement: torch.Tensor) -> float:

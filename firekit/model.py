@@ -15,7 +15,7 @@ from . import spatial
 from ._atomic import atomic_path
 from ._config import PlainConfig
 from .errors import FirekitError
-from .nets import AffineHead, Decoder, Encoder, FlowHead
+from .nets import AffineHead, Decoder, Encoder, FlowHead, KeypointAffineHead
 
 __all__ = ["FireConfig", "TransformNet", "Transform", "Fire", "FireOutput", "load", "PRESETS"]
 
@@ -40,7 +40,9 @@ class FireConfig(PlainConfig):
         leaky: LeakyReLU slope in T_af and T_nr.
         affine_pooling: how T_af pools its last conv: ``"mean"`` (the paper's global average
             pooling) or ``"moments"`` (mean plus each channel's spatial-softmax centroid and
-            second moments; see :class:`~firekit.nets.AffineHead`). Not in the paper.
+            second moments; see :class:`~firekit.nets.AffineHead`), or ``"keypoints"``: soft
+            keypoints found in each image alone and a least-squares affine between them
+            (:class:`~firekit.nets.KeypointAffineHead`). Not in the paper.
         prealign: ``"none"`` (the paper) or ``"moments"``: each T starts from the moments affine of
             the pair (:func:`firekit.refine.moments_init`, centre of mass + principal axes, rotation
             candidates scored by MIND; no gradient) and T_af predicts a residual on the moving
@@ -76,8 +78,9 @@ class FireConfig(PlainConfig):
         self.affine_channels = tuple(int(c) for c in self.affine_channels)
         if len(self.widths) != 3 or len(self.affine_channels) != 3:
             raise FirekitError("FireConfig.widths and affine_channels need exactly 3 values each")
-        if self.affine_pooling not in ("mean", "moments"):
-            raise FirekitError(f"FireConfig.affine_pooling must be 'mean' or 'moments', got {self.affine_pooling!r}")
+        if self.affine_pooling not in AFFINE_POOLING:
+            raise FirekitError(f"FireConfig.affine_pooling must be one of {list(AFFINE_POOLING)}, "
+                               f"got {self.affine_pooling!r}")
         if not self.residual_bound >= 0:
             raise FirekitError(f"FireConfig.residual_bound must be >= 0, got {self.residual_bound!r}")
         if self.prealign not in PREALIGN:
@@ -92,6 +95,7 @@ class FireConfig(PlainConfig):
 
 
 PREALIGN = ("none", "moments")
+AFFINE_POOLING = ("mean", "moments", "keypoints")
 
 
 def other_direction(direction: str) -> str:
@@ -143,10 +147,13 @@ class TransformNet(nn.Module):
     def __init__(self, config: FireConfig):
         super().__init__()
         channels = config.widths[2]
-        self.affine = AffineHead(
-            config.ndim, 2 * channels, config.affine_channels, config.affine_hidden, config.leaky,
-            config.affine_pooling,
-        )
+        if config.affine_pooling == "keypoints":
+            self.affine = KeypointAffineHead(config.ndim, 2 * channels, config.affine_channels, config.leaky)
+        else:
+            self.affine = AffineHead(
+                config.ndim, 2 * channels, config.affine_channels, config.affine_hidden, config.leaky,
+                config.affine_pooling,
+            )
         self.nonrigid = FlowHead(config.ndim, channels, config.flow_channels, config.leaky)
         self.residual_bound = config.residual_bound
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as nnf
 
-__all__ = ["ConvBlock", "ResBlock", "Encoder", "Decoder", "AffineHead", "FlowHead"]
+__all__ = ["ConvBlock", "ResBlock", "Encoder", "Decoder", "AffineHead", "KeypointAffineHead", "FlowHead",
+           "fit_affine"]
 
 
 def _conv(ndim: int) -> type[nn.Module]:
@@ -185,6 +186,85 @@ class AffineHead(nn.Module):
         pairs = [(i, j) for i in range(self.ndim) for j in range(i, self.ndim)]
         second = torch.stack([(weights * offsets[:, :, i] * offsets[:, :, j]).sum(-1) for i, j in pairs], dim=-1)
         return torch.cat([flat.mean(dim=-1), centroid.flatten(1), second.flatten(1)], dim=1)
+
+
+def soft_centroids(heatmaps: torch.Tensor) -> torch.Tensor:
+    """Spatial-softmax centroid of each channel: ``(B, K, *s)`` -> ``(B, K, ndim)``, normalised
+    coordinates in the array's axis order (-1 and +1 at the centres of the end voxels)."""
+    shape = heatmaps.shape[2:]
+    axes = [torch.linspace(-1.0, 1.0, size, device=heatmaps.device, dtype=heatmaps.dtype) for size in shape]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij")).flatten(1)  # (n, N)
+    weights = torch.softmax(heatmaps.flatten(2), dim=-1)  # (B, K, N)
+    return torch.einsum("bkn,in->bki", weights, coords)
+
+
+def fit_affine(fixed_points: torch.Tensor, moving_points: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """Least-squares affine ``theta`` with ``theta @ [p_fixed, 1] ~ p_moving``, pulled toward the identity.
+
+    Minimises ``sum_k |A p_k + t - q_k|^2 + ridge * K * |[A t] - [I 0]|^2`` in closed form, so two
+    identical point sets give the identity and collapsed points stay near it.
+
+    Args:
+        fixed_points, moving_points: ``(B, K, ndim)`` corresponding points, normalised coordinates.
+        ridge: strength of the pull toward the identity, per point.
+
+    Returns:
+        ``(B, ndim, ndim + 1)``, mapping fixed-grid points to moving points (firekit's convention).
+    """
+    if fixed_points.shape != moving_points.shape or fixed_points.ndim != 3:
+        raise ValueError(f"fit_affine needs two (B, K, ndim) point sets, got {tuple(fixed_points.shape)} "
+                         f"and {tuple(moving_points.shape)}")
+    batch, count, ndim = fixed_points.shape
+    dtype = fixed_points.dtype
+    fixed_points, moving_points = fixed_points.double(), moving_points.double()
+    design = torch.cat([fixed_points, torch.ones_like(fixed_points[..., :1])], dim=-1)  # (B, K, n+1)
+    identity = torch.eye(ndim + 1, ndim, dtype=design.dtype, device=design.device)  # [I; 0]: (n+1, n)
+    weight = ridge * count
+    normal = design.transpose(1, 2) @ design + weight * torch.eye(ndim + 1, dtype=design.dtype, device=design.device)
+    rhs = design.transpose(1, 2) @ moving_points + weight * identity
+    solution = torch.linalg.solve(normal, rhs)  # (B, n+1, n)
+    return solution.transpose(1, 2).to(dtype)
+
+
+class KeypointAffineHead(nn.Module):
+    """T_af as keypoints (not in the paper; in the spirit of KeyMorph): one conv stack finds ``K``
+    soft keypoints in each image's features alone, and the affine is their least-squares fit.
+
+    The same stack runs on the moving and on the fixed features (stacked along the batch), each
+    of its ``K`` output channels is pooled into its spatial-softmax centroid, and
+    :func:`fit_affine` maps the fixed image's points onto the moving image's. Moving the
+    anatomy moves the points with it, so the head only has to find the same landmarks in both
+    modalities (what G's modality-invariant features are for); the paper's global average pooling
+    has to learn to read positions out of pooled strengths. Starts near the identity: untrained
+    points of two similar images nearly coincide.
+
+    ``forward(features (B, 2*C, *s)) -> theta (B, ndim, ndim + 1)``: the first ``C`` channels are
+    the moving image's features, the last ``C`` the fixed image's.
+    """
+
+    def __init__(self, ndim: int, in_channels: int, channels: Sequence[int] = (16, 32, 64), leaky: float = 0.2,
+                 keypoints: int = 32, ridge: float = 1e-3):
+        super().__init__()
+        if in_channels % 2:
+            raise ValueError(f"KeypointAffineHead takes moving and fixed features stacked: even channels, got {in_channels}")
+        c1, c2, _ = channels
+        self.ndim, self.ridge = ndim, ridge
+        self.features = nn.Sequential(
+            ConvBlock(ndim, in_channels // 2, c1, 7, stride=2, leaky=leaky),
+            ConvBlock(ndim, c1, c2, 5, leaky=leaky),
+            ConvBlock(ndim, c2, c2, 3, leaky=leaky),
+        )
+        self.heatmaps = _conv(ndim)(c2, keypoints, 1)
+
+    def keypoints(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(moving, fixed)`` keypoints ``(B, K, ndim)`` from stacked features ``(B, 2*C, *s)``."""
+        moving, fixed = features.chunk(2, dim=1)
+        points = soft_centroids(self.heatmaps(self.features(torch.cat([moving, fixed], dim=0))).float())
+        return points.chunk(2, dim=0)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        moving_points, fixed_points = self.keypoints(features)
+        return fit_affine(fixed_points, moving_points, self.ridge).to(features.dtype)
 
 
 class FlowHead(nn.Module):

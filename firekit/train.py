@@ -47,12 +47,14 @@ __all__ = [
     "PairSource",
     "RUN_FILES",
     "make_optimizers",
+    "make_schedulers",
     "train_step",
     "train",
 ]
 
 # Files train() owns in a run folder; ``overwrite`` removes these and nothing else.
-RUN_FILES = ("checkpoint.pt", "model.pt", "model_best.pt", "config.yaml", "losses.csv", "validation.csv")
+RUN_FILES = ("checkpoint.pt", "model.pt", "model_ema.pt", "model_best.pt", "config.yaml", "losses.csv",
+             "validation.csv")
 
 # Settings a resumed run may change without leaving the path an uninterrupted run would take.
 _FREE_ON_RESUME = {"iterations", "val_every", "checkpoint_every", "amp", "amp_cpu", "sync_every", "loader_threads",
@@ -105,6 +107,14 @@ class TrainConfig(PlainConfig):
         affine_first_steps: the first this many steps train the affine subnets only (zero
             non-rigid flow), on images at half resolution (when that keeps the network's minimum
             size); not in the paper, 0 = off.
+        schedule: ``"constant"`` rates (the paper) or ``"cosine"``: a torch ``LambdaLR`` per
+            optimiser, linear warm-up over ``warmup_steps`` then a cosine from each rate down to
+            ``min_lr_fraction`` of it at ``iterations``.
+        min_lr_fraction: where the cosine schedule ends, as a fraction of each rate.
+        ema_decay: keep an exponential moving average of the weights
+            (``torch.optim.swa_utils.AveragedModel``) with this decay per step, saved as
+            ``model_ema.pt`` beside ``model.pt``; validation and ``model_best.pt`` then use it.
+            0 = off.
 
     The paper preset has every addition off (``aux_weight``, ``similarity_weight``,
     ``distill_weight``, ``affine_first_steps`` 0; the model's ``prealign`` ``"none"``,
@@ -135,6 +145,9 @@ class TrainConfig(PlainConfig):
     similarity: str = "mind"
     distill_weight: float = 0.0
     affine_first_steps: int = 0
+    schedule: str = "constant"
+    min_lr_fraction: float = 0.05
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         from .similarity import SIMILARITIES
@@ -144,6 +157,12 @@ class TrainConfig(PlainConfig):
             raise FirekitError(f"TrainConfig.betas needs 2 values, got {list(self.betas)}")
         if self.similarity not in SIMILARITIES:
             raise FirekitError(f"TrainConfig.similarity must be one of {sorted(SIMILARITIES)}, got {self.similarity!r}")
+        if self.schedule not in ("constant", "cosine"):
+            raise FirekitError(f"TrainConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise FirekitError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not 0.0 <= self.min_lr_fraction <= 1.0:
+            raise FirekitError(f"TrainConfig.min_lr_fraction must be in [0, 1], got {self.min_lr_fraction!r}")
         for name in ("aux_weight", "similarity_weight", "distill_weight"):
             if not getattr(self, name) >= 0:
                 raise FirekitError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -358,8 +377,9 @@ def train(
 
     Raises:
         FirekitError: a run-folder conflict, an unusable checkpoint, bad batches or a non-finite loss.
-        KeyboardInterrupt: after checkpointing the last completed step. Ctrl-C lets the running
-            step finish first; a second Ctrl-C stops at once, keeping the previous checkpoint.
+        KeyboardInterrupt: after checkpointing the last completed step. Ctrl-C or SIGTERM (``kill``;
+            a scheduler's end of job) lets the running step finish first; a second one stops at
+            once, keeping the previous checkpoint.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     source_ndim = getattr(source, "ndim", model.ndim)
@@ -384,9 +404,13 @@ def train(
     memory_format = _memory_format(model.ndim) if config.channels_last else None
     model.to(device=device, memory_format=memory_format or torch.preserve_format)
     optimizers = make_optimizers(model, config)
+    schedulers = make_schedulers(optimizers, config)
     state = _RunState()
     if resume:
         state = _resume(run_dir, model, optimizers, config, data, device)
+    average = _averaged_model(model, config)
+    _restore_extras(run_dir, state, schedulers, average)
+    scored = model if average is None else average.module  # what validation and model_best use
     net = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -417,7 +441,7 @@ def train(
 
     def save() -> None:
         state.seconds = seconds()
-        _save_run(run_dir, model, optimizers, config, data, extra, state, device)
+        _save_run(run_dir, model, optimizers, config, data, extra, state, device, schedulers, average)
 
     def kept() -> str:
         return f"; {run_dir / 'checkpoint.pt'} holds step {state.saved_step}" if state.saved_step else ""
@@ -475,7 +499,8 @@ def train(
                     if config.distill_weight:
                         distill_targets = _refinement_targets(x_a, x_b)
                     loss = train_step(
-                        net, optimizers, x_a, x_b, config.grad_clip, index, config.warmup_steps, autocast=use_amp,
+                        net, optimizers, x_a, x_b, config.grad_clip, index,
+                        0 if schedulers else config.warmup_steps, autocast=use_amp,
                         targets=targets, aux_weight=config.aux_weight, similarity=similarity,
                         similarity_weight=config.similarity_weight, distill_targets=distill_targets,
                         distill_weight=config.distill_weight, affine_only=affine_first,
@@ -489,6 +514,10 @@ def train(
                     if main and state.step > state.saved_step:
                         save()
                     raise FirekitError(f"step {index + 1}: {exc}{kept()}") from None
+                for scheduler in schedulers.values():
+                    scheduler.step()
+                if average is not None:
+                    average.update_parameters(model)
                 in_step = False
                 pending.append(_PendingStep(index + 1, loss, seconds()))
                 last = index + 1 == config.iterations
@@ -501,14 +530,14 @@ def train(
                 rows = read_back()
                 validated = validated and main
                 if validated:
-                    scores = _validate(model, validation, device)
+                    scores = _validate(scored, validation, device)
                     val_log.write({"step": state.step, **scores})
                     state.latest_dice = scores["dice_mean"]
                     if not math.isnan(scores["dice_mean"]) and (
                         state.best_val_dice is None or scores["dice_mean"] > state.best_val_dice
                     ):
                         state.best_val_dice, state.best_step = scores["dice_mean"], state.step
-                        model.save(run_dir / "model_best.pt", extra=_model_extra(config, data, extra, state))
+                        scored.save(run_dir / "model_best.pt", extra=_model_extra(config, data, extra, state))
                 if main and checkpointed:
                     save()
                 if callback is not None:
@@ -555,6 +584,54 @@ class _RunState:
     best_val_dice: float | None = None
     best_step: int | None = None
     latest_dice: float | None = None
+    saved: dict = dataclasses.field(default_factory=dict)  # the checkpoint's extra, when resumed
+
+
+def make_schedulers(optimizers: dict[str, torch.optim.Optimizer],
+                    config: TrainConfig) -> dict[str, torch.optim.lr_scheduler.LambdaLR]:
+    """One ``LambdaLR`` per optimiser for ``config.schedule="cosine"`` (none for ``"constant"``):
+    factor ``min(1, (k + 1) / warmup)`` times a cosine from 1 at step 0 to ``min_lr_fraction`` at
+    ``iterations`` for the k-th step (0-based)."""
+    if config.schedule == "constant":
+        return {}
+    warmup, total, floor = config.warmup_steps, config.iterations, config.min_lr_fraction
+
+    def factor(k: int) -> float:
+        ramp = min(1.0, (k + 1) / warmup) if warmup else 1.0
+        progress = min(1.0, k / max(1, total))
+        return ramp * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return {name: torch.optim.lr_scheduler.LambdaLR(optimizer, factor) for name, optimizer in optimizers.items()}
+
+
+def _averaged_model(model: Fire, config: TrainConfig):
+    """``AveragedModel`` of ``model`` with an EMA of decay ``config.ema_decay`` (None when 0)."""
+    if not config.ema_decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+
+
+def _restore_extras(run_dir: Path, state: _RunState, schedulers: dict, average) -> None:
+    """Put a resumed checkpoint's scheduler states and EMA weights back (a resume that turns
+    either on starts it from the checkpoint's weights)."""
+    saved = state.saved
+    for name, scheduler in schedulers.items():
+        if name in saved.get("schedulers", {}):
+            scheduler.load_state_dict(saved["schedulers"][name])
+        elif state.step:
+            scheduler.last_epoch = state.step - 1
+            scheduler.step()
+    if average is not None and "ema" in saved:
+        try:
+            average.module.load_state_dict(saved["ema"]["weights"])
+        except (RuntimeError, KeyError) as exc:
+            raise FirekitError(f"{run_dir / 'checkpoint.pt'}: EMA weights do not fit the model ({exc}); "
+                               "pass --overwrite to start again") from None
+        average.n_averaged.fill_(int(saved["ema"].get("count", 1)))
+    elif average is not None and state.step:
+        average.n_averaged.fill_(1)  # EMA turned on at resume: start it from the resumed weights
 
 
 def _due(step: int, every: int) -> bool:
@@ -603,19 +680,25 @@ def _read_losses(pending: list[_PendingStep], world: int) -> list[dict[str, floa
 
 
 class _HeldInterrupt:
-    """Hold the first Ctrl-C until the running step ends, so no checkpoint holds half a step.
+    """Hold the first Ctrl-C (SIGINT) or SIGTERM until the running step ends, so no checkpoint holds
+    half a step. SIGTERM is what ``kill``, ``timeout`` and batch schedulers (SLURM at the end of a
+    job's time) send, and the only one a detached run hears: a shell starts background jobs with
+    SIGINT ignored, and an ignored signal stays ignored.
 
-    Python delivers SIGINT to the main thread only; elsewhere this does nothing.
+    Python delivers signals to the main thread only; elsewhere this does nothing.
     """
+
+    _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self) -> "_HeldInterrupt":
         self.pending = False
-        self._previous = None
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
-            if previous not in (signal.SIG_IGN, None):
-                self._previous = previous
-                signal.signal(signal.SIGINT, self._handle)
+            for number in self._SIGNALS:
+                previous = signal.getsignal(number)
+                if previous not in (signal.SIG_IGN, None):
+                    self._previous[number] = previous
+                    signal.signal(number, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -624,8 +707,8 @@ class _HeldInterrupt:
         self.pending = True
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
 
 
 # ------------------------------------------------------------------------------------ run folder
@@ -729,9 +812,17 @@ def _save_run(
     extra: dict,
     state: _RunState,
     device: torch.device,
+    schedulers: dict | None = None,
+    average=None,
 ) -> None:
-    """Write model.pt, then checkpoint.pt (each atomically) for ``state.step``."""
+    """Write model.pt (and model_ema.pt), then checkpoint.pt (each atomically) for ``state.step``."""
     model.save(run_dir / "model.pt", extra=_model_extra(config, data, extra, state))
+    more = {}
+    if schedulers:
+        more["schedulers"] = {name: scheduler.state_dict() for name, scheduler in schedulers.items()}
+    if average is not None:
+        average.module.save(run_dir / "model_ema.pt", extra={**_model_extra(config, data, extra, state), "ema": True})
+        more["ema"] = {"weights": average.module.state_dict(), "count": int(average.n_averaged)}
     rng = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
@@ -748,6 +839,7 @@ def _save_run(
             "best_val_dice": state.best_val_dice,
             "best_step": state.best_step,
             "latest_dice": state.latest_dice,
+            **more,
         },
     )
     state.saved_step = state.step
@@ -812,7 +904,7 @@ def _resume(
     return _RunState(
         step=step, saved_step=step, seconds=float(saved.get("seconds", 0.0)), losses=dict(saved.get("losses", {})),
         best_val_dice=saved.get("best_val_dice"), best_step=saved.get("best_step"),
-        latest_dice=saved.get("latest_dice"),
+        latest_dice=saved.get("latest_dice"), saved=saved,
     )
 
 

@@ -13,7 +13,7 @@ from .data import DEFAULT_SPACING, PairDataset, find_pairs, load_subject
 from .errors import FirekitError
 from .model import Fire, FireConfig
 
-__all__ = ["build_dataset", "train_on_files", "register_files", "SHIPPED_RECIPE"]
+__all__ = ["build_dataset", "train_on_files", "register_files", "SHIPPED_RECIPE", "RECIPES"]
 
 # How the shipped 2D model was trained (bench/training.md): moments pre-alignment, the auxiliary
 # loss on the augmentation's known transform at a weight where it leads, a curriculum, and
@@ -21,6 +21,26 @@ __all__ = ["build_dataset", "train_on_files", "register_files", "SHIPPED_RECIPE"
 # Dice peaked early and fell as the curriculum reached full strength).
 SHIPPED_RECIPE = dict(preset="small", prealign="moments", aux_weight=1000.0, curriculum_steps=300,
                       lr_affine=3e-4, lr_nonrigid=3e-4)
+
+# Named recipes for long training (``firekit train --recipe NAME``; flags given beside it win).
+# bench/training.md measures why each setting is there.
+RECIPES: dict[str, dict] = {
+    # 2D, coarse stage: keypoint T_af, the paper's nine terms plus the auxiliary loss on the
+    # augmentation's known transform at full strength from the first step, one rate for the
+    # three optimisers on a cosine schedule, an EMA of the weights, batch 4, 2.56 mm.
+    "learn2d": dict(preset="small", affine_pooling="keypoints", aux_weight=1000.0, lr_affine=1e-3,
+                    lr_nonrigid=1e-3, lr_synthesis=1e-3, schedule="cosine", warmup_steps=500, ema_decay=0.999,
+                    batch_size=4, spacing=2.56, iterations=20_000, val_every=500, checkpoint_every=250),
+    # 2D, fine stage: the same at 1.28 mm, started from the coarse stage's EMA weights (--init).
+    "learn2d-fine": dict(preset="small", affine_pooling="keypoints", aux_weight=1000.0, lr_affine=3e-4,
+                         lr_nonrigid=3e-4, lr_synthesis=3e-4, schedule="cosine", warmup_steps=100,
+                         ema_decay=0.999, batch_size=4, spacing=1.28, iterations=4_000, val_every=500,
+                         checkpoint_every=250),
+    # 3D, the same recipe on volumes at 2.56 mm, batch 2 (plan it for a GPU: bench/gpu_train.py).
+    "learn3d": dict(preset="small", affine_pooling="keypoints", aux_weight=1000.0, lr_affine=1e-3,
+                    lr_nonrigid=1e-3, lr_synthesis=1e-3, schedule="cosine", warmup_steps=500, ema_decay=0.999,
+                    batch_size=2, spacing=2.56, iterations=20_000, val_every=500, checkpoint_every=250),
+}
 
 
 def build_dataset(
@@ -84,14 +104,17 @@ def train_on_files(
     curriculum_steps: int = 0,
     prealign: str = "none",
     residual_bound: float = 0.0,
+    affine_pooling: str = "mean",
+    init: str | os.PathLike | None = None,
     callback=None,
     **train_options,
 ):
     """Train a FIRE model on subjects matched from globs; writes the run folder (see ``train``).
 
     Validation uses the ``val_*`` globs when given, else fixed augmented pairs of the training
-    subjects (only when labels are given). ``prealign`` and ``residual_bound`` go to the model (:class:`FireConfig`),
-    ``train_options`` to :class:`TrainConfig`; ``callback`` to ``train`` (e.g. a ``viz.LossPlot``).
+    subjects (only when labels are given). ``prealign``, ``residual_bound`` and ``affine_pooling`` go to the
+    model (:class:`FireConfig`), ``train_options`` to :class:`TrainConfig`; ``callback`` to ``train`` (e.g. a
+    ``viz.LossPlot``). ``init``: a model.pt whose weights the new model starts from (e.g. a coarser stage).
     """
     dataset = build_dataset(a, b, labels, ndim, spacing, seed, augment, progress=progress,
                             curriculum_steps=curriculum_steps)
@@ -109,16 +132,17 @@ def train_on_files(
         validation = None
     return _train_new_model(
         dataset, out, preset, ndim, seed, iterations, batch_size, train_options,
-        dict(prealign=prealign, residual_bound=residual_bound), validation,
-        {"modalities": {"a": a, "b": b}, "spacing": spacing},
+        dict(prealign=prealign, residual_bound=residual_bound, affine_pooling=affine_pooling), validation,
+        {"modalities": {"a": a, "b": b}, "spacing": spacing}, init=init,
         resume=resume, overwrite=overwrite, device=device, progress=progress, callback=callback,
     )
 
 
 def _train_new_model(source, out, preset: str, ndim: int, seed: int, iterations: int, batch_size: int,
-                     train_options: dict, model_options: dict, validation, extra: dict, **run):
-    """A new ``preset`` model, its weights initialised from ``seed``, trained on ``source``
-    (``run``: :func:`firekit.train.train`'s resume, overwrite, device, progress, callback)."""
+                     train_options: dict, model_options: dict, validation, extra: dict, init=None, **run):
+    """A new ``preset`` model, its weights initialised from ``seed`` (or copied from the model file
+    ``init``), trained on ``source`` (``run``: :func:`firekit.train.train`'s resume, overwrite,
+    device, progress, callback)."""
     import torch
 
     from .train import TrainConfig, train
@@ -126,7 +150,24 @@ def _train_new_model(source, out, preset: str, ndim: int, seed: int, iterations:
     config = TrainConfig.from_preset(preset, iterations=iterations, batch_size=batch_size, seed=seed, **train_options)
     torch.manual_seed(seed)  # the weights' initialisation is part of the run's seed
     model = Fire(FireConfig.from_preset(preset, ndim=ndim, **model_options))
+    if init is not None and not run.get("resume"):
+        _start_from(model, init)
+        extra = {**extra, "init": str(init)}
     return train(model, source, config, out, validation=validation, extra=extra, **run)
+
+
+def _start_from(model: Fire, path) -> None:
+    """Copy the weights of the model file ``path`` into ``model``; one line when they do not fit."""
+    from .model import load_checkpoint
+
+    source, _ = load_checkpoint(path)
+    ours = {k: v for k, v in model.config.to_dict().items() if k != "preset"}
+    theirs = {k: v for k, v in source.config.to_dict().items() if k != "preset"}
+    differ = sorted(k for k in ours if ours[k] != theirs.get(k))
+    if differ:
+        raise FirekitError(f"{path}: --init model differs from the one to train ({', '.join(differ)}); "
+                           "train with the same model options")
+    model.load_state_dict(source.state_dict())
 
 
 def load_cine_series(pattern: str, flag: str = "--cine") -> tuple[list, list[dict], list[str]]:

@@ -131,3 +131,24 @@ def test_sigkill_at_random_moments_then_resume_matches_an_uninterrupted_run(data
         ours, theirs = weights(run / name), weights(straight / name)
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
+def test_sigterm_stops_a_detached_run_at_a_step_with_a_checkpoint_and_it_resumes(data, straight, tmp_path):
+    """A run started in the background (SIGINT ignored, as a shell does) stops on SIGTERM (``kill``,
+    a scheduler's end of job) after its running step, checkpointed; the resume ends as the straight run."""
+    run = tmp_path / "run"
+    process = subprocess.Popen(train_command(data, run), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV,
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline and rows_written(run / "losses.csv") < 2:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0
+    step = check_run_folder(run)
+    assert 2 <= step < ITERATIONS, f"stopped at {step}"
+    assert rows_written(run / "losses.csv") == step  # nothing logged past the checkpoint
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    result = subprocess.run(train_command(data, run, "--resume"), capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert losses(run / "losses.csv") == losses(straight / "losses.csv")
