@@ -23,6 +23,22 @@ STAGES = {"before": "unaligned", "affine_only": "FIRE affine", "network": "FIRE 
 ANTS_REFERENCE = {"unaligned": 0.371, "ANTs Affine": 0.536, "ANTs SyN": 0.688, "ANTs SyNRA": 0.693}
 
 
+def _ants_syn_labels(pair: dict) -> np.ndarray | None:
+    """The moving labels warped onto the fixed grid by ANTs ``SyN`` (antspyx, when installed), or None."""
+    import os
+
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")  # repeatable (FINDINGS.md)
+    try:
+        import ants
+    except ImportError:
+        return None
+    fixed, moving = ants.image_read(pair["fixed"]), ants.image_read(pair["moving"])
+    transform = ants.registration(fixed, moving, "SyN", random_seed=0)["fwdtransforms"]
+    labels = ants.apply_transforms(fixed, ants.image_read(pair["moving_labels"]), transform,
+                                   interpolator="nearestNeighbor")
+    return labels.numpy().astype(np.int64)
+
+
 def _mean_dice(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
     return metrics.dice(torch.as_tensor(a), torch.as_tensor(b), labels=list(LABEL_NAMES))
 
@@ -41,7 +57,10 @@ def _figure(result, synthesised, path: Path, title: str) -> None:
         synthesised=synthesised,
         titles=("moving (T2-like)", "fixed (T1)", "warped moving"),
     )
+    # The title gets a band of its own above the panels' titles (drawn over them before).
+    fig.set_figheight(fig.get_figheight() + 0.35)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     fig.savefig(path, dpi=80)
     plt.close(fig)
 
@@ -69,6 +88,9 @@ def _register_pairs(model, records: list[dict], out: Path) -> tuple[list[dict], 
             other = register(None if stage == "refine_only" else model, pair["moving"], pair["fixed"], "b2a",
                              **options)
             scores[stage] = _mean_dice(other.apply(moving_labels).data, fixed_labels)
+        syn = _ants_syn_labels(pair)
+        if syn is not None:
+            scores["ants_syn"] = _mean_dice(syn, fixed_labels)
         before, after = scores["before"], scores["refined"]
         folding = float((result.jacobian_determinant() <= 0).mean() * 100)
         rows.append({"pair": f"{pair['subject']}/{pair_dir.name}", **scores, "folding_percent": folding})
@@ -130,8 +152,9 @@ def run_demo(
             records += make_test_pairs(subject, out / "pairs" / subject.name, count, ndim=2, moving="T2",
                                        fixed="T1", seed=seed + len(records))
     rows, seconds = _register_pairs(model, records, out)
+    stages = {**STAGES, **({"ants_syn": "ANTs SyN (same pairs)"} if all("ants_syn" in r for r in rows) else {})}
     summary = {key: {name: float(np.mean([r[key][label] for r in rows])) for label, name in LABEL_NAMES.items()}
-               for key in STAGES}
+               for key in stages}
     for key in summary:
         summary[key]["mean"] = float(np.mean(list(summary[key].values())))
     summary["folding_percent"] = float(np.mean([r["folding_percent"] for r in rows]))
@@ -142,14 +165,18 @@ def run_demo(
         writer = csv.writer(handle)
         writer.writerow(["pair", "stage", *LABEL_NAMES.values(), "mean"])
         for r in rows:
-            for stage in STAGES:
+            for stage in stages:
                 values = [r[stage][k] for k in LABEL_NAMES]
                 writer.writerow([r["pair"], stage, *[f"{v:.4f}" for v in values], f"{np.mean(values):.4f}"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     lines = [f"firekit demo: {len(rows)} held-out 2D pairs (T2-like moving -> T1 fixed), {model_name}",
              f"{'':<22}" + "".join(f"{n:>8}" for n in [*LABEL_NAMES.values(), "mean"])]
-    for key, label in STAGES.items():
+    for key, label in stages.items():
         lines.append(f"{label:<22}" + "".join(f"{summary[key][n]:8.3f}" for n in [*LABEL_NAMES.values(), "mean"]))
+    if "ants_syn" in stages:
+        network, syn = summary["network"]["mean"], summary["ants_syn"]["mean"]
+        lines.append(f"the network alone beside ANTs SyN on these pairs: {network:.3f} vs {syn:.3f} mean Dice "
+                     f"({network - syn:+.3f})")
     lines.append(f"FIRE + refinement (the files written): |J| <= 0 {summary['folding_percent']:.3f} %, "
                  f"median {summary['seconds_per_pair']:.2f} s per pair")
     lines.append("for reference, bench/results.md (make bench) on 40 pairs of these subjects: "
