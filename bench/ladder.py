@@ -51,8 +51,8 @@ RUNS: dict[str, dict] = {
     "affine_keypoints": dict(steps=400, loss="aux", augment="affine", affine_only=True, pooling="keypoints"),
     "nonrigid": dict(steps=400, loss="aux", augment="elastic"),
     "synthesis": dict(steps=400, loss="synthesis", augment="none"),
-    "full_gap": dict(steps=600, loss="full"),
-    "full_keypoints": dict(steps=600, loss="full", pooling="keypoints"),
+    "full_gap": dict(steps=300, loss="full"),
+    "full_keypoints": dict(steps=300, loss="full", pooling="keypoints"),
 }
 FIELDS = ["step", "epe_px", "start_px", "dice", "ssim", "loss", "seconds"]
 
@@ -185,22 +185,27 @@ def plot(out: Path, png: Path) -> None:
 
     figure = Figure(figsize=(15, 4.2))
     axes = figure.subplots(1, 3)
-    for name in RUNS:
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"]
+    for index, name in enumerate(RUNS):
         path = out / f"{name}.csv"
         if not path.is_file():
             continue
         rows = read(path)
         steps = [r["step"] for r in rows]
+        style = dict(label=name, color=colours(index % 20), linestyle="--" if "gap" in name else "-")
         if RUNS[name]["loss"] != "synthesis":
-            axes[0].plot(steps, [r["epe_px"] for r in rows], label=name)
-            axes[1].plot(steps, [r["dice"] for r in rows], label=name)
-        axes[2].plot(steps, [r["ssim"] for r in rows], label=name)
+            axes[0].plot(steps, [r["epe_px"] for r in rows], **style)
+            axes[1].plot(steps, [r["dice"] for r in rows], **style)
+        axes[2].plot(steps, [r["ssim"] for r in rows], **style)
     for axis, title in zip(axes, ("RMS end-point error (2.56 mm voxels)", "mean Dice A->B", "synthesis SSIM")):
         axis.set_title(title)
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
     axes[0].set_yscale("log")
-    axes[0].legend(fontsize=7)
+    handles = {label: handle for axis in axes for handle, label in zip(*axis.get_legend_handles_labels())}
+    axes[2].legend(handles.values(), handles.keys(), fontsize=7, loc="upper left")
     figure.tight_layout()
     figure.savefig(png, dpi=90)
 

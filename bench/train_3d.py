@@ -3,7 +3,7 @@
     python bench/train_3d.py [--data data/demo] [--iterations 100] [--out bench/runs/fire3d]
                              [--spacing 2.56] [--ship]
 
-The shipped 2D recipe (``workflows.SHIPPED_RECIPE``: small preset, moments pre-alignment, auxiliary
+The moments recipe (``workflows.MOMENTS_RECIPE``, the 2D model's before issue 18: small preset, moments pre-alignment, auxiliary
 loss on the augmentation's known transform, curriculum, low learning rates) on 3D T2-like <-> T1
 volumes of the training subjects, at ``--spacing`` mm (2.56 mm: a 64x80x64 grid; one step costs
 40-70 s on one CPU thread at this size; at the full 1.28 mm it would cost ~8x that). Validation on
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from firekit.braindata import build_demo_dataset
 from firekit.model import load_checkpoint
-from firekit.workflows import SHIPPED_RECIPE, train_on_files
+from firekit.workflows import MOMENTS_RECIPE, train_on_files
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "firekit" / "weights" / "fire3d_t1_t2like_small.pt"
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             iterations=args.iterations, val_a=glob("val", "T1"), val_b=glob("val", "T2"),
             val_labels=glob("val", "labels"), val_pairs=4, spacing=args.spacing, resume=args.resume,
             overwrite=not args.resume, val_every=args.val_every, checkpoint_every=args.val_every,
-            progress=False, **SHIPPED_RECIPE,
+            progress=False, **MOMENTS_RECIPE,
         )
         print(f"trained {args.iterations} steps in {time.perf_counter() - start:.0f} s")
     if args.ship or args.ship_only:
@@ -65,7 +65,7 @@ def ship(run: Path) -> None:
     model, extra = load_checkpoint(run / "model_best.pt")
     with open(run / "losses.csv") as handle:
         seconds = {int(row["step"]): float(row["seconds"]) for row in csv.DictReader(handle)}
-    extra = {**extra, "recipe": {**SHIPPED_RECIPE, "kept": "model_best.pt (best validation Dice)"},
+    extra = {**extra, "recipe": {**MOMENTS_RECIPE, "kept": "model_best.pt (best validation Dice)"},
              "trained_by": f"python bench/train_3d.py (demo data, seed 0, 1 CPU thread; run {run.name})",
              "train_seconds": seconds.get(extra.get("step"))}
     model.save(WEIGHTS, extra=extra)

@@ -49,6 +49,10 @@ FIREKIT = {  # row -> register() options
     "firekit network + refinement": dict(network=True, refine="auto"),
     "firekit network + refinement, symmetric": dict(network=True, refine="auto", symmetric=True),
     "firekit refinement alone": dict(network=False, refine="auto"),
+    # Does the network earn its place in front of refinement? Half the preset's 2D steps (40 + 20
+    # affine, 60 + 40 non-rigid) from each start.
+    "firekit network + refinement, 20 steps/level": dict(network=True, refine=20),
+    "firekit refinement alone, 20 steps/level": dict(network=False, refine=20),
 }
 ANTS = {"ANTs Affine (Mattes MI)": "Affine", "ANTs SyN": "SyN", "ANTs SyNRA": "SyNRA"}
 REFERENCE = ("unaligned", "oracle (true mapping)")

@@ -33,7 +33,10 @@ def _ants_syn_labels(pair: dict) -> np.ndarray | None:
     except ImportError:
         return None
     fixed, moving = ants.image_read(pair["fixed"]), ants.image_read(pair["moving"])
-    transform = ants.registration(fixed, moving, "SyN", random_seed=0)["fwdtransforms"]
+    try:
+        transform = ants.registration(fixed, moving, "SyN", random_seed=0)["fwdtransforms"]
+    except RuntimeError:  # e.g. an image too small for SyN's default pyramid: the row is left out
+        return None
     labels = ants.apply_transforms(fixed, ants.image_read(pair["moving_labels"]), transform,
                                    interpolator="nearestNeighbor")
     return labels.numpy().astype(np.int64)

@@ -13,13 +13,11 @@ from .data import DEFAULT_SPACING, PairDataset, find_pairs, load_subject
 from .errors import FirekitError
 from .model import Fire, FireConfig
 
-__all__ = ["build_dataset", "train_on_files", "register_files", "SHIPPED_RECIPE", "RECIPES"]
+__all__ = ["build_dataset", "train_on_files", "register_files", "SHIPPED_RECIPE", "RECIPES", "MOMENTS_RECIPE"]
 
-# How the shipped 2D model was trained (bench/training.md): moments pre-alignment, the auxiliary
-# loss on the augmentation's known transform at a weight where it leads, a curriculum, and
-# learning rates small enough for a residual; the best validation checkpoint is kept (validation
-# Dice peaked early and fell as the curriculum reached full strength).
-SHIPPED_RECIPE = dict(preset="small", prealign="moments", aux_weight=1000.0, curriculum_steps=300,
+# The recipe of the shipped 3D model and of the 2D model shipped before issue 18 (bench/training.md):
+# moments pre-alignment, the auxiliary loss, a curriculum, small rates, the best checkpoint kept.
+MOMENTS_RECIPE = dict(preset="small", prealign="moments", aux_weight=1000.0, curriculum_steps=300,
                       lr_affine=3e-4, lr_nonrigid=3e-4)
 
 # Named recipes for long training (``firekit train --recipe NAME``; flags given beside it win).
@@ -41,6 +39,12 @@ RECIPES: dict[str, dict] = {
                     lr_nonrigid=1e-3, lr_synthesis=1e-3, schedule="cosine", warmup_steps=500, ema_decay=0.999,
                     batch_size=2, spacing=2.56, iterations=20_000, val_every=500, checkpoint_every=250),
 }
+
+# What ``firekit demo --train`` and notebook 04 run: the learn2d recipe (the shipped 2D model's) on a
+# budget of a few hundred steps (a shorter warm-up, a faster EMA); length and logging are the caller's.
+SHIPPED_RECIPE = {**{k: v for k, v in RECIPES["learn2d"].items() if k not in ("iterations", "val_every",
+                                                                            "checkpoint_every")},
+                  "warmup_steps": 50, "ema_decay": 0.99}
 
 
 def build_dataset(

@@ -186,7 +186,8 @@ def test_demo_train_retrains_with_the_shipped_recipe(workspace):
     result = run("demo", "--data", data, "--out", out, "--pairs", 1, "--train", "--iterations", 2)
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load((out / "train" / "config.yaml").read_text())
-    assert config["model"]["prealign"] == "moments" and config["train"]["aux_weight"] == 1000.0
+    assert config["model"]["affine_pooling"] == "keypoints" and config["train"]["aux_weight"] == 1000.0
+    assert config["train"]["schedule"] == "cosine" and config["train"]["ema_decay"] > 0
     assert json.loads((out / "summary.json").read_text())["model"].startswith(str(out / "train" / "model"))
 
 

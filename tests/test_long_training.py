@@ -292,3 +292,12 @@ def test_grad_cam_explains_the_keypoint_affine_head():
     cam = grad_cam(model, batch["x_a"], batch["x_b"], "affine")
     assert cam.shape == (2, 48, 48) and torch.isfinite(cam).all()
     assert float(cam.amax()) == pytest.approx(1.0)  # something pushes the affine: a map, not zeros
+
+
+def test_the_paper_preset_stays_the_papers():
+    paper = TrainConfig.from_preset("paper")
+    assert (paper.schedule, paper.ema_decay, paper.aux_weight) == ("constant", 0.0, 0.0)
+    assert (paper.lr_affine, paper.lr_nonrigid, paper.lr_synthesis) == (1e-5, 5e-5, 1e-4)
+    assert FireConfig.from_preset("paper").affine_pooling == "mean"
+    model = Fire(FireConfig.from_preset("paper", 2))
+    assert type(model.transform_ab.affine).__name__ == "AffineHead"
