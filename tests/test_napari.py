@@ -190,8 +190,13 @@ def test_synthesis_and_grad_cam_widgets_add_their_layers(make_napari_viewer, qtb
     synthesis.run()
     _wait(qtbot, synthesis)
     synthesised = viewer.layers["synthesised A from moving T2-like (subject 1)"]
-    assert synthesised.data.shape == viewer.layers["fixed T1 (subject 0)"].data.shape  # 1.28 mm, as the sample
-    assert viewer.layers["G(moving T2-like (subject 1)) channel 3"].data.shape == (32, 40)
+    # On the model's own grid (the shipped 2D model runs at 2.56 mm), over the sample's field of view
+    sample = viewer.layers["fixed T1 (subject 0)"]
+    extent = np.array(synthesised.data.shape) * np.abs(np.diag(synthesised.affine.affine_matrix)[:2])
+    sample_extent = np.array(sample.data.shape) * np.abs(np.diag(sample.affine.affine_matrix)[:2])
+    np.testing.assert_allclose(extent, sample_extent, atol=2 * np.abs(synthesised.affine.affine_matrix[0, 0]))
+    feature_shape = viewer.layers["G(moving T2-like (subject 1)) channel 3"].data.shape
+    assert feature_shape == tuple(s // 4 for s in synthesised.data.shape)
     assert viewer.layers["G(moving T2-like (subject 1)) principal components"].rgb
     _, cam = viewer.window.add_plugin_dock_widget("firekit", "Grad-CAM")
     cam.component.value = "affine"
