@@ -32,14 +32,20 @@ def _ants_syn_labels(pair: dict) -> np.ndarray | None:
         import ants
     except ImportError:
         return None
-    fixed, moving = ants.image_read(pair["fixed"]), ants.image_read(pair["moving"])
+    def read(path):  # a 2D slice is stored with a singleton third axis: ANTs must see it as 2D
+        image = ants.image_read(str(path))
+        if image.dimension == 3 and image.shape[2] == 1:
+            image = ants.from_numpy(image.numpy()[:, :, 0], origin=image.origin[:2], spacing=image.spacing[:2],
+                                    direction=image.direction[:2, :2])
+        return image
+
+    fixed, moving = read(pair["fixed"]), read(pair["moving"])
     try:
         transform = ants.registration(fixed, moving, "SyN", random_seed=0)["fwdtransforms"]
     except RuntimeError:  # e.g. an image too small for SyN's default pyramid: the row is left out
         return None
-    labels = ants.apply_transforms(fixed, ants.image_read(pair["moving_labels"]), transform,
-                                   interpolator="nearestNeighbor")
-    return labels.numpy().astype(np.int64)
+    labels = ants.apply_transforms(fixed, read(pair["moving_labels"]), transform, interpolator="nearestNeighbor")
+    return labels.numpy().astype(np.int64).reshape(io.load_labels(pair["fixed_labels"]).data.shape)
 
 
 def _mean_dice(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
