@@ -31,9 +31,7 @@ CONFIGS = {"2d": dict(recipe="learn2d", ndim=2), "3d": dict(recipe="learn3d", nd
 
 
 def _settings(recipe: str, **overrides) -> dict:
-    settings = {k: v for k, v in RECIPES[recipe].items()}
-    settings.update(overrides)
-    return settings
+    return {**RECIPES[recipe], **overrides}
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -44,10 +42,11 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _last_seconds(run: Path) -> tuple[int, float]:
+def _step_seconds(run: Path) -> tuple[int, float, float]:
+    """(last step, seconds at the first step, seconds at the last step) of a run's losses.csv."""
     with open(run / "losses.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    return int(rows[-1]["step"]), float(rows[-1]["seconds"])
+    return int(rows[-1]["step"]), float(rows[0]["seconds"]), float(rows[-1]["seconds"])
 
 
 def train_for(data: Path, out: Path, name: str, minutes: float, device: str, probe_steps: int) -> dict:
@@ -61,8 +60,8 @@ def train_for(data: Path, out: Path, name: str, minutes: float, device: str, pro
     settings = _settings(config["recipe"], iterations=probe_steps, val_every=0, checkpoint_every=0,
                          warmup_steps=1)
     train_on_files(globs["T1"], globs["T2"], probe, **common, **settings)
-    steps, seconds = _last_seconds(probe)
-    rate = max(steps - 1, 1) / max(seconds - _first_step_seconds(probe), 1e-6)  # the first step compiles/warms up
+    steps, first, last = _step_seconds(probe)
+    rate = max(steps - 1, 1) / max(last - first, 1e-6)  # the first step compiles/warms up
     shutil.rmtree(probe, ignore_errors=True)
     iterations = max(2, int(rate * minutes * 60))
     every = max(1, iterations // 8)
@@ -81,11 +80,6 @@ def train_for(data: Path, out: Path, name: str, minutes: float, device: str, pro
         "projected_hours_144k": PAPER_STEPS / (iterations / result.seconds) / 3600,
         "best_val_dice": result.best_val_dice, "best_step": result.best_step,
     }
-
-
-def _first_step_seconds(run: Path) -> float:
-    with open(run / "losses.csv", newline="") as handle:
-        return float(next(csv.DictReader(handle))["seconds"])
 
 
 def main(argv=None) -> int:

@@ -23,8 +23,9 @@ STAGES = {"before": "unaligned", "affine_only": "FIRE affine", "network": "FIRE 
 ANTS_REFERENCE = {"unaligned": 0.371, "ANTs Affine": 0.536, "ANTs SyN": 0.688, "ANTs SyNRA": 0.693}
 
 
-def _ants_syn_labels(pair: dict) -> np.ndarray | None:
-    """The moving labels warped onto the fixed grid by ANTs ``SyN`` (antspyx, when installed), or None."""
+def _ants_syn_labels(pair: dict, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The moving labels warped onto the fixed grid (array ``shape``) by ANTs ``SyN`` (antspyx, when
+    installed), or None."""
     import os
 
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")  # repeatable (FINDINGS.md)
@@ -32,6 +33,7 @@ def _ants_syn_labels(pair: dict) -> np.ndarray | None:
         import ants
     except ImportError:
         return None
+
     def read(path):  # a 2D slice is stored with a singleton third axis: ANTs must see it as 2D
         image = ants.image_read(str(path))
         if image.dimension == 3 and image.shape[2] == 1:
@@ -45,7 +47,7 @@ def _ants_syn_labels(pair: dict) -> np.ndarray | None:
     except RuntimeError:  # e.g. an image too small for SyN's default pyramid: the row is left out
         return None
     labels = ants.apply_transforms(fixed, read(pair["moving_labels"]), transform, interpolator="nearestNeighbor")
-    return labels.numpy().astype(np.int64).reshape(io.load_labels(pair["fixed_labels"]).data.shape)
+    return labels.numpy().astype(np.int64).reshape(shape)
 
 
 def _mean_dice(a: np.ndarray, b: np.ndarray) -> dict[int, float]:
@@ -97,7 +99,7 @@ def _register_pairs(model, records: list[dict], out: Path) -> tuple[list[dict], 
             other = register(None if stage == "refine_only" else model, pair["moving"], pair["fixed"], "b2a",
                              **options)
             scores[stage] = _mean_dice(other.apply(moving_labels).data, fixed_labels)
-        syn = _ants_syn_labels(pair)
+        syn = _ants_syn_labels(pair, fixed_labels.shape)
         if syn is not None:
             scores["ants_syn"] = _mean_dice(syn, fixed_labels)
         before, after = scores["before"], scores["refined"]

@@ -94,6 +94,13 @@ class FireConfig(PlainConfig):
         return cls(**{**PRESETS[name], "ndim": ndim, "preset": name, **overrides})
 
 
+def architecture_differences(ours: "FireConfig", theirs: "FireConfig") -> list[str]:
+    """The config fields (the ``preset`` name aside) where two models differ, sorted."""
+    a = {k: v for k, v in ours.to_dict().items() if k != "preset"}
+    b = {k: v for k, v in theirs.to_dict().items() if k != "preset"}
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
 PREALIGN = ("none", "moments")
 AFFINE_POOLING = ("mean", "moments", "keypoints")
 

@@ -38,7 +38,7 @@ from ._atomic import atomic_write_text
 from ._config import PlainConfig
 from .errors import FirekitError
 from .losses import FireLoss, fire_loss, transform_supervision
-from .model import Fire, load_checkpoint
+from .model import Fire, architecture_differences, load_checkpoint
 
 __all__ = [
     "TrainConfig",
@@ -861,10 +861,9 @@ def _resume(
         raise FirekitError(
             f"{path}: not a training checkpoint (no {', '.join(missing)}); pass --overwrite to start again"
         )
-    ours = {k: v for k, v in model.config.to_dict().items() if k != "preset"}
-    theirs = {k: v for k, v in saved_model.config.to_dict().items() if k != "preset"}
-    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    differ = architecture_differences(model.config, saved_model.config)
     if differ:
+        ours, theirs = model.config.to_dict(), saved_model.config.to_dict()
         changes = ", ".join(f"{k}: {theirs.get(k)} saved, {ours.get(k)} given" for k in differ)
         raise FirekitError(
             f"{path} holds a different model ({changes}); build it from {run_dir / 'config.yaml'} or pass --overwrite"

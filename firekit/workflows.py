@@ -162,12 +162,10 @@ def _train_new_model(source, out, preset: str, ndim: int, seed: int, iterations:
 
 def _start_from(model: Fire, path) -> None:
     """Copy the weights of the model file ``path`` into ``model``; one line when they do not fit."""
-    from .model import load_checkpoint
+    from .model import architecture_differences, load_checkpoint
 
     source, _ = load_checkpoint(path)
-    ours = {k: v for k, v in model.config.to_dict().items() if k != "preset"}
-    theirs = {k: v for k, v in source.config.to_dict().items() if k != "preset"}
-    differ = sorted(k for k in ours if ours[k] != theirs.get(k))
+    differ = architecture_differences(model.config, source.config)
     if differ:
         raise FirekitError(f"{path}: --init model differs from the one to train ({', '.join(differ)}); "
                            "train with the same model options")
