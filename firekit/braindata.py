@@ -197,10 +197,15 @@ def template_volumes(spacing: float = 1.28, shape: Sequence[int] = (128, 160, 12
     return _template(*_check_grid(spacing, shape))
 
 
-def _contrasts(maps: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Noise-free contrasts from maps ``(1, 5, *S)`` = (T1, CSF, GM, WM, head) -> name: ``(1, 1, *S)``."""
+# Contrasts the dataset does not store, for held-out tests (bench/gross_failures.py): PD-like.
+EXTRA_MIXES = {"PD": (0.90, 0.75, 0.60, 0.6)}
+
+
+def _contrasts(maps: torch.Tensor, extra: dict | None = None) -> dict[str, torch.Tensor]:
+    """Noise-free contrasts from maps ``(1, 5, *S)`` = (T1, CSF, GM, WM, head) -> name: ``(1, 1, *S)``;
+    ``extra``: more name -> (CSF, GM, WM, head) weights, after the stored ones."""
     out = {"T1": maps[:, 0:1]}
-    for name, weights in _MIX.items():
+    for name, weights in {**_MIX, **(extra or {})}.items():
         w = torch.tensor(weights, dtype=maps.dtype).reshape(1, 4, 1, 1, 1)
         out[name] = (maps[:, 1:5] * w).sum(1, keepdim=True)
     return out
@@ -229,15 +234,17 @@ def _bias_and_noise(image: torch.Tensor, spacing: float, generator: torch.Genera
     return torch.sqrt((biased + noise[0]) ** 2 + noise[1] ** 2)
 
 
-def _subject(template: Template, spacing: float, seed: int, index: int) -> dict[str, np.ndarray]:
-    """Arrays of one subject: contrasts (int16), labels (uint8), to_template (X, Y, Z, 1, 3) float32."""
+def _subject(template: Template, spacing: float, seed: int, index: int,
+             extra: dict | None = None) -> dict[str, np.ndarray]:
+    """Arrays of one subject: contrasts (int16), labels (uint8), to_template (X, Y, Z, 1, 3) float32.
+    ``extra`` contrasts (see :func:`_contrasts`) draw their noise after the stored ones, which are unchanged."""
     generator = subject_generator(seed, index)
     shape = template.labels.shape
     transform = augment.random_transform(shape, spacing, generator, augment.AugmentConfig.mild())
     maps = torch.from_numpy(np.stack([template.maps[n] for n in ("T1", "CSF", "GM", "WM", "head")]))[None]
     warped = spatial.warp(maps, transform.displacement, padding_mode="zeros")
     out = {"labels": _labels(warped[:, 1:4])[0, 0].numpy()}
-    for name, image in _contrasts(warped).items():
+    for name, image in _contrasts(warped, extra).items():
         noisy = _bias_and_noise(image, spacing, generator)
         out[name] = np.rint(noisy[0, 0].numpy() * INTENSITY_SCALE).astype(np.int16)
     ras = spatial.voxel_to_mm(spatial.normalised_to_voxel(transform.displacement.double()), template.affine.copy())
@@ -247,13 +254,18 @@ def _subject(template: Template, spacing: float, seed: int, index: int) -> dict[
 
 
 def demo_subject(index: int, spacing: float = 1.28, shape: Sequence[int] = (128, 160, 128),
-                 seed: int = 0) -> dict[str, io.Volume]:
+                 seed: int = 0, extra: Sequence[str] = ()) -> dict[str, io.Volume]:
     """One subject of the demo dataset, in memory (as ``build_demo_dataset`` would write subject
-    ``index`` with ``seed``): ``T1``, ``T2``, ``FLAIR`` and ``labels`` Volumes on the template grid."""
+    ``index`` with ``seed``): ``T1``, ``T2``, ``FLAIR`` and ``labels`` Volumes on the template grid,
+    and the ``extra`` contrasts named (keys of :data:`EXTRA_MIXES`, e.g. ``"PD"``)."""
     spacing, shape = _check_grid(spacing, shape)
+    unknown = sorted(set(extra) - set(EXTRA_MIXES))
+    if unknown:
+        raise FirekitError(f"unknown extra contrast(s) {unknown}; choose from {sorted(EXTRA_MIXES)}")
     template = _template(spacing, shape)
-    arrays = _subject(template, spacing, seed, index)
-    return {name: io.Volume(arrays[name], template.affine.copy()) for name in ("T1", "T2", "FLAIR", "labels")}
+    arrays = _subject(template, spacing, seed, index, {name: EXTRA_MIXES[name] for name in extra})
+    return {name: io.Volume(arrays[name], template.affine.copy())
+            for name in ("T1", "T2", "FLAIR", *extra, "labels")}
 
 
 def _readme(info: dict) -> str:

@@ -112,11 +112,18 @@ def _register(args: argparse.Namespace) -> None:
         out_labels=args.out_labels, field=args.field, affine=args.affine, affine_only=args.affine_only,
         spacing=args.spacing, device=args.device, refine=args.refine, seed=args.seed,
         similarity=args.similarity, synthesis=args.synthesis, progress=False if args.quiet else "auto",
-        symmetric=args.symmetric,
+        symmetric=args.symmetric, orientation=args.init, check=not args.no_check,
     )
     written = [p for p in (args.out, args.out_labels, args.field, args.affine) if p]
     folding = float((result.jacobian_determinant() <= 0).mean() * 100)
-    print(f"wrote {', '.join(map(str, written))} (|J| <= 0: {folding:.3f} %)")
+    check = result.check.as_dict() if result.check is not None else None
+    if args.json:
+        print(json.dumps(dict(moving=str(args.moving), fixed=str(args.fixed), written=[str(p) for p in written],
+                              folding_percent=folding, check=check), indent=1))
+        return
+    verdict = "" if check is None else f", check: {check['verdict']}" + (
+        f" (kept the {check['chosen']} alignment)" if check["verdict"] != "ok" else "")
+    print(f"wrote {', '.join(map(str, written))} (|J| <= 0: {folding:.3f} %{verdict})")
 
 
 def _register_cine(args: argparse.Namespace) -> None:
@@ -404,6 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--symmetric", action="store_true",
                           help="register both ways and average: inverse-consistent with the reverse registration "
                           "(twice the time)")
+    register.add_argument("--init", choices=["header", "search-axes"], default="header",
+                          help="header (default): trust the files' orientation, so no affine turns by more than 45 deg, "
+                          "reflects, or scales an axis by more than 3x; search-axes: also try every 90/180-degree turn "
+                          "and axis permutation, for files whose headers are wrong")
+    register.add_argument("--no-check", action="store_true",
+                          help="keep the registration's answer even when its start or the headers' alignment matches "
+                          "better (by default the better one is kept and a line on stderr says so)")
+    register.add_argument("--json", action="store_true",
+                          help="print a JSON summary (outputs, folding, the check's verdict) instead of one line")
     register.add_argument("--spacing", type=float, default=1.28, help="network voxel size in mm (default 1.28)")
     register.add_argument("--device", help="cpu, cuda ... (default cpu)")
     register.set_defaults(func=_register)

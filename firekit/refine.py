@@ -37,6 +37,7 @@ import torch.nn.functional as nnf
 
 from . import spatial
 from ._config import PlainConfig
+from .check import ORIENTATIONS, AffineBounds, plausible_mask, default_bounds
 from .errors import FirekitError
 from .similarity import SIMILARITIES, Similarity, box_filter, get_similarity
 
@@ -44,6 +45,7 @@ __all__ = [
     "RefineConfig",
     "RefineResult",
     "moments_init",
+    "moment_candidates",
     "refine",
     "diffusion_energy",
     "bending_energy_per_sample",
@@ -61,10 +63,14 @@ _PRESETS: dict[int, dict] = {
         # Diffusion matched or beat bending (0.811 vs 0.805 mean Dice) and never folded; with
         # bending, the foreground mask is needed to stop folds in noisy background near borders.
         grid_spacing=6, regulariser="diffusion", weight=0.3, field_mask=False,
+        # The start's search (bench/gross_failures.md): centre-of-mass candidates on a grid of
+        # per-axis scales, and four distinct starts for the affine stage, took --no-network from 11
+        # to 1 gross failure in 120 protocol pairs at 0.1 s more per pair.
+        scan_scales=(0.6, 0.8, 1.0, 1.25, 1.6, 2.0), starts=4,
     ),
     3: dict(
         # Each axis permutation also turned by +-10 degrees in each plane, scored at 1/8 size: 0.4 s.
-        scan_angles=(-10.0, 0.0, 10.0), scan_size=16, starts=1,
+        scan_angles=(-10.0, 0.0, 10.0), scan_size=16, starts=1, scan_scales=(0.7, 1.0, 1.4),
         # Exact MIND at 1/4 size, moving smoothed before sampling (2.3x faster steps, same Dice).
         # A level at 1/2 costs 0.5 s a step; one at 1/8 first fell into wrong rotations.
         affine_levels=(4,), affine_iterations=(50,), affine_smooth_first=True,
@@ -120,6 +126,18 @@ class RefineConfig(PlainConfig):
         mask_margin: see ``field_mask``.
         scan_angles: rotations (degrees) tried in each plane of the whitened frame, on top of
             the proper signed axis permutations, when initialising from moments.
+        scan_scales: the centre-of-mass candidates are also scaled by every combination of these
+            factors along fixed's axes (a grid: ``len ** n`` per turn); () off.
+        scan_stretches, scan_turns: a local search about the ``stretch_starts`` best moment
+            candidates, ``search_rounds`` times: each is also tried stretched by each factor along
+            each of fixed's axes and turned by each angle (degrees) in each plane, about fixed's
+            centre of mass (foregrounds cut by the field of view, anatomy that changes shape, round
+            outlines that leave the turn loose), and shifted by each of ``scan_shifts``
+            (normalised: 1 = half the field of view) along each axis. All () or ``stretch_starts`` 0: off.
+        stretch_starts, search_rounds: see ``scan_stretches``.
+        start_spread: the ``starts`` candidates the affine stage refines differ from each other by
+            more than this (largest difference of their normalised entries), so that they are
+            distinct guesses, not one guess repeated.
         scan_size: the moment candidates are scored on images downsampled by the largest whole
             factor that keeps at least this many voxels along the shortest axis (never upsampled).
         starts: how many of the best moment candidates the affine stage refines at its first
@@ -140,6 +158,10 @@ class RefineConfig(PlainConfig):
         weight: the regulariser's weight lambda.
         seed: seed of the voxel samples (and of any other random draw) while optimising, for
             reproducibility.
+        orientation: ``"header"`` (default): trust the files' orientation; the moments start and
+            the affine keep within :func:`firekit.check.default_bounds` (no turn beyond 45 deg, no
+            reflection, scales within a factor 3). ``"search-axes"``: also try every 90/180-degree
+            turn and axis permutation (for files whose headers are wrong).
     """
 
     config_name = "refine config"
@@ -158,6 +180,13 @@ class RefineConfig(PlainConfig):
     foreground: float = -0.9
     scan_angles: tuple[float, ...] = tuple(float(a) for a in range(-40, 41, 10))
     scan_size: int = 32
+    scan_scales: tuple[float, ...] = ()
+    scan_stretches: tuple[float, ...] = (0.55, 0.7, 0.85, 1.2, 1.45, 1.8)
+    scan_turns: tuple[float, ...] = (-16.0, -8.0, 8.0, 16.0)
+    scan_shifts: tuple[float, ...] = ()
+    stretch_starts: int = 4
+    search_rounds: int = 2
+    start_spread: float = 0.1
     starts: int = 2
     affine_levels: tuple[int, ...] = (4, 2)
     affine_iterations: tuple[int, ...] = (40, 20)
@@ -171,9 +200,12 @@ class RefineConfig(PlainConfig):
     diffeomorphic: bool = False
     integration_steps: int = 6
     seed: int = 0
+    orientation: str = "header"
 
     def __post_init__(self):
-        for name in ("scan_angles", "affine_levels", "affine_iterations", "field_levels", "field_iterations"):
+        if self.orientation not in ORIENTATIONS:
+            raise FirekitError(f"RefineConfig.orientation must be one of {ORIENTATIONS}, got {self.orientation!r}")
+        for name in ("scan_angles", "scan_scales", "scan_stretches", "scan_turns", "scan_shifts", "affine_levels", "affine_iterations", "field_levels", "field_iterations"):
             setattr(self, name, tuple(getattr(self, name)))
         if self.similarity not in SIMILARITIES:
             raise FirekitError(
@@ -209,6 +241,10 @@ class RefineConfig(PlainConfig):
         return cls(**{**_PRESETS[ndim], **overrides})
 
 
+    def bounds(self, ndim: int) -> AffineBounds:
+        """The :class:`~firekit.check.AffineBounds` every affine of this refinement keeps within."""
+        return default_bounds(ndim, self.orientation)
+
     def similarity_fn(self) -> Similarity:
         """The configured :class:`~firekit.similarity.Similarity`."""
         return get_similarity(self.similarity, radius=self.mind_radius, dilation=self.mind_dilation,
@@ -228,6 +264,8 @@ class RefineResult(NamedTuple):
             ``"regulariser"`` ``(steps, B)`` (the similarity on each step's voxel sample when
             ``field_sampling`` < 1); ``"seconds"`` a dict of wall time per stage.
         nonrigid: ``(B, n, *S_fixed)`` the non-rigid part ``u_nr`` alone, normalised.
+        start: ``(B, n, n + 1)`` the affine the optimisation started from (``theta0``, or the best
+            moments candidate), normalised; what :func:`firekit.check.check` weighs the answer against.
     """
 
     theta: torch.Tensor
@@ -235,6 +273,7 @@ class RefineResult(NamedTuple):
     warped: torch.Tensor
     history: dict
     nonrigid: torch.Tensor
+    start: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,9 +504,39 @@ def _score_affines(moving: torch.Tensor, fixed_features: torch.Tensor, thetas: t
     return torch.cat(scores).view(batch, count)
 
 
+def _centre_candidates(centre_m: torch.Tensor, centre_f: torch.Tensor, cov_m: torch.Tensor, cov_f: torch.Tensor,
+                       angles: Sequence[float], scales: Sequence[float]) -> torch.Tensor:
+    """Voxel affines ``(B, K, n, n+1)`` that match the foregrounds' centres and keep the headers' axes
+    (what ANTs starts from: centres of mass, no axis search): turned by every angle of ``angles`` in
+    each plane, and scaled uniformly by the ratio of the foregrounds' sizes or by every combination
+    of ``scales`` along fixed's axes (a foreground cut by the field of view misleads the moments)."""
+    ndim = centre_m.shape[1]
+    size = (torch.linalg.det(cov_m) / torch.linalg.det(cov_f)).clamp_min(1e-12) ** (0.5 / ndim)  # (B,)
+    turns = _candidate_rotations(ndim, tuple(float(a) for a in angles))
+    turns = turns[[k for k in range(turns.shape[0]) if _is_small_turn(turns[k])]].to(cov_m)  # (T, n, n)
+    grid = torch.tensor(list(itertools.product(*[[float(v) for v in scales]] * ndim)) if scales else [[1.0] * ndim],
+                        dtype=cov_m.dtype, device=cov_m.device)  # (G, n)
+    diagonal = torch.cat([torch.diag_embed(grid)[None].expand(size.shape[0], -1, -1, -1),
+                          size[:, None, None, None] * torch.eye(ndim, dtype=cov_m.dtype)[None, None]], dim=1)
+    linear = (diagonal[:, None] @ turns[None, :, None]).flatten(1, 2)  # (B, T * (G + 1), n, n)
+    shift = centre_m[:, None] - (linear @ centre_f[:, None, :, None])[..., 0]
+    return torch.cat([linear, shift[..., None]], dim=-1)
+
+
+def _is_small_turn(rotation: torch.Tensor) -> bool:
+    """Whether a candidate rotation is a scan turn about the identity (not an axis permutation)."""
+    return bool(torch.diagonal(rotation).min() > 0.5)
+
+
 def _moment_candidates(moving: _Pyramid, fixed: _Pyramid, config: RefineConfig,
                        keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``keep`` best moment-based affines ``(B, keep, n, n+1)`` and their scores ``(B, keep)``."""
+    """The ``keep`` best moment-based affines ``(B, keep, n, n+1)`` and their scores ``(B, keep)``.
+
+    Candidates: the identity (the headers' alignment), the centres matched with the headers' axes
+    (:func:`_centre_candidates`) and the principal axes matched under every rotation of
+    :func:`candidate_rotations`; those outside ``config.bounds`` (a turn beyond the bound under
+    ``orientation="header"``, a reflection, an extreme scale) are never kept unless nothing else is.
+    """
     ndim = fixed.image.ndim - 2
     moving_shape, fixed_shape = moving.image.shape[2:], fixed.image.shape[2:]
     centre_m, cov_m = _foreground_moments(moving.image, config.foreground)
@@ -478,20 +547,122 @@ def _moment_candidates(moving: _Pyramid, fixed: _Pyramid, config: RefineConfig,
     # x_m = c_m + C_m^1/2 R C_f^-1/2 (x_f - c_f): maps fixed's foreground ellipsoid onto moving's.
     linear = root_m[:, None] @ rotations[None] @ inv_root_f[:, None]  # (B, K, n, n)
     shift = centre_m[:, None] - (linear @ centre_f[:, None, :, None])[..., 0]
-    voxel = torch.cat([linear, shift[..., None]], dim=-1)
+    voxel = torch.cat([torch.cat([linear, shift[..., None]], dim=-1),
+                       _centre_candidates(centre_m, centre_f, cov_m, cov_f, config.scan_angles, config.scan_scales)], dim=1)
     batch, count = voxel.shape[:2]
     thetas = _voxel_to_normalised_between(voxel.reshape(batch * count, ndim, ndim + 1), moving_shape,
                                           fixed_shape).reshape(batch, count, ndim, ndim + 1).to(fixed.image)
     # The identity competes too: it wins for pairs that are nearly aligned already.
     thetas = torch.cat([spatial.identity_affine(ndim, batch, like=thetas)[:, None], thetas], dim=1)
-    count += 1
     similarity = config.similarity_fn()
     factor = max(1, min(fixed_shape) // config.scan_size)
+    moving_small, fixed_features = moving.at(factor), similarity.features(fixed.at(factor))
+    bounds = config.bounds(ndim)
+    thetas, scores, allowed = _rank(thetas, moving_small, fixed_features, similarity, fixed_shape, bounds)
+    if config.stretch_starts > 0 and (config.scan_stretches or config.scan_turns):
+        # Moments misjudge an axis's scale when the foreground is cut by the field of view or the
+        # anatomy changes shape along it, and a round outline leaves the turn loose: search about
+        # the best candidates, stretched along each of fixed's axes and turned in each plane about
+        # fixed's centre of mass, for a few rounds; the similarity judges every one.
+        inner = _perturbations(centre_f, fixed_shape, config.scan_stretches, config.scan_turns,
+                               config.scan_shifts).to(thetas)
+        for _ in range(config.search_rounds):
+            top = thetas[:, : config.stretch_starts]  # (B, k, n, n+1)
+            k, count = top.shape[1], inner.shape[1]
+            outer = top[:, :, None].expand(-1, -1, count, -1, -1).reshape(-1, ndim, ndim + 1)
+            moved = spatial.compose_affines(outer, inner[:, None].expand(-1, k, -1, -1, -1).reshape(-1, ndim, ndim + 1))
+            ranked = _rank(moved.view(batch, k * count, ndim, ndim + 1), moving_small, fixed_features, similarity,
+                           fixed_shape, bounds)
+            thetas, scores, allowed = _merge_ranked((thetas, scores, allowed), ranked)
+    return _diverse(thetas, scores, allowed, keep, config.start_spread)
+
+
+def _diverse(thetas: torch.Tensor, scores: torch.Tensor, allowed: torch.Tensor, keep: int,
+             spread: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``keep`` best ranked candidates per pair that differ from each other by more than
+    ``spread`` (largest difference of their normalised entries), plausible ones only (the best
+    candidate always); fewer distinct ones are padded with the next best."""
+    batch, count = thetas.shape[:2]
+    keep = max(1, min(keep, count))
+    chosen = []
+    for b in range(batch):
+        picks = [0]
+        for k in range(1, count):
+            if len(picks) == keep:
+                break
+            if bool(allowed[b, k]) and all(float((thetas[b, k] - thetas[b, j]).abs().max()) > spread for j in picks):
+                picks.append(k)
+        picks += [k for k in range(count) if k not in picks][: keep - len(picks)]
+        chosen.append(picks)
+    index = torch.tensor(chosen, device=thetas.device)
+    n = thetas.shape[2]
+    return (torch.gather(thetas, 1, index.view(batch, keep, 1, 1).expand(-1, -1, n, n + 1)),
+            torch.gather(scores, 1, index))
+
+
+def _perturbations(centre: torch.Tensor, shape, stretches: Sequence[float], turns: Sequence[float],
+                   shifts: Sequence[float] = ()) -> torch.Tensor:
+    """Normalised affines ``(B, P, n, n+1)`` on ``shape``: a stretch by each factor along each axis and
+    a turn by each angle (degrees) in each plane, about ``centre`` ``(B, n)`` (voxel indices), and a
+    shift by each of ``shifts`` (normalised units: 1 = half the field of view) along each axis."""
+    ndim = centre.shape[1]
+    moves = []
+    for axis in range(ndim):
+        for value in shifts:
+            move = torch.eye(ndim, ndim + 1, dtype=centre.dtype, device=centre.device)
+            move[axis, ndim] = float(value)
+            moves.append(move)
+    linears = []
+    for axis in range(ndim):
+        for value in stretches:
+            scale = torch.eye(ndim, dtype=torch.float64)
+            scale[axis, axis] = float(value)
+            linears.append(scale)
+    for i, j in itertools.combinations(range(ndim), 2):
+        for angle in turns:
+            c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+            turn = torch.eye(ndim, dtype=torch.float64)
+            turn[i, i], turn[i, j], turn[j, i], turn[j, j] = c, -s, s, c
+            linears.append(turn)
+    linear = torch.stack(linears)[None].to(centre.dtype).expand(centre.shape[0], -1, -1, -1)  # (B, P, n, n)
+    shift = centre[:, None] - (linear @ centre[:, None, :, None])[..., 0]  # x -> c + L (x - c)
+    voxel = torch.cat([linear, shift[..., None]], dim=-1)
+    normalised = spatial.voxel_affine_to_normalised(voxel.flatten(0, 1), shape).view_as(voxel)
+    if moves:
+        normalised = torch.cat([normalised, torch.stack(moves)[None].expand(centre.shape[0], -1, -1, -1)], dim=1)
+    return normalised
+
+
+def _rank(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_features: torch.Tensor, similarity: Similarity,
+          fixed_shape, bounds: AffineBounds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Candidates ``(B, K, n, n+1)`` sorted best first by the similarity at low resolution, those
+    outside ``bounds`` after every plausible one: ``(thetas, scores (B, K), allowed (B, K))``."""
+    batch, count = thetas.shape[:2]
+    allowed = plausible_mask(thetas.flatten(0, 1), fixed_shape, bounds).view(batch, count).to(thetas.device)
     with torch.no_grad():
-        scores = _score_affines(moving.at(factor), similarity.features(fixed.at(factor)), thetas, similarity)
-    order = scores.argsort(dim=1)[:, : min(keep, count)]
-    best = torch.gather(thetas, 1, order.view(batch, -1, 1, 1).expand(-1, -1, ndim, ndim + 1))
-    return best, torch.gather(scores, 1, order)
+        scores = _score_affines(moving_small, fixed_features, thetas, similarity)
+    return _sort_ranked(thetas, scores, allowed)
+
+
+def _sort_ranked(thetas, scores, allowed):
+    penalty = torch.where(allowed, torch.zeros_like(scores), torch.full_like(scores, 1e6))
+    order = (scores + penalty).argsort(dim=1)
+    n = thetas.shape[2]
+    return (torch.gather(thetas, 1, order.view(*order.shape, 1, 1).expand(-1, -1, n, n + 1)),
+            torch.gather(scores, 1, order), torch.gather(allowed, 1, order))
+
+
+def _merge_ranked(first, second):
+    """Two ranked candidate sets as one, ranked."""
+    return _sort_ranked(*(torch.cat([a, b], dim=1) for a, b in zip(first, second)))
+
+
+def moment_candidates(moving: torch.Tensor, fixed: torch.Tensor, config: RefineConfig, keep: int) -> torch.Tensor:
+    """The ``keep`` best distinct starts ``(B, keep, n, n + 1)`` of ``config``'s moments search
+    (see :func:`moments_init`), for :func:`refine`'s ``theta0``."""
+    _check_images(moving, fixed)
+    best, _ = _moment_candidates(_Pyramid(moving.detach().to(fixed)), _Pyramid(fixed.detach()), config, keep=keep)
+    return best
 
 
 def moments_init(
@@ -501,6 +672,7 @@ def moments_init(
     angles: Sequence[float] | None = None,
     foreground: float = -0.9,
     scan_size: int = 32,
+    orientation: str = "header",
 ) -> torch.Tensor:
     """Affine pre-alignment from the foreground's centre of mass and principal axes.
 
@@ -518,13 +690,16 @@ def moments_init(
             -10 and 10 deg, on top of the 24 axis permutations).
         foreground: intensity above which a voxel is foreground.
         scan_size: candidates are scored on fixed downsampled by ``min(S_f) // scan_size`` (>= 1).
+        orientation: ``"header"`` keeps to candidates within :func:`firekit.check.default_bounds`
+            (judged on fixed's grid: exact when both images share a grid of isotropic voxels, as
+            ``register`` gives them); ``"search-axes"`` also tries 90/180-degree turns.
 
     Returns:
         ``(B, n, n + 1)`` normalised ``theta`` (fixed point -> moving point):
         ``warp(moving, affine_to_displacement(theta, S_f))`` is roughly aligned with ``fixed``.
     """
     ndim = _check_images(moving, fixed)
-    overrides = dict(similarity=similarity, foreground=foreground, scan_size=scan_size)
+    overrides = dict(similarity=similarity, foreground=foreground, scan_size=scan_size, orientation=orientation)
     if angles is not None:
         overrides["scan_angles"] = tuple(angles)
     best, _ = _moment_candidates(_Pyramid(moving.detach().to(fixed)), _Pyramid(fixed.detach()),
@@ -679,16 +854,17 @@ def _optimise_affine(theta: torch.Tensor, moving: _Pyramid, fixed: _Pyramid, sim
         moving, fixed: pyramids of the ``(B, 1, *S)`` images.
 
     Returns:
-        the fitted ``(B, n, n + 1)`` and the per-step similarity history, each ``(B,)`` (the
-        kept start's at the first level).
+        the fitted ``(B, n, n + 1)``, the per-step similarity history, each ``(B,)`` (the kept
+        start's at the first level), and which start each pair kept ``(B,)``.
     """
     batch, starts = theta.shape[:2]
     rows = torch.arange(batch, device=theta.device)
     flat = theta.detach().reshape(batch * starts, *theta.shape[2:])
     history: list[torch.Tensor] = []
+    winner = torch.zeros(batch, dtype=torch.long, device=theta.device)
     levels = [(f, int(n)) for f, n in zip(config.affine_levels, config.affine_iterations) if int(n) > 0]
     if not levels:
-        return theta[:, 0].detach().clone(), history
+        return theta[:, 0].detach().clone(), history, winner
     for factor, steps in levels:
         repeat = flat.shape[0] // batch
         level = _Level(moving, fixed, factor, similarity, config.affine_warp_features, rows=repeat,
@@ -708,12 +884,16 @@ def _optimise_affine(theta: torch.Tensor, moving: _Pyramid, fixed: _Pyramid, sim
             judge = _Level(moving, fixed, 1, similarity, warp_features=False, rows=repeat)
             with torch.no_grad():
                 final = judge.loss(partial(spatial.affine_to_displacement, flat)).view(batch, repeat)
+            # A start that drifted out of the bounds loses to any that stayed inside.
+            allowed = plausible_mask(flat, fixed.image.shape[2:], config.bounds(fixed.image.ndim - 2))
+            final = torch.where(allowed.view(batch, repeat).to(final.device), final, final + 1e6)
             best = final.argmin(dim=1)
             flat = flat.view(batch, repeat, *flat.shape[1:])[rows, best]
             level_history = [h.view(batch, repeat)[rows, best] for h in level_history]
+            winner = best
         history += level_history
         _log(progress, f"affine level {level.shape}: similarity {float(history[-1].mean()):.4f}")
-    return flat, history
+    return flat, history, winner
 
 
 def _grid_shape(shape: Sequence[int], spacing: int) -> tuple[int, ...]:
@@ -734,10 +914,12 @@ def refine(
     Args:
         moving: ``(B, 1, *S_m)`` images, intensities in [-1, 1] (background near -1).
         fixed: ``(B, 1, *S_f)``; the result lives on this grid. 2D or 3D, any device.
-        theta0: optional ``(B, n, n + 1)`` starting affine (e.g. the network's); default: the
+        theta0: optional ``(B, n, n + 1)`` starting affine (e.g. the network's), or ``(B, K, n, n + 1)``
+            several starts (judged after the first affine level, see ``starts``); default: the
             best candidate(s) of :func:`moments_init`.
         displacement0: optional ``(B, n, *s)`` starting non-rigid part ``u_nr`` (e.g. the network's
-            flow at any resolution), normalised; kept, and corrected by the regularised grid.
+            flow at any resolution), normalised; kept, and corrected by the regularised grid, for
+            the pairs whose affine came from (the first of) ``theta0``.
         config: :class:`RefineConfig` (default :meth:`RefineConfig.preset` for the images' ndim).
         progress: print one line per level to stderr.
 
@@ -751,8 +933,10 @@ def refine(
     if not isinstance(config, RefineConfig):
         raise FirekitError(f"config must be a RefineConfig, got {type(config).__name__}")
     batch = fixed.shape[0]
-    if theta0 is not None and (theta0.ndim != 3 or tuple(theta0.shape) != (batch, ndim, ndim + 1)):
-        raise FirekitError(f"theta0 must be ({batch}, {ndim}, {ndim + 1}), got {tuple(theta0.shape)}")
+    if theta0 is not None and (theta0.ndim not in (3, 4) or tuple(theta0.shape[:1]) != (batch,)
+                               or tuple(theta0.shape[-2:]) != (ndim, ndim + 1)):
+        raise FirekitError(f"theta0 must be ({batch}, {ndim}, {ndim + 1}) or ({batch}, K, {ndim}, {ndim + 1}), got "
+                           f"{tuple(theta0.shape)}")
     if displacement0 is not None and (displacement0.ndim != ndim + 2 or displacement0.shape[:2] != (batch, ndim)):
         raise FirekitError(f"displacement0 must be ({batch}, {ndim}, *spatial), got {tuple(displacement0.shape)}")
     moving, fixed = moving.detach().to(fixed), fixed.detach()
@@ -766,11 +950,17 @@ def refine(
         candidates, scores = _moment_candidates(moving_pyramid, fixed_pyramid, config, keep=config.starts)
         history["moments"] = scores[:, 0]
     else:
-        candidates = theta0.detach().to(fixed)[:, None]
+        candidates = theta0.detach().to(fixed)
+        candidates = candidates[:, None] if candidates.ndim == 3 else candidates
     history["seconds"]["moments"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
-    theta, affine_history = _optimise_affine(candidates, moving_pyramid, fixed_pyramid, similarity, config, progress)
+    theta, affine_history, winner = _optimise_affine(candidates, moving_pyramid, fixed_pyramid, similarity, config,
+                                                     progress)
+    if displacement0 is not None and bool((winner != 0).any()):
+        # The starting flow belongs to the first start: pairs that kept another start drop it.
+        keep_flow = (winner == 0).to(displacement0.dtype).view(-1, *[1] * (displacement0.ndim - 1))
+        displacement0 = displacement0.to(fixed) * keep_flow.to(fixed)
     history["affine"] = torch.stack(affine_history) if affine_history else fixed.new_zeros(0, batch)
     history["seconds"]["affine"] = time.perf_counter() - clock
 
@@ -783,7 +973,9 @@ def refine(
         displacement = spatial.compose_affine_displacement(theta, nonrigid)
         warped = spatial.warp(moving, displacement)
     history["seconds"]["field"] = time.perf_counter() - clock
-    return RefineResult(theta, displacement, warped, history, nonrigid)
+    start = candidates[torch.arange(batch, device=winner.device), winner]
+    history["start"] = winner
+    return RefineResult(theta, displacement, warped, history, nonrigid, start.detach().clone())
 
 
 def _optimise_field(moving, fixed_pyramid, theta, displacement0, similarity, config, progress, generator=None):

@@ -18,6 +18,7 @@ space onto the fixed grid, and the moving image is sampled once, on its own grid
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -29,6 +30,7 @@ import torch
 from . import io, spatial
 from .data import DEFAULT_SPACING, map_points, network_grid, to_network
 from ._atomic import atomic_write_text
+from .check import Candidate, CheckReport, check, default_bounds, plausible_mask
 from .errors import FirekitError
 from .io import itk_field_array, lps_flip
 from .model import Fire, load_checkpoint, other_direction
@@ -109,6 +111,8 @@ class RegistrationResult:
         fixed, moving: the inputs.
         direction: ``"a2b"`` or ``"b2a"``.
         network: the network-grid view (:class:`NetworkView`).
+        check: the check's verdict (:class:`~firekit.check.CheckReport`: ``"ok"``, or ``"fallback"``
+            with the reason and the candidate kept); None when the check was off.
     """
 
     warped: io.Volume
@@ -119,6 +123,7 @@ class RegistrationResult:
     direction: str
     network: NetworkView = field(repr=False)
     moving_points: torch.Tensor = field(repr=False)  # (1, n, *fixed.shape) moving voxel indices
+    check: CheckReport | None = None
 
     def apply(self, image, labels: bool = True) -> io.Volume:
         """Warp another image on the moving grid (e.g. its labels) onto the fixed grid.
@@ -252,23 +257,6 @@ def refine_config(refine, ndim: int, seed: int = 0):
     raise FirekitError(f"refine must be 0 (off), 'auto' or a positive number of steps per level, got {refine!r}")
 
 
-def _better_start(moving: torch.Tensor, fixed: torch.Tensor, thetas: list[torch.Tensor], config) -> torch.Tensor:
-    """Per sample, the index of the affine in ``thetas`` that the similarity prefers (at 1/4 size)."""
-    import torch.nn.functional as nnf
-
-    similarity = config.similarity_fn()
-    n = fixed.ndim - 2
-    factor = max(1, min(4, min(fixed.shape[2:]) // 16))
-    pool = getattr(nnf, f"avg_pool{n}d")
-    small_moving, small_fixed = pool(moving, factor), pool(fixed, factor)
-    fixed_features = similarity.features(small_fixed)
-    scores = []
-    for theta in thetas:
-        warped = spatial.warp(small_moving, spatial.affine_to_displacement(theta, small_fixed.shape[2:]))
-        scores.append(similarity.compare(similarity.features(warped), fixed_features, None))
-    return torch.stack(scores).argmin(dim=0)
-
-
 def _coarse_shape(shape: Sequence[int], factor: int, multiple: int, min_size: int) -> tuple[int, ...]:
     """``shape`` divided by ``factor``, rounded to a multiple of ``multiple`` and at least ``min_size``."""
     return tuple(max(min_size, multiple * max(1, round(s / factor / multiple))) for s in shape)
@@ -301,30 +289,45 @@ def _network(model: Fire, x_moving: torch.Tensor, x_fixed: torch.Tensor, directi
 
 
 def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, direction: str, affine_only: bool,
-           config, device, synthesis: bool = False, progress: bool = False,
-           network_factor: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Network and/or refinement on same-ndim tensors -> (theta, displacement, warped), normalised.
+           config, device, synthesis: bool = False, progress: bool = False, network_factor: int = 1,
+           orientation: str = "header", check: bool = True,
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[CheckReport] | None]:
+    """Network and/or refinement on same-ndim tensors -> (theta, displacement, warped, reports), normalised.
 
     ``synthesis``: refinement compares the moving image mapped into the fixed image's contrast by
     the model's decoder (``F(G(moving))``) with fixed, instead of moving itself.
     ``network_factor``: the model runs on a grid this many times coarser (see :func:`_network`).
+    ``orientation``: ``"header"`` keeps every affine (the start, the network's, the refinement's)
+    within :func:`firekit.check.default_bounds`; ``"search-axes"`` lifts the rotation bound.
+    ``check``: weigh the answer against its start and the headers' identity (:func:`firekit.check.check`)
+    and keep the best; ``reports`` is then one :class:`~firekit.check.CheckReport` per pair (else None).
     """
-    from .refine import moments_init, refine
+    from .refine import moment_candidates, refine
 
+    ndim = x_fixed.ndim - 2
+    shape = x_fixed.shape[2:]
+    bounds = default_bounds(ndim, orientation)
+    header = Candidate("header", spatial.identity_affine(ndim, x_fixed.shape[0]),
+                       torch.zeros(x_fixed.shape[0], ndim, *shape))
     theta = flow = None
     if model is not None:
         theta, disp, warped, flow = _network(model, x_moving, x_fixed, direction, affine_only, device, network_factor)
         if config is None:
-            return theta, disp, warped
+            if not check:
+                return theta, disp, warped, None
+            return _checked(x_moving, x_fixed, [Candidate("result", theta, disp), header], bounds, warped)
+    if config is not None and config.orientation != orientation:
+        config = replace(config, orientation=orientation)
     x_moving, x_fixed = x_moving.to(device), x_fixed.to(device)
     theta0 = displacement0 = None
     if theta is not None:
-        # The network's affine competes with the moments' (the probe found moments often better).
-        moments = moments_init(x_moving, x_fixed, similarity=config.similarity, angles=config.scan_angles,
-                               foreground=config.foreground, scan_size=config.scan_size)
-        choice = _better_start(x_moving, x_fixed, [theta.to(moments), moments], config)
-        theta0 = torch.where(choice.view(-1, 1, 1) == 0, theta.to(moments), moments)
-        if flow is not None and bool((choice == 0).all()):
+        # The network's affine is one start among the moments search's best (the probe found the
+        # moments often better); the affine stage judges them all at full resolution after its first
+        # level, an implausible one (beyond the bounds) never wins, and the network's flow is kept
+        # only where its affine won.
+        moments = moment_candidates(x_moving, x_fixed, config, keep=max(1, config.starts - 1))
+        theta0 = torch.cat([theta.to(moments)[:, None], moments], dim=1)
+        if flow is not None:
             displacement0 = flow.to(moments)
     target = x_moving
     if synthesis:
@@ -334,8 +337,30 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
     with torch.enable_grad():  # refinement optimises by gradient, whatever the caller's mode
         result = refine(target, x_fixed, theta0=theta0, displacement0=displacement0, config=config,
                         progress=progress)
+    theta, disp = result.theta.detach().cpu(), result.displacement.detach().cpu()
     warped = result.warped if not synthesis else spatial.warp(x_moving, result.displacement)
-    return result.theta.cpu(), result.displacement.detach().cpu(), warped.detach().cpu()
+    if not check:
+        return theta, disp, warped.detach().cpu(), None
+    start = result.start.cpu()
+    start_disp = spatial.affine_to_displacement(start, shape)
+    if displacement0 is not None:
+        # The network's whole answer where its affine was the start kept, the affine alone elsewhere.
+        from_network = (result.history["start"].cpu() == 0).view(-1, *[1] * (ndim + 1))
+        with_flow = spatial.compose_affine_displacement(start, spatial.resize_displacement(displacement0.cpu(), shape))
+        start_disp = torch.where(from_network, with_flow, start_disp)
+    candidates = [Candidate("result", theta, disp), Candidate("start", start, start_disp), header]
+    return _checked(x_moving.cpu(), x_fixed.cpu(), candidates, bounds, warped.detach().cpu())
+
+
+def _checked(x_moving: torch.Tensor, x_fixed: torch.Tensor, candidates: list[Candidate], bounds,
+             warped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[CheckReport]]:
+    """:func:`firekit.check.check` on CPU tensors; ``warped`` is redone only for pairs that fell back."""
+    theta, disp, reports = check(x_moving, x_fixed, candidates, bounds)
+    fell_back = [b for b, report in enumerate(reports) if report.verdict != "ok"]
+    if fell_back:
+        warped = warped.clone()
+        warped[fell_back] = spatial.warp(x_moving[fell_back], disp[fell_back])
+    return theta, disp, warped, reports
 
 
 def world_mapping(voxels: torch.Tensor, grid_affine: np.ndarray, fixed: io.Volume,
@@ -376,6 +401,8 @@ def register(
     synthesis: bool = False,
     progress: bool | str = False,
     symmetric: bool = False,
+    orientation: str = "header",
+    check: bool = True,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with a FIRE model, per-pair refinement, or both.
 
@@ -401,6 +428,13 @@ def register(
         symmetric: register both ways and average the forward transform with the inverse of the
             backward one (:func:`symmetrise`): registering fixed onto moving then gives (nearly) the
             inverse of this result. Twice the time.
+        orientation: ``"header"`` (default) trusts the files' orientation: every affine (the start,
+            the network's, the refinement's) turns by at most 45 deg, never reflects and scales each
+            axis by a factor within 1/3-3 (:func:`firekit.check.default_bounds`). ``"search-axes"``
+            also tries every 90/180-degree turn and axis permutation, for files whose headers are wrong.
+        check: weigh the answer against its start and the headers' alignment by MIND-SSC and keep
+            the best plausible one (:func:`firekit.check.check`); a fallback is printed on stderr in
+            one line and recorded in ``result.check``.
     """
     moving = as_volume(moving, "moving image")
     fixed = as_volume(fixed, "fixed image")
@@ -445,6 +479,12 @@ def register(
         theta = torch.cat([p.theta for p in parts]).cpu()
         disp = torch.cat([p.displacement for p in parts]).cpu()
         warped_net = torch.cat([p.warped for p in parts]).cpu()
+        report = None
+        if check:
+            header = Candidate("header", spatial.identity_affine(2, theta.shape[0]), torch.zeros_like(disp))
+            theta, disp, warped_net, reports = _checked(xm, xf, [Candidate("result", theta, disp), header],
+                                                        default_bounds(2, orientation), warped_net)
+            report = _slices_report(reports)
         in_plane = spatial.normalised_to_voxel(disp)  # (Z, 2, X, Y)
         voxels = torch.cat([in_plane, torch.zeros_like(in_plane[:, :1])], dim=1).movedim(0, -1)[None]
         world_affine = None
@@ -452,21 +492,35 @@ def register(
     else:
         solver_model = None if slicewise else model
         factor = network_factor(solver_model, shape, grid_affine)
-        theta, disp, warped_net = _solve(solver_model, x_moving, x_fixed, direction, affine_only, config, device,
-                                         synthesis, progress, factor)
+        theta, disp, warped_net, reports = _solve(solver_model, x_moving, x_fixed, direction, affine_only, config,
+                                                  device, synthesis, progress, factor, orientation, check)
         if symmetric:
-            theta_back, disp_back, _ = _solve(solver_model, x_fixed, x_moving, other_direction(direction), affine_only,
-                                              config, device, synthesis, progress, factor)
+            theta_back, disp_back, _, _ = _solve(solver_model, x_fixed, x_moving, other_direction(direction),
+                                                 affine_only, config, device, synthesis, progress, factor,
+                                                 orientation, check)
             theta, disp = symmetrise(theta, disp, theta_back, disp_back)
             warped_net = spatial.warp(x_moving, disp)
-        return _result(moving, fixed, direction, NetworkView(x_moving, x_fixed, warped_net, disp, theta, grid_affine))
-    return _result(moving, fixed, direction, view, voxels, world_affine)
+        view = NetworkView(x_moving, x_fixed, warped_net, disp, theta, grid_affine)
+        return _result(moving, fixed, direction, view, check=None if reports is None else reports[0])
+    return _result(moving, fixed, direction, view, voxels, world_affine, report)
+
+
+def _slices_report(reports: list[CheckReport]) -> CheckReport:
+    """One report for a volume registered slice by slice: ``"fallback"`` if any slice fell back."""
+    fell_back = [k for k, r in enumerate(reports) if r.verdict != "ok"]
+    if not fell_back:
+        return CheckReport()
+    return CheckReport("fallback", "header", f"check: {len(fell_back)} of {len(reports)} slices kept the headers' "
+                       f"alignment (slices {', '.join(map(str, fell_back[:8]))}{' ...' if len(fell_back) > 8 else ''})")
 
 
 def _result(moving: io.Volume, fixed: io.Volume, direction: str, view: NetworkView, voxels: torch.Tensor | None = None,
-            world_affine: np.ndarray | None = None) -> RegistrationResult:
+            world_affine: np.ndarray | None = None, check: CheckReport | None = None) -> RegistrationResult:
     """A RegistrationResult from the network-grid view (its displacement, unless ``voxels`` is given
-    (slice by slice): ``(1, n, *G)`` voxels of the grid and ``world_affine``)."""
+    (slice by slice): ``(1, n, *G)`` voxels of the grid and ``world_affine``); a fallback of the
+    ``check`` is said on stderr in one line, naming the moving image."""
+    if check is not None and check.verdict != "ok":
+        print(f"firekit: {moving.name}: {check.reason}", file=sys.stderr, flush=True)
     if voxels is None:
         voxels = spatial.normalised_to_voxel(view.displacement)
         world_affine = _network_affine_to_world(view.theta, view.fixed.shape[2:], view.affine)
@@ -482,12 +536,14 @@ def _result(moving: io.Volume, fixed: io.Volume, direction: str, view: NetworkVi
         direction=direction,
         network=view,
         moving_points=moving_points,
+        check=check,
     )
 
 
 def register_pairs(model: Fire, pairs, direction: str = "a2b", affine_only: bool = False,
                    spacing: float | None = DEFAULT_SPACING, batch_size: int = 16, refine=0, seed: int = 0,
-                   device: str | torch.device | None = None) -> list[RegistrationResult]:
+                   device: str | torch.device | None = None, orientation: str = "header",
+                   check: bool = True) -> list[RegistrationResult]:
     """Register many ``(moving, fixed)`` pairs with one model, ``batch_size`` pairs per forward pass.
 
     Pairs whose network grids have the same shape are batched (the network, and refinement when on,
@@ -520,10 +576,10 @@ def register_pairs(model: Fire, pairs, direction: str = "a2b", affine_only: bool
             x_moving = torch.cat([prepared[i][3] for i in chunk])
             x_fixed = torch.cat([prepared[i][4] for i in chunk])
             factor = network_factor(model, x_fixed.shape[2:], prepared[chunk[0]][2])
-            theta, disp, warped = _solve(model, x_moving, x_fixed, direction, affine_only, config, device,
-                                         network_factor=factor)
+            theta, disp, warped, reports = _solve(model, x_moving, x_fixed, direction, affine_only, config, device,
+                                                  network_factor=factor, orientation=orientation, check=check)
             for k, i in enumerate(chunk):
                 moving, fixed, grid_affine, xm, xf = prepared[i]
                 view = NetworkView(xm, xf, warped[k:k + 1], disp[k:k + 1], theta[k:k + 1], grid_affine)
-                results[i] = _result(moving, fixed, direction, view)
+                results[i] = _result(moving, fixed, direction, view, check=None if reports is None else reports[k])
     return results

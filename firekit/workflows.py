@@ -262,6 +262,8 @@ def register_files(
     synthesis: bool = False,
     progress: bool | str = False,
     symmetric: bool = False,
+    orientation: str = "header",
+    check: bool = True,
 ):
     """Register ``moving`` onto ``fixed`` and write the outputs; returns the ``RegistrationResult``.
 
@@ -303,7 +305,8 @@ def register_files(
             )
     result = register(model, moving_volume, fixed_volume, direction=direction, affine_only=affine_only,
                       spacing=spacing, device=device, refine=refine, seed=seed, similarity=similarity,
-                      synthesis=synthesis, progress=progress, symmetric=symmetric)
+                      synthesis=synthesis, progress=progress, symmetric=symmetric, orientation=orientation,
+                      check=check)
     warped_labels = result.apply(labels_volume, labels=True) if labels_volume is not None else None
     with io.all_or_nothing([*outputs, affine]):
         result.save(out, field=field, affine_path=affine, protect=inputs)

@@ -1,0 +1,214 @@
+"""No gross failures: the start trusts the headers' orientation, and the answer is checked.
+
+Pairs are axial slices of a held-out demo subject at 2 mm (T2-like moving, T1 fixed) whose moving
+header is turned and shifted in world space by a known rigid map, so the true answer is known
+exactly; a "wrong header" is data turned 180 degrees in the array under an unchanged header.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from firekit import io, metrics
+from firekit.check import AffineBounds, affine_geometry, check, Candidate, default_bounds, implausible
+from firekit.errors import FirekitError
+from firekit.refine import RefineConfig, _moment_candidates, _Pyramid
+from firekit.register import register
+from firekit import spatial
+
+SPACING = 2.0
+
+
+@pytest.fixture(scope="module")
+def subject(demo_data):
+    """The test subject of a 2 mm demo dataset: T1, T2 and labels volumes, and the brain's slices."""
+    folder = demo_data(spacing=SPACING, shape=(84, 102, 84)) / "test"
+    subject = next(folder.iterdir())
+    volumes = {name: io.load_volume(subject / f"{name}.nii.gz") for name in ("T1", "T2")}
+    volumes["labels"] = io.load_labels(subject / "labels.nii.gz")
+    slices = np.nonzero((volumes["labels"].data > 0).any(axis=(0, 1)))[0]
+    return volumes, slices
+
+
+def _slice(volumes, slices, height: float):
+    k = int(round(slices.min() + height * (slices.max() - slices.min())))
+    out = {}
+    for name, volume in volumes.items():
+        data = volume.data[:, :, k]
+        affine = io.nd_affine(volume.affine, 2)
+        out[name] = io.Volume(np.ascontiguousarray(data), affine)
+    return out
+
+
+def _turned(volume: io.Volume, degrees: float, shift_mm=(0.0, 0.0)) -> io.Volume:
+    """``volume`` with its world placement turned by ``degrees`` about its centre and shifted."""
+    n = 2
+    centre = volume.affine[:n, :n] @ ((np.array(volume.shape) - 1) / 2) + volume.affine[:n, n]
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    world = np.eye(3)
+    world[:2, :2] = [[c, -s], [s, c]]
+    world[:2, 2] = centre - world[:2, :2] @ centre + np.asarray(shift_mm)
+    return io.Volume(volume.data, world @ volume.affine)
+
+
+def _dice(result, moving_labels: io.Volume, fixed_labels: io.Volume) -> float:
+    warped = result.apply(moving_labels)
+    scores = metrics.dice(torch.as_tensor(warped.data.astype(np.int64)),
+                          torch.as_tensor(fixed_labels.data.astype(np.int64)), (1, 2, 3))
+    return float(np.mean(list(scores.values())))
+
+
+def _rotation(result) -> float:
+    """The turn (degrees, signed, 2D) of the result's world affine (fixed point -> moving point)."""
+    linear = result.affine[:2, :2]
+    u, _, vh = np.linalg.svd(linear)
+    rotation = u @ vh
+    return math.degrees(math.atan2(rotation[1, 0], rotation[0, 0]))
+
+
+def _pair(subject, height, degrees, shift=(6.0, -4.0)):
+    volumes, slices = subject
+    slab = _slice(volumes, slices, height)
+    moving = _turned(slab["T2"], degrees, shift)
+    moving_labels = _turned(slab["labels"], degrees, shift)
+    return moving, slab["T1"], moving_labels, slab["labels"]
+
+
+def test_bounds_name_what_is_implausible():
+    shape = (40, 50)
+    identity = spatial.identity_affine(2, 1)
+    assert implausible(identity, shape, default_bounds(2)) == [None]
+    # In normalised units on a non-square grid a turn is not a rotation matrix: go through voxels.
+    def voxel_theta(linear):
+        matrix = torch.zeros(1, 2, 3, dtype=torch.float64)
+        matrix[0, :, :2] = torch.as_tensor(linear, dtype=torch.float64)
+        centre = (torch.tensor(shape, dtype=torch.float64) - 1) / 2
+        matrix[0, :, 2] = centre - matrix[0, :, :2] @ centre
+        return spatial.voxel_affine_to_normalised(matrix, shape)
+
+    turn = lambda a: [[math.cos(math.radians(a)), -math.sin(math.radians(a))],
+                      [math.sin(math.radians(a)), math.cos(math.radians(a))]]
+    geometry = affine_geometry(voxel_theta(turn(30)), shape)
+    assert geometry["rotation_deg"].item() == pytest.approx(30, abs=1e-6)
+    assert implausible(voxel_theta(turn(30)), shape, default_bounds(2)) == [None]
+    assert "180 deg rotation" in implausible(voxel_theta(turn(180)), shape, default_bounds(2))[0]
+    assert implausible(voxel_theta(turn(180)), shape, default_bounds(2, "search-axes")) == [None]
+    assert "reflection" in implausible(voxel_theta([[-1, 0], [0, 1]]), shape, default_bounds(2, "search-axes"))[0]
+    assert "scale of 4.00" in implausible(voxel_theta([[4, 0], [0, 1]]), shape, default_bounds(2))[0]
+    with pytest.raises(FirekitError, match="orientation"):
+        default_bounds(2, "any")
+    with pytest.raises(FirekitError, match="scale_range"):
+        AffineBounds(scale_range=(2.0, 3.0))
+
+
+def test_header_start_never_proposes_a_turn_beyond_the_bound(subject):
+    moving, fixed, _, _ = _pair(subject, 0.93, 10.0)
+    from firekit.data import network_grid, to_network
+
+    shape, grid = network_grid(fixed, SPACING, 16, 32)
+    x_moving, x_fixed = to_network(moving, shape, grid), to_network(fixed, shape, grid)
+    for orientation, largest in (("header", 45.0), ("search-axes", 180.0)):
+        config = RefineConfig.preset(2, orientation=orientation, starts=200)
+        candidates, _ = _moment_candidates(_Pyramid(x_moving), _Pyramid(x_fixed), config, keep=200)
+        angles = affine_geometry(candidates[0], shape)["rotation_deg"]
+        assert float(angles.max()) <= largest + 1e-6
+        if orientation == "search-axes":
+            assert float(angles.max()) > 170  # the 180-degree turns are back in the search
+
+
+# Vertex slices (94 % and 96 % of the brain's height) whose outline is nearly round: before the
+# bound, the moments start turned these by -159, 179 and 86 degrees (Dice 0.49, 0.31, 0.23).
+@pytest.mark.parametrize("height, degrees", [(0.94, 20.0), (0.96, 0.0), (0.96, 20.0)])
+@pytest.mark.parametrize("network", [False, True], ids=["no-network", "default"])
+def test_a_near_symmetric_vertex_slice_is_not_turned(subject, network, height, degrees):
+    from firekit.register import load
+
+    moving, fixed, moving_labels, fixed_labels = _pair(subject, height, degrees)
+    result = register(load() if network else None, moving, fixed, direction="b2a", refine="auto", spacing=SPACING)
+    assert abs(_rotation(result) - degrees) < 10.0, _rotation(result)
+    assert _dice(result, moving_labels, fixed_labels) > 0.6
+
+
+def test_a_pair_turned_by_25_degrees_is_recovered(subject):
+    moving, fixed, moving_labels, fixed_labels = _pair(subject, 0.55, 25.0)
+    result = register(None, moving, fixed, direction="b2a", refine="auto", spacing=SPACING)
+    assert abs(_rotation(result) - 25.0) < 3.0, _rotation(result)
+    assert _dice(result, moving_labels, fixed_labels) > 0.75
+    unaligned = register(None, moving, fixed, refine="moments", spacing=SPACING, check=False)
+    assert _dice(result, moving_labels, fixed_labels) > _dice(unaligned, moving_labels, fixed_labels)
+
+
+def test_a_wrong_header_registers_with_search_axes_and_not_without(subject):
+    volumes, slices = subject
+    slab = _slice(volumes, slices, 0.55)
+    # The array turned 180 degrees in plane under an unchanged header: the file says the head
+    # points the other way. Only a search over the axes' turns can undo it.
+    moving = io.Volume(np.ascontiguousarray(slab["T2"].data[::-1, ::-1]), slab["T2"].affine)
+    moving_labels = io.Volume(np.ascontiguousarray(slab["labels"].data[::-1, ::-1]), slab["labels"].affine)
+    trusted = register(None, moving, slab["T1"], refine="auto", spacing=SPACING)
+    searched = register(None, moving, slab["T1"], refine="auto", spacing=SPACING, orientation="search-axes")
+    assert abs(_rotation(trusted)) <= 45.0 + 1e-6
+    assert abs(abs(_rotation(searched)) - 180.0) < 10.0, _rotation(searched)
+    assert _dice(searched, moving_labels, slab["labels"]) > 0.75
+    assert _dice(trusted, moving_labels, slab["labels"]) < _dice(searched, moving_labels, slab["labels"]) - 0.2
+
+
+def test_the_check_falls_back_when_the_refinement_makes_it_worse(subject, capfd):
+    moving, fixed, moving_labels, fixed_labels = _pair(subject, 0.55, 8.0)
+    # A refinement that runs away: a learning rate 100 times too large sends the affine far off.
+    wild = RefineConfig.preset(2, affine_lr=1.0, field_lr=1.0)
+    result = register(None, moving, fixed, refine=wild, spacing=SPACING)
+    assert result.check.verdict == "fallback", result.check
+    assert result.check.chosen in ("start", "header")
+    assert result.check.scores["result"] is None or result.check.scores["result"] > min(
+        v for k, v in result.check.scores.items() if k != "result" and v is not None)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "check: the registration was rejected" in err[0] and "kept the" in err[0]
+    unchecked = register(None, moving, fixed, refine=wild, spacing=SPACING, check=False)
+    assert unchecked.check is None
+    assert _dice(result, moving_labels, fixed_labels) > _dice(unchecked, moving_labels, fixed_labels) + 0.1
+    # A sound refinement keeps its answer.
+    sound = register(None, moving, fixed, refine="auto", spacing=SPACING)
+    assert sound.check.verdict == "ok" and sound.check.chosen == "result"
+
+
+def test_check_keeps_the_answer_on_a_tie_and_refuses_an_implausible_one():
+    fixed = torch.rand(2, 1, 32, 40) * 2 - 1
+    moving = fixed.clone()
+    identity = spatial.identity_affine(2, 2)
+    zero = torch.zeros(2, 2, 32, 40)
+    mirrored = identity.clone()
+    mirrored[1, 0, 0] = -1.0  # a reflection for the second pair
+    theta, _, reports = check(moving, fixed, [Candidate("result", mirrored, zero), Candidate("header", identity, zero)],
+                              default_bounds(2))
+    assert reports[0].verdict == "ok"
+    assert reports[1].verdict == "fallback" and "reflection" in reports[1].reason
+    assert torch.equal(theta[1], identity[1])
+
+
+def test_cli_init_search_axes_and_the_check_in_its_json(subject, tmp_path, capsys):
+    from firekit.cli import main
+
+    volumes, slices = subject
+    slab = _slice(volumes, slices, 0.55)
+    io.save_nifti(np.ascontiguousarray(slab["T2"].data[::-1, ::-1]), slab["T2"].affine, tmp_path / "moving.nii.gz")
+    io.save_nifti(slab["T1"].data, slab["T1"].affine, tmp_path / "fixed.nii.gz")
+    io.save_nifti(np.ascontiguousarray(slab["labels"].data[::-1, ::-1]).astype(np.int16), slab["labels"].affine,
+                  tmp_path / "moving_labels.nii.gz")
+    dice = {}
+    for init in ("header", "search-axes"):
+        out = tmp_path / init
+        assert main(["register", "--no-network", "--moving", str(tmp_path / "moving.nii.gz"), "--fixed",
+                     str(tmp_path / "fixed.nii.gz"), "--out", str(out / "warped.nii.gz"), "--moving-labels",
+                     str(tmp_path / "moving_labels.nii.gz"), "--out-labels", str(out / "labels.nii.gz"),
+                     "--init", init, "--spacing", str(SPACING), "--json"]) in (0, None)
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["check"]["verdict"] in ("ok", "fallback") and "scores" in summary["check"]
+        warped = io.load_labels(out / "labels.nii.gz").data
+        scores = metrics.dice(torch.as_tensor(warped.astype(np.int64)),
+                              torch.as_tensor(slab["labels"].data.astype(np.int64)), (1, 2, 3))
+        dice[init] = float(np.mean(list(scores.values())))
+    assert dice["search-axes"] > 0.75 and dice["header"] < dice["search-axes"] - 0.2, dice
