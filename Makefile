@@ -26,10 +26,11 @@ demo: $(STAMP)
 	$(VENV)/bin/firekit demo --data $(DEMO_DATA) --out $(DEMO_OUT) $(if $(TRAIN),--train)
 
 # Debian packages the tests need, installed when missing: chromium for the browser test (Playwright
-# never downloads a browser here), Xvfb and Mesa with Qt's X libraries for napari's rendered tests.
+# never downloads a browser here), Xvfb and Mesa with Qt's X libraries for napari's rendered tests,
+# insighttoolkit5-examples for its real T1 head (tests/test_real_heads.py, bench/real_heads.py).
 SYSTEM_PACKAGES ?= chromium xvfb libgl1 libegl1 libgl1-mesa-dri libxkbcommon-x11-0 libxcb-cursor0 \
 	libxcb-icccm4 libxcb-keysyms1 libxcb-image0 libxcb-randr0 libxcb-render-util0 libxcb-shape0 \
-	libxcb-xfixes0 libxcb-xkb1 libfontconfig1 libdbus-1-3
+	libxcb-xfixes0 libxcb-xkb1 libfontconfig1 libdbus-1-3 insighttoolkit5-examples
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 test: $(STAMP) system-packages

@@ -84,17 +84,17 @@ def build_pairs(work: Path, subjects, pairs_2d: int, pairs_3d: int, seed: int = 
     return records
 
 
-def _firekit_methods(ndim: int, model) -> dict:
+def _firekit_methods(ndim: int, model, direction: str = "b2a") -> dict:
     from firekit.register import register
 
     accepts = set(inspect.signature(register).parameters)
     extra = {k: v for k, v in dict(orientation="header", check=True).items() if k in accepts}
 
     def default(moving, fixed):
-        return register(model, moving, fixed, direction="b2a", refine="auto", **extra)
+        return register(model, moving, fixed, direction=direction, refine="auto", **extra)
 
     def no_network(moving, fixed):
-        return register(None, moving, fixed, direction="b2a", refine="auto", **extra)
+        return register(None, moving, fixed, direction=direction, refine="auto", **extra)
 
     if ndim == 3:  # a 2D model on volumes refines in 3D from moments: the default path is --no-network's
         return {"firekit default (= --no-network in 3D)": no_network}
@@ -126,7 +126,7 @@ def run(pairs: list[dict], label: str, ants: bool, log=print) -> list[dict]:
     for index, pair in enumerate(pairs):
         volumes = load_pair(pair)
         unaligned = _score(np.zeros_like(volumes["true_field"]), volumes)
-        methods = dict(_firekit_methods(pair["ndim"], model))
+        methods = dict(_firekit_methods(pair["ndim"], model, pair.get("direction", "b2a")))
         if ants:
             methods["ANTs SyN"] = None
         for name, method in methods.items():
@@ -162,6 +162,8 @@ def _height(pair: dict) -> float | None:
     """Where a 2D pair's slice lies between the brain's lowest (0) and highest (1) axial slice."""
     if pair["ndim"] != 2:
         return None
+    if "height" in pair:
+        return pair["height"]
     from firekit import io
 
     labels = io.load_labels(Path(pair["fixed_labels"]).parent.parent.parent.parent.parent / "subjects"

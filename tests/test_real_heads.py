@@ -1,0 +1,43 @@
+"""A real head (ITK's KmeansTest T1: scalp, skull, face and neck, 2 x 2 x 3 mm voxels) registers on
+the default path without a gross failure, in 2D and in 3D; the data come from the Debian package
+``insighttoolkit5-examples``, which ``make test`` installs."""
+
+import numpy as np
+import pytest
+
+from bench import real_heads
+from bench.gross_failures import EPE_LIMIT_MM, _score
+from bench.vs_ants import load_pair
+from firekit.protocol import make_test_pairs
+from firekit.register import load, register
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    assert real_heads.DATA.joinpath(real_heads.HEAD).is_file(), (
+        "insighttoolkit5-examples is not installed: make test installs it (make system-packages)")
+    return real_heads.build_subject(tmp_path_factory.mktemp("head"))
+
+
+def test_the_head_keeps_its_geometry_and_labels(head):
+    from firekit import io
+
+    t1, labels = io.load_volume(head / "T1.nii.gz"), io.load_labels(head / "labels.nii.gz")
+    assert t1.shape == (128, 62, 128) and np.allclose(sorted(t1.spacing), [2.0, 2.0, 3.0])
+    assert set(np.unique(labels.data)) == {0, 1, 2, 3, 4}
+    assert not (labels.data[t1.data == 0] > 0).any()  # labels only where the T1 has signal
+
+
+@pytest.mark.parametrize("ndim, spacing", [(2, 1.28), (3, 2.0)])
+def test_the_default_path_holds_on_a_real_head(head, tmp_path, ndim, spacing):
+    pairs = make_test_pairs(head, tmp_path, 2 if ndim == 2 else 1, ndim=ndim, moving="T2like", fixed="T1", seed=7,
+                            slice_band=(0.3, 0.7))
+    model = load()
+    for pair in pairs:
+        volumes = load_pair(pair)
+        result = register(model, volumes["moving"], volumes["fixed"], direction="b2a", refine="auto",
+                          spacing=spacing)
+        scores = _score(result.displacement, volumes)
+        unaligned = _score(np.zeros_like(volumes["true_field"]), volumes)
+        assert result.check is not None
+        assert scores["epe"] < EPE_LIMIT_MM and scores["dice"] > unaligned["dice"] + 0.1, (scores, unaligned)
