@@ -192,7 +192,8 @@ def merge(rows: list[dict], path: Path = RESULTS) -> dict:
     stored["rows"] = [r for r in stored["rows"] if (r["label"], r["method"], r["pair"]) not in keys] + rows
     stored["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     stored["date"] = str(date.today())
-    path.write_text(json.dumps(stored, indent=0))
+    stored["rows"] = [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in stored["rows"]]
+    path.write_text(json.dumps(stored, separators=(",", ":")).replace("},{", "},\n{"))
     return stored
 
 
