@@ -80,6 +80,7 @@ def build_pairs(work: Path, subjects, pairs_2d: int, pairs_3d: int, seed: int = 
                                         seed=seed + 1000 * subject + 17 * ndim + len(records), slice_band=SLICE_BAND)
             for k, pair in enumerate(pairs):
                 pair.update(id=f"{ndim}d/{contrast}/{subject_dir.name}/pair{k:03d}", contrast=contrast)
+            slice_heights(pairs, io.load_labels(subject_dir / "labels.nii.gz").data)
             records += pairs
     return records
 
@@ -147,7 +148,7 @@ def run(pairs: list[dict], label: str, ants: bool, log=print) -> list[dict]:
             seconds = time.perf_counter() - clock
             gross = bool(error) or scores["epe"] > EPE_LIMIT_MM or scores["dice"] < unaligned["dice"]
             rows.append(dict(label=label, method=name, pair=pair["id"], ndim=pair["ndim"], contrast=pair["contrast"],
-                             slice=pair.get("slice"), height=_height(pair), unaligned_dice=unaligned["dice"],
+                             slice=pair.get("slice"), height=pair.get("height"), unaligned_dice=unaligned["dice"],
                              unaligned_epe=unaligned["epe"], seconds=seconds, gross=gross, fallback=fallback,
                              error=error, commit=commit, **scores))
         if (index + 1) % 25 == 0 or index + 1 == len(pairs):
@@ -158,18 +159,13 @@ def run(pairs: list[dict], label: str, ants: bool, log=print) -> list[dict]:
     return rows
 
 
-def _height(pair: dict) -> float | None:
-    """Where a 2D pair's slice lies between the brain's lowest (0) and highest (1) axial slice."""
-    if pair["ndim"] != 2:
-        return None
-    if "height" in pair:
-        return pair["height"]
-    from firekit import io
-
-    labels = io.load_labels(Path(pair["fixed_labels"]).parent.parent.parent.parent.parent / "subjects"
-                            / pair["subject"] / "labels.nii.gz").data
+def slice_heights(pairs: list[dict], labels: np.ndarray) -> None:
+    """Set each 2D pair's ``height``: where its axial slice lies between the lowest (0) and highest (1)
+    slice of ``labels > 0`` (the subject's 3D label map); 3D pairs get None."""
     slices = np.nonzero((labels > 0).any(axis=(0, 1)))[0]
-    return round((pair["slice"] - slices.min()) / max(1, slices.max() - slices.min()), 3)
+    for pair in pairs:
+        pair["height"] = None if pair["ndim"] != 2 else round(
+            (pair["slice"] - slices.min()) / max(1, slices.max() - slices.min()), 3)
 
 
 def _commit() -> str:

@@ -90,11 +90,12 @@ def build_subject(work: Path) -> Path:
 
 
 def build_pairs(work: Path, pairs_2d: int, pairs_3d: int) -> list[dict]:
+    from bench.gross_failures import slice_heights
+    from firekit import io
     from firekit.protocol import make_test_pairs, read_pairs
 
     subject = build_subject(work)
-    labels = np.asarray(__import__("nibabel").load(subject / "labels.nii.gz").dataobj)
-    extent = np.nonzero((labels > 0).any(axis=(0, 1)))[0]
+    labels = io.load_labels(subject / "labels.nii.gz").data
     records = []
     for ndim, total in ((2, pairs_2d), (3, pairs_3d)):
         for k, contrast in enumerate(CONTRASTS):
@@ -109,11 +110,10 @@ def build_pairs(work: Path, pairs_2d: int, pairs_3d: int) -> list[dict]:
                 pairs = make_test_pairs(subject, out, count, ndim=ndim, moving=contrast, fixed="T1",
                                         seed=100 * ndim + k, slice_band=(0.10, 0.95))
             for index, pair in enumerate(pairs):
-                height = None if ndim == 3 else round(
-                    (pair["slice"] - extent.min()) / max(1, extent.max() - extent.min()), 3)
-                # The shipped model's T1 path (a2b) for T1 -> T1; its T2-like path (b2a) for the inverted T1.
-                pair.update(id=f"{ndim}d/{contrast}/pair{index:03d}", contrast=contrast, height=height,
+                # The shipped model's T1 path (a2b) for T1 -> T1; its T2-like path (b2a) for the T2-like image.
+                pair.update(id=f"{ndim}d/{contrast}/pair{index:03d}", contrast=contrast,
                             direction="a2b" if contrast == "T1" else "b2a")
+            slice_heights(pairs, labels)
             records += pairs
     return records
 

@@ -28,8 +28,8 @@ from . import spatial
 from .errors import FirekitError
 from .similarity import get_similarity
 
-__all__ = ["AffineBounds", "default_bounds", "affine_geometry", "implausible", "CheckReport", "check",
-           "ORIENTATIONS"]
+__all__ = ["AffineBounds", "default_bounds", "affine_geometry", "implausible", "plausible_mask", "Candidate",
+           "CheckReport", "check", "ORIENTATIONS"]
 
 # "header": trust the files' orientation (rotations within the bound only); "search-axes": also
 # try every 90/180-degree turn and axis permutation, for files whose headers are wrong.
@@ -191,8 +191,9 @@ def check(moving: torch.Tensor, fixed: torch.Tensor, candidates: Sequence[Candid
     shape = fixed.shape[2:]
     with torch.no_grad():
         losses = _scores(moving, fixed, [c.displacement for c in candidates])  # (K, B)
-    allowed = torch.stack([plausible_mask(c.theta, shape, bounds).to(losses.device) for c in candidates])
-    reasons = implausible(candidates[0].theta, shape, bounds)
+    outside = [implausible(c.theta, shape, bounds) for c in candidates]  # per candidate, per pair
+    allowed = torch.tensor([[why is None for why in per_pair] for per_pair in outside], device=losses.device)
+    reasons = outside[0]
     theta = candidates[0].theta.clone()
     displacement = candidates[0].displacement.clone()
     reports = []

@@ -131,13 +131,12 @@ class RefineConfig(PlainConfig):
         scan_angles: rotations (degrees) tried in each plane of the whitened frame, on top of
             the proper signed axis permutations, when initialising from moments.
         scan_scales: the centre-of-mass candidates are also scaled by every combination of these
-            factors along fixed's axes (a grid: ``len ** n`` per turn); () off.
+            factors along moving's axes, after their turn (a grid: ``len ** n`` per turn); () off.
         scan_stretches, scan_turns: a local search about the ``stretch_starts`` best moment
             candidates, ``search_rounds`` times: each is also tried stretched by each factor along
             each of fixed's axes and turned by each angle (degrees) in each plane, about fixed's
             centre of mass (foregrounds cut by the field of view, anatomy that changes shape, round
-            outlines that leave the turn loose), and shifted by each of ``scan_shifts``
-            (normalised: 1 = half the field of view) along each axis. All () or ``stretch_starts`` 0: off.
+            outlines that leave the turn loose). Both () or ``stretch_starts`` 0: off.
         stretch_starts, search_rounds: see ``scan_stretches``.
         shift_reach: > 0: every moments candidate is first moved to the shift of fixed's grid its
             similarity prefers, up to this fraction of each axis, found for all shifts at once by FFT
@@ -191,7 +190,6 @@ class RefineConfig(PlainConfig):
     scan_scales: tuple[float, ...] = ()
     scan_stretches: tuple[float, ...] = (0.55, 0.7, 0.85, 1.2, 1.45, 1.8)
     scan_turns: tuple[float, ...] = (-16.0, -8.0, 8.0, 16.0)
-    scan_shifts: tuple[float, ...] = ()
     shift_reach: float = 0.0
     stretch_starts: int = 4
     search_rounds: int = 2
@@ -214,7 +212,8 @@ class RefineConfig(PlainConfig):
     def __post_init__(self):
         if self.orientation not in ORIENTATIONS:
             raise FirekitError(f"RefineConfig.orientation must be one of {ORIENTATIONS}, got {self.orientation!r}")
-        for name in ("scan_angles", "scan_scales", "scan_stretches", "scan_turns", "scan_shifts", "affine_levels", "affine_iterations", "field_levels", "field_iterations"):
+        for name in ("scan_angles", "scan_scales", "scan_stretches", "scan_turns", "affine_levels",
+                     "affine_iterations", "field_levels", "field_iterations"):
             setattr(self, name, tuple(getattr(self, name)))
         if self.similarity not in SIMILARITIES:
             raise FirekitError(
@@ -431,7 +430,20 @@ def _candidate_rotations(ndim: int, angles: tuple[float, ...]) -> torch.Tensor:
                 matrix[row, col] = sign
             if torch.linalg.det(matrix) > 0:
                 signed.append(matrix)
-    turns = [torch.eye(ndim, dtype=torch.float64)]
+    turns = [torch.eye(ndim, dtype=torch.float64), *_plane_turns(ndim, angles)]
+    rotations = torch.stack([p @ t for p in signed for t in turns])
+    # Drop duplicates (e.g. a 90-degree scan step reproduces a permutation).
+    keep = []
+    for k in range(rotations.shape[0]):
+        if all((rotations[k] - rotations[j]).abs().max() > 1e-6 for j in keep):
+            keep.append(k)
+    return rotations[keep]
+
+
+def _plane_turns(ndim: int, angles: Sequence[float]) -> list[torch.Tensor]:
+    """``(n, n)`` float64 rotations by each non-zero angle (degrees) of ``angles`` in each coordinate
+    plane in turn (not their products)."""
+    turns = []
     for i, j in itertools.combinations(range(ndim), 2):
         for angle in angles:
             if float(angle) % 360.0 == 0.0:
@@ -440,13 +452,7 @@ def _candidate_rotations(ndim: int, angles: tuple[float, ...]) -> torch.Tensor:
             turn = torch.eye(ndim, dtype=torch.float64)
             turn[i, i], turn[i, j], turn[j, i], turn[j, j] = c, -s, s, c
             turns.append(turn)
-    rotations = torch.stack([p @ t for p in signed for t in turns])
-    # Drop duplicates (e.g. a 90-degree scan step reproduces a permutation).
-    keep = []
-    for k in range(rotations.shape[0]):
-        if all((rotations[k] - rotations[j]).abs().max() > 1e-6 for j in keep):
-            keep.append(k)
-    return rotations[keep]
+    return turns
 
 
 def _foreground_moments(image: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -518,11 +524,14 @@ def _centre_candidates(centre_m: torch.Tensor, centre_f: torch.Tensor, cov_m: to
     """Voxel affines ``(B, K, n, n+1)`` that match the foregrounds' centres and keep the headers' axes
     (what ANTs starts from: centres of mass, no axis search): turned by every angle of ``angles`` in
     each plane, and scaled uniformly by the ratio of the foregrounds' sizes or by every combination
-    of ``scales`` along fixed's axes (a foreground cut by the field of view misleads the moments)."""
+    of ``scales`` along moving's axes after the turn, ``x_m = c_m + D R (x_f - c_f)`` (a foreground
+    cut by the field of view misleads the moments)."""
     ndim = centre_m.shape[1]
     size = (torch.linalg.det(cov_m) / torch.linalg.det(cov_f)).clamp_min(1e-12) ** (0.5 / ndim)  # (B,)
-    turns = _candidate_rotations(ndim, tuple(float(a) for a in angles))
-    turns = turns[[k for k in range(turns.shape[0]) if _is_small_turn(turns[k])]].to(cov_m)  # (T, n, n)
+    # Scan turns about the headers' axes only (a turn of 60 degrees or more is an axis permutation's job).
+    turns = [torch.eye(ndim, dtype=torch.float64)] + [
+        turn for turn in _plane_turns(ndim, angles) if float(torch.diagonal(turn).min()) > 0.5]
+    turns = torch.stack(turns).to(cov_m)  # (T, n, n)
     grid = torch.tensor(list(itertools.product(*[[float(v) for v in scales]] * ndim)) if scales else [[1.0] * ndim],
                         dtype=cov_m.dtype, device=cov_m.device)  # (G, n)
     diagonal = torch.cat([torch.diag_embed(grid)[None].expand(size.shape[0], -1, -1, -1),
@@ -530,11 +539,6 @@ def _centre_candidates(centre_m: torch.Tensor, centre_f: torch.Tensor, cov_m: to
     linear = (diagonal[:, None] @ turns[None, :, None]).flatten(1, 2)  # (B, T * (G + 1), n, n)
     shift = centre_m[:, None] - (linear @ centre_f[:, None, :, None])[..., 0]
     return torch.cat([linear, shift[..., None]], dim=-1)
-
-
-def _is_small_turn(rotation: torch.Tensor) -> bool:
-    """Whether a candidate rotation is a scan turn about the identity (not an axis permutation)."""
-    return bool(torch.diagonal(rotation).min() > 0.5)
 
 
 def _moment_candidates(moving: _Pyramid, fixed: _Pyramid, config: RefineConfig,
@@ -556,8 +560,8 @@ def _moment_candidates(moving: _Pyramid, fixed: _Pyramid, config: RefineConfig,
     # x_m = c_m + C_m^1/2 R C_f^-1/2 (x_f - c_f): maps fixed's foreground ellipsoid onto moving's.
     linear = root_m[:, None] @ rotations[None] @ inv_root_f[:, None]  # (B, K, n, n)
     shift = centre_m[:, None] - (linear @ centre_f[:, None, :, None])[..., 0]
-    voxel = torch.cat([torch.cat([linear, shift[..., None]], dim=-1),
-                       _centre_candidates(centre_m, centre_f, cov_m, cov_f, config.scan_angles, config.scan_scales)], dim=1)
+    centred = _centre_candidates(centre_m, centre_f, cov_m, cov_f, config.scan_angles, config.scan_scales)
+    voxel = torch.cat([torch.cat([linear, shift[..., None]], dim=-1), centred], dim=1)
     batch, count = voxel.shape[:2]
     thetas = _voxel_to_normalised_between(voxel.reshape(batch * count, ndim, ndim + 1), moving_shape,
                                           fixed_shape).reshape(batch, count, ndim, ndim + 1).to(fixed.image)
@@ -574,8 +578,7 @@ def _moment_candidates(moving: _Pyramid, fixed: _Pyramid, config: RefineConfig,
         # anatomy changes shape along it, and a round outline leaves the turn loose: search about
         # the best candidates, stretched along each of fixed's axes and turned in each plane about
         # fixed's centre of mass, for a few rounds; the similarity judges every one.
-        inner = _perturbations(centre_f, fixed_shape, config.scan_stretches, config.scan_turns,
-                               config.scan_shifts).to(thetas)
+        inner = _perturbations(centre_f, fixed_shape, config.scan_stretches, config.scan_turns).to(thetas)
         for _ in range(config.search_rounds):
             top = thetas[:, : config.stretch_starts]  # (B, k, n, n+1)
             k, count = top.shape[1], inner.shape[1]
@@ -610,37 +613,21 @@ def _diverse(thetas: torch.Tensor, scores: torch.Tensor, allowed: torch.Tensor, 
             torch.gather(scores, 1, index))
 
 
-def _perturbations(centre: torch.Tensor, shape, stretches: Sequence[float], turns: Sequence[float],
-                   shifts: Sequence[float] = ()) -> torch.Tensor:
+def _perturbations(centre: torch.Tensor, shape, stretches: Sequence[float], turns: Sequence[float]) -> torch.Tensor:
     """Normalised affines ``(B, P, n, n+1)`` on ``shape``: a stretch by each factor along each axis and
-    a turn by each angle (degrees) in each plane, about ``centre`` ``(B, n)`` (voxel indices), and a
-    shift by each of ``shifts`` (normalised units: 1 = half the field of view) along each axis."""
+    a turn by each angle (degrees) in each plane, about ``centre`` ``(B, n)`` (voxel indices)."""
     ndim = centre.shape[1]
-    moves = []
-    for axis in range(ndim):
-        for value in shifts:
-            move = torch.eye(ndim, ndim + 1, dtype=centre.dtype, device=centre.device)
-            move[axis, ndim] = float(value)
-            moves.append(move)
     linears = []
     for axis in range(ndim):
         for value in stretches:
             scale = torch.eye(ndim, dtype=torch.float64)
             scale[axis, axis] = float(value)
             linears.append(scale)
-    for i, j in itertools.combinations(range(ndim), 2):
-        for angle in turns:
-            c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
-            turn = torch.eye(ndim, dtype=torch.float64)
-            turn[i, i], turn[i, j], turn[j, i], turn[j, j] = c, -s, s, c
-            linears.append(turn)
+    linears += _plane_turns(ndim, turns)
     linear = torch.stack(linears)[None].to(centre.dtype).expand(centre.shape[0], -1, -1, -1)  # (B, P, n, n)
     shift = centre[:, None] - (linear @ centre[:, None, :, None])[..., 0]  # x -> c + L (x - c)
     voxel = torch.cat([linear, shift[..., None]], dim=-1)
-    normalised = spatial.voxel_affine_to_normalised(voxel.flatten(0, 1), shape).view_as(voxel)
-    if moves:
-        normalised = torch.cat([normalised, torch.stack(moves)[None].expand(centre.shape[0], -1, -1, -1)], dim=1)
-    return normalised
+    return spatial.voxel_affine_to_normalised(voxel.flatten(0, 1), shape).view_as(voxel)
 
 
 def _best_shifts(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_features: torch.Tensor,
@@ -656,7 +643,8 @@ def _best_shifts(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_feature
 
     Returns:
         the shifted candidates ``(B, K, n, n+1)`` and their scores ``(B, K)`` (mean squared
-        feature difference, as the similarity's own comparison without a mask).
+        feature difference, as the similarity's own comparison without a mask, but for the features
+        at the grid's border, which see the padded moving image).
     """
     batch, count, ndim = thetas.shape[0], thetas.shape[1], thetas.shape[2]
     shape = fixed_features.shape[2:]
@@ -667,10 +655,10 @@ def _best_shifts(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_feature
                            device=thetas.device)
     chunk = max(1, _SCORE_VOXELS // math.prod(big))
     dims = tuple(range(-ndim, 0))
-    fixed_spectrum = torch.fft.rfftn(nnf.pad(fixed_features, [v for p in reversed(pad) for v in (0, 2 * p)]), dim=dims)
+    padding = [v for p in reversed(pad) for v in (0, 2 * p)]  # fixed at the start of the padded grid
+    fixed_spectrum = torch.fft.rfftn(nnf.pad(fixed_features, padding), dim=dims)
     fixed_energy = fixed_features.square().sum(dim=1).flatten(1).sum(dim=1)  # (B,)
-    ones = torch.fft.rfftn(nnf.pad(torch.ones_like(fixed_features[:, :1]), [v for p in reversed(pad) for v in (0, 2 * p)]),
-                           dim=dims)
+    ones = torch.fft.rfftn(nnf.pad(torch.ones_like(fixed_features[:, :1]), padding), dim=dims)
     channels = fixed_features.shape[1]
     voxels = math.prod(int(size) for size in shape)
     shifted, scores = [], []

@@ -307,8 +307,7 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
     ndim = x_fixed.ndim - 2
     shape = x_fixed.shape[2:]
     bounds = default_bounds(ndim, orientation)
-    header = Candidate("header", spatial.identity_affine(ndim, x_fixed.shape[0]),
-                       torch.zeros(x_fixed.shape[0], ndim, *shape))
+    header = _header_candidate(x_fixed)
     theta = flow = None
     if model is not None:
         theta, disp, warped, flow = _network(model, x_moving, x_fixed, direction, affine_only, device, network_factor)
@@ -350,6 +349,13 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
         start_disp = torch.where(from_network, with_flow, start_disp)
     candidates = [Candidate("result", theta, disp), Candidate("start", start, start_disp), header]
     return _checked(x_moving.cpu(), x_fixed.cpu(), candidates, bounds, warped.detach().cpu())
+
+
+def _header_candidate(fixed: torch.Tensor) -> Candidate:
+    """The headers' alignment of ``(B, 1, *S)`` images on one grid: identity affine, no displacement."""
+    ndim = fixed.ndim - 2
+    return Candidate("header", spatial.identity_affine(ndim, fixed.shape[0]),
+                     torch.zeros(fixed.shape[0], ndim, *fixed.shape[2:]))
 
 
 def _checked(x_moving: torch.Tensor, x_fixed: torch.Tensor, candidates: list[Candidate], bounds,
@@ -481,9 +487,8 @@ def register(
         warped_net = torch.cat([p.warped for p in parts]).cpu()
         report = None
         if check:
-            header = Candidate("header", spatial.identity_affine(2, theta.shape[0]), torch.zeros_like(disp))
-            theta, disp, warped_net, reports = _checked(xm, xf, [Candidate("result", theta, disp), header],
-                                                        default_bounds(2, orientation), warped_net)
+            candidates = [Candidate("result", theta, disp), _header_candidate(xf)]
+            theta, disp, warped_net, reports = _checked(xm, xf, candidates, default_bounds(2, orientation), warped_net)
             report = _slices_report(reports)
         in_plane = spatial.normalised_to_voxel(disp)  # (Z, 2, X, Y)
         voxels = torch.cat([in_plane, torch.zeros_like(in_plane[:, :1])], dim=1).movedim(0, -1)[None]

@@ -212,3 +212,25 @@ def test_cli_init_search_axes_and_the_check_in_its_json(subject, tmp_path, capsy
                               torch.as_tensor(slab["labels"].data.astype(np.int64)), (1, 2, 3))
         dice[init] = float(np.mean(list(scores.values())))
     assert dice["search-axes"] > 0.75 and dice["header"] < dice["search-axes"] - 0.2, dice
+
+
+def test_the_fft_shift_search_finds_a_known_shift():
+    """``RefineConfig.shift_reach`` (off by default): a candidate off by a known shift is moved back,
+    and its score is the plain similarity at the moved candidate up to the features at the border
+    (the padded grid gives MIND its context there)."""
+    from firekit.refine import _best_shifts, _score_affines
+    from firekit.similarity import get_similarity
+
+    grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 40), indexing="ij"))
+    blob = torch.exp(-((grid[0] - 0.1) ** 2 / 0.1 + (grid[1] + 0.2) ** 2 / 0.05))
+    fixed = (blob * 2 - 1)[None, None].float()
+    moving = fixed.clone()
+    similarity = get_similarity("mind")
+    features = similarity.features(fixed)
+    off = spatial.identity_affine(2, 1)[:, None].clone()  # (1, 1, 2, 3)
+    off[0, 0, :, 2] = torch.tensor([4 * 2 / 31, -3 * 2 / 39])  # 4 and -3 voxels
+    moved, scores = _best_shifts(off, moving, features, similarity, reach=0.25)
+    assert torch.allclose(moved[0, 0, :, 2], torch.zeros(2), atol=1e-5)
+    plain = _score_affines(moving, features, moved, similarity)
+    assert float(scores[0, 0]) == pytest.approx(float(plain[0, 0]), abs=5e-3)
+    assert float(plain[0, 0]) < float(_score_affines(moving, features, off, similarity)[0, 0])
