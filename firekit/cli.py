@@ -11,7 +11,7 @@ from . import __version__
 from .errors import FirekitError
 
 # firekit.workflows.RECIPES by name (kept here so that --help imports no torch; a test keeps them equal)
-RECIPE_NAMES = ("learn2d", "learn2d-fine", "learn3d")
+RECIPE_NAMES = ("learn2d", "learn2d-fine", "learn2d-synth", "learn3d")
 
 CONVENTIONS = (
     "Conventions: the displacement u lives on the fixed image's grid, in mm, with ITK/LPS signs "
@@ -91,6 +91,7 @@ def _train(args: argparse.Namespace) -> None:
         curriculum_steps=args.curriculum_steps, aux_weight=args.aux_weight, prealign=args.prealign,
         residual_bound=args.residual_bound, affine_pooling=args.affine_pooling, init=args.init,
         similarity_weight=args.similarity_weight, distill_weight=args.distill_weight,
+        synthesis_weight=args.synthesis_weight, invariance_weight=args.invariance_weight,
         affine_first_steps=args.affine_first_steps, **options,
     )
     _trained(args, result)
@@ -338,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --prealign: bound each entry of the learned residual affine to +-B (default 0 = off)")
     train.add_argument("--similarity-weight", type=float, default=0.0,
                        help="weight of a MIND similarity between each warped image and the other input (not in the "
+                       "paper; default 0 = off)")
+    train.add_argument("--synthesis-weight", type=float, default=0.0,
+                       help="weight of each synthesis against the other contrast aligned with its input (pairs "
+                       "of one subject; not in the paper; default 0 = off)")
+    train.add_argument("--invariance-weight", type=float, default=0.0,
+                       help="weight of G's codes of the two contrasts of an aligned pair matching (not in the "
                        "paper; default 0 = off)")
     train.add_argument("--distill-weight", type=float, default=0.0,
                        help="weight of supervision by per-pair refinement's result (distillation; slower steps; "

@@ -294,6 +294,11 @@ def pair_generator(seed: int, step: int, pair: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def _warp_image(x: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+    """``x`` ``(B, 1, *S)`` in [-1, 1] warped by a normalised displacement, background outside."""
+    return (spatial.warp(x + 1.0, displacement, padding_mode="zeros") - 1.0).clamp(-1.0, 1.0)
+
+
 class PairDataset:
     """Training pairs drawn deterministically per step (the trainer's *pair source*).
 
@@ -312,6 +317,8 @@ class PairDataset:
         curriculum_steps: ramp the augmentation strength from ``curriculum_start`` to 1 over this
             many steps (0: full strength from the start).
         targets: also return each pair's known answer (for the auxiliary loss).
+        counterparts: also return each pair's aligned counterparts, modality B under A's transform
+            and A under B's (for the trainer's synthesis and feature-invariance terms).
     """
 
     def __init__(
@@ -327,6 +334,7 @@ class PairDataset:
         curriculum_steps: int = 0,
         curriculum_start: float = 0.25,
         targets: bool = True,
+        counterparts: bool = False,
     ):
         if not subjects:
             raise FirekitError("no subjects to train on")
@@ -347,6 +355,7 @@ class PairDataset:
         self.curriculum_steps = int(curriculum_steps)
         self.curriculum_start = float(curriculum_start)
         self.targets = bool(targets)
+        self.counterparts = bool(counterparts)
         self.slicewise = data_ndim == 3 and ndim == 2
         self.shape = tuple(
             max(s.a.shape[2 + i] for s in self.subjects) for i in range(ndim)
@@ -403,7 +412,7 @@ class PairDataset:
 
         config = self.augment.with_strength(self.augment.strength * self.strength(step))
         moved = random_transform(self.shape, self.spacing, generator, config)
-        x = (spatial.warp(x + 1.0, moved.displacement, padding_mode="zeros") - 1.0).clamp(-1.0, 1.0)
+        x = _warp_image(x, moved.displacement)
         if labels is not None:
             labels = spatial.warp_labels(labels, moved.displacement)
         return x, labels, moved.displacement
@@ -415,9 +424,12 @@ class PairDataset:
 
         Keys: ``x_a``, ``x_b``; ``labels_a``, ``labels_b`` with labels; ``u_a2b``, ``u_b2a``
         ``(B, ndim, *shape)`` normalised, the known answer of each registration direction, when
-        ``targets`` is on, A and B come from one subject and augmentation is on.
+        ``targets`` is on, A and B come from one subject and augmentation is on; likewise with
+        ``counterparts`` on, ``x_b_on_a`` (B under A's transform: aligned with ``x_a``) and
+        ``x_a_on_b``.
         """
-        out: dict[str, list] = {"x_a": [], "x_b": [], "labels_a": [], "labels_b": [], "u_a2b": [], "u_b2a": []}
+        out: dict[str, list] = {"x_a": [], "x_b": [], "labels_a": [], "labels_b": [], "u_a2b": [], "u_b2a": [],
+                                "x_b_on_a": [], "x_a_on_b": []}
         for pair in range(first, first + batch_size):
             generator = pair_generator(self.seed, step, pair)
             index, k = self.items[int(torch.randint(len(self.items), (1,), generator=generator))]
@@ -431,12 +443,15 @@ class PairDataset:
                                                    None if labels is None else labels.long(), step)
             x_b, labels_b, phi_b = self._transform(self._image(other, "b", k), generator,
                                                    None if labels_other is None else labels_other.long(), step)
-            u_a2b = u_b2a = None
+            u_a2b = u_b2a = b_on_a = a_on_b = None
             if self.targets and phi_a is not None and other is subject:
                 # A and B of a subject are co-registered, so the a2b answer is phi_a^-1 o phi_b.
                 u_a2b = spatial.compose(spatial.invert_displacement(phi_a), phi_b)
                 u_b2a = spatial.compose(spatial.invert_displacement(phi_b), phi_a)
-            for key, value in zip(out, (x_a, x_b, labels_a, labels_b, u_a2b, u_b2a)):
+            if self.counterparts and phi_a is not None and other is subject:
+                b_on_a = _warp_image(self._image(subject, "b", k), phi_a)
+                a_on_b = _warp_image(self._image(subject, "a", k), phi_b)
+            for key, value in zip(out, (x_a, x_b, labels_a, labels_b, u_a2b, u_b2a, b_on_a, a_on_b)):
                 out[key].append(value)
         batch = {key: torch.cat(values) for key, values in out.items() if all(v is not None for v in values)}
         return batch

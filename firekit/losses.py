@@ -32,6 +32,8 @@ __all__ = [
     "reg_ic",
     "r_smooth",
     "transform_supervision",
+    "synthesis_supervision",
+    "feature_invariance",
     "r_syn",
     "r_reg",
     "bending_energy",
@@ -172,6 +174,11 @@ class FireLoss(NamedTuple):
     # supervision by refinement's result (TrainConfig.distill_weight).
     sim: torch.Tensor | float = 0.0
     distill: torch.Tensor | float = 0.0
+    # Not in the paper, weighted in likewise (TrainConfig.synthesis_weight, invariance_weight):
+    # each synthesis against the other contrast aligned with its input, and G's codes of the two
+    # contrasts of one aligned pair (bench/training.md, "Synthesis and invariance").
+    syn_sup: torch.Tensor | float = 0.0
+    inv: torch.Tensor | float = 0.0
 
     @property
     def syn(self) -> torch.Tensor:
@@ -204,6 +211,24 @@ def transform_supervision(displacement: torch.Tensor, target: torch.Tensor) -> t
     if displacement.shape != target.shape:
         raise ValueError(f"displacement {tuple(displacement.shape)} and target {tuple(target.shape)} differ")
     return ((displacement - target) ** 2).sum(dim=1).mean()
+
+
+def synthesis_supervision(synth_b, x_b_on_a, synth_a, x_a_on_b) -> torch.Tensor:
+    """Synthesis against an exact target: RMS(F_AB(G(x^A)), x^B-on-A) + RMS(F_BA(G(x^B)), x^A-on-B).
+
+    Not a paper term. ``x_b_on_a`` is modality B of the subject under x^A's own augmentation (so
+    aligned with x^A voxel for voxel); Eq. 2 instead compares F's output on features warped by the
+    network's estimate, whose residual error blurs the target (bench/training.md).
+    """
+    return rms(synth_b, x_b_on_a) + rms(synth_a, x_a_on_b)
+
+
+def feature_invariance(feat_a, feat_b_on_a, feat_b, feat_a_on_b) -> torch.Tensor:
+    """G codes both contrasts alike: RMS(G(x^A), G(x^B-on-A)) + RMS(G(x^B), G(x^A-on-B)).
+
+    Not a paper term: Eq. 3 asks the same of G(x^B) warped by the network's estimate.
+    """
+    return rms(feat_a, feat_b_on_a) + rms(feat_b, feat_a_on_b)
 
 
 def fire_loss(out, x_a: torch.Tensor, x_b: torch.Tensor, smooth_weight: float | None = None) -> FireLoss:

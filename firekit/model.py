@@ -213,6 +213,9 @@ class FireOutput(NamedTuple):
         reg_b_affine, reg_a_affine: F_AB(G(x^A o phi_af_AB)), F_BA(G(x^B o phi_af_BA)) (Eq. 12).
         warped_a, warped_b: x^A o phi_AB, x^B o phi_BA.
         cycled_a, cycled_b: x^A o phi_AB o phi_BA, x^B o phi_BA o phi_AB (Eq. 8).
+        feat_b_on_a, feat_a_on_b: G(x^B-on-A), G(x^A-on-B) of the aligned counterparts (the other
+            contrast of the same subject under the same transform) when ``forward`` got them, else
+            None (not in the paper: the trainer's feature-invariance term).
     """
 
     feat_a: torch.Tensor
@@ -241,6 +244,8 @@ class FireOutput(NamedTuple):
     warped_b: torch.Tensor
     cycled_a: torch.Tensor
     cycled_b: torch.Tensor
+    feat_b_on_a: torch.Tensor | None = None
+    feat_a_on_b: torch.Tensor | None = None
 
 
 class Registration(NamedTuple):
@@ -410,8 +415,13 @@ class Fire(nn.Module):
         displacement = transform.displacement(moving.shape[2:])
         return Registration(transform.theta, displacement, spatial.warp(moving, displacement), transform.flow)
 
-    def forward(self, x_a: torch.Tensor, x_b: torch.Tensor, affine_only: bool = False) -> FireOutput:
+    def forward(self, x_a: torch.Tensor, x_b: torch.Tensor, affine_only: bool = False,
+                counterparts: tuple[torch.Tensor, torch.Tensor] | None = None) -> FireOutput:
         """Full training graph for a pair ``x_a``, ``x_b`` of shape ``(B, C, *S)``.
+
+        ``counterparts``: ``(x_b_on_a, x_a_on_b)``, the B image aligned with ``x_a`` and the A image
+        aligned with ``x_b`` (known for augmented pairs of one subject); G encodes them in the same
+        call, for the trainer's feature-invariance term.
 
         Calls of the same network are batched together; instance norm is per sample,
         so batching does not change any output. ``affine_only``: both T skip the non-rigid
@@ -426,7 +436,8 @@ class Fire(nn.Module):
             raise FirekitError(f"x_a {tuple(x_a.shape)} and x_b {tuple(x_b.shape)} shapes differ")
         image_shape = x_a.shape[2:]
 
-        feat_a, feat_b = _split(self.encoder(torch.cat([x_a, x_b])), 2)
+        inputs = [x_a, x_b, *(counterparts or ())]
+        feat_a, feat_b, *feat_counterparts = _split(self.encoder(torch.cat(inputs)), len(inputs))
         feat_shape = feat_a.shape[2:]
         theta0 = self.initial_affine(x_a, x_b)
         # The B->A start is the A->B one inverted, so the two starts are each other's inverse.
@@ -478,6 +489,7 @@ class Fire(nn.Module):
             reg_b_affine=reg_b_affine, reg_a_affine=reg_a_affine,
             warped_a=warped_a, warped_b=warped_b,
             cycled_a=cycled_a, cycled_b=cycled_b,
+            **dict(zip(("feat_b_on_a", "feat_a_on_b"), feat_counterparts)),
         )
 
     # ------------------------------------------------------------------ checkpoints

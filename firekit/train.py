@@ -37,7 +37,7 @@ from . import metrics, spatial
 from ._atomic import atomic_write_text
 from ._config import PlainConfig
 from .errors import FirekitError
-from .losses import FireLoss, fire_loss, transform_supervision
+from .losses import FireLoss, feature_invariance, fire_loss, synthesis_supervision, transform_supervision
 from .model import Fire, architecture_differences, load_checkpoint
 
 __all__ = [
@@ -104,6 +104,12 @@ class TrainConfig(PlainConfig):
         distill_weight: weight of the supervision of both displacements by what
             :func:`firekit.refine.refine` finds for the same pair (distillation; costs one
             refinement per pair and direction per step); not in the paper, 0 = off.
+        synthesis_weight: weight of :func:`~firekit.losses.synthesis_supervision`, each synthesis
+            against the other contrast aligned with its input (batches carrying ``x_b_on_a`` /
+            ``x_a_on_b``: augmented pairs of one subject); not in the paper, 0 = off.
+        invariance_weight: weight of :func:`~firekit.losses.feature_invariance`, G's codes of
+            those aligned counterparts against the inputs' (one more pass of G); not in the paper,
+            0 = off.
         affine_first_steps: the first this many steps train the affine subnets only (zero
             non-rigid flow), on images at half resolution (when that keeps the network's minimum
             size); not in the paper, 0 = off.
@@ -144,6 +150,8 @@ class TrainConfig(PlainConfig):
     similarity_weight: float = 0.0
     similarity: str = "mind"
     distill_weight: float = 0.0
+    synthesis_weight: float = 0.0
+    invariance_weight: float = 0.0
     affine_first_steps: int = 0
     schedule: str = "constant"
     min_lr_fraction: float = 0.05
@@ -163,7 +171,7 @@ class TrainConfig(PlainConfig):
             raise FirekitError(f"TrainConfig.ema_decay must be in [0, 1), got {self.ema_decay!r}")
         if not 0.0 <= self.min_lr_fraction <= 1.0:
             raise FirekitError(f"TrainConfig.min_lr_fraction must be in [0, 1], got {self.min_lr_fraction!r}")
-        for name in ("aux_weight", "similarity_weight", "distill_weight"):
+        for name in ("aux_weight", "similarity_weight", "distill_weight", "synthesis_weight", "invariance_weight"):
             if not getattr(self, name) >= 0:
                 raise FirekitError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         minimum = {"iterations": 1, "batch_size": 1, "val_every": 0, "checkpoint_every": 0, "warmup_steps": 0,
@@ -271,6 +279,9 @@ def train_step(
     distill_weight: float = 0.0,
     affine_only: bool = False,
     check_finite: bool = True,
+    counterparts: tuple[torch.Tensor, torch.Tensor] | None = None,
+    synthesis_weight: float = 0.0,
+    invariance_weight: float = 0.0,
 ) -> FireLoss:
     """One step: forward both directions, Eq. 1, one backward, each optimiser steps its own group.
 
@@ -289,6 +300,9 @@ def train_step(
         distill_targets: ``(u_a2b, u_b2a)`` displacements found by refinement, supervising the
             network's with weight ``distill_weight`` (0: off).
         affine_only: zero non-rigid flow (affine-first training).
+        counterparts: ``(x_b_on_a, x_a_on_b)``, modality B aligned with ``x_a`` and A aligned with
+            ``x_b``, for :func:`~firekit.losses.synthesis_supervision` (weight ``synthesis_weight``)
+            and :func:`~firekit.losses.feature_invariance` (``invariance_weight``; 0: off).
         check_finite: refuse a non-finite loss before any optimiser steps. Off, the step reads
             nothing back from the device (no host sync on a GPU); the caller checks the returned
             loss later (:func:`train` does, every ``sync_every`` steps).
@@ -305,15 +319,24 @@ def train_step(
         for optimizer in optimizers.values():
             for group in optimizer.param_groups:
                 group["lr"] = group.setdefault("initial_lr", group["lr"]) * ramp
+    if counterparts is None:
+        synthesis_weight = invariance_weight = 0.0
+    encoded = counterparts if invariance_weight else None
     if autocast:
         with torch.autocast(x_a.device.type, dtype=torch.bfloat16):
-            out = model(x_a, x_b, affine_only=affine_only)
+            out = model(x_a, x_b, affine_only=affine_only, counterparts=encoded)
         # bf16 keeps 8 bits of mantissa: too few for RMS of small residuals or for the second
         # differences of the bending energy.
         out = _to_float32(out)
     else:
-        out = model(x_a, x_b, affine_only=affine_only)
+        out = model(x_a, x_b, affine_only=affine_only, counterparts=encoded)
     loss = fire_loss(out, x_a, x_b)
+    if synthesis_weight:
+        syn_sup = synthesis_supervision(out.synth_b, counterparts[0], out.synth_a, counterparts[1])
+        loss = loss._replace(total=loss.total + synthesis_weight * syn_sup, syn_sup=syn_sup)
+    if invariance_weight:
+        inv = feature_invariance(out.feat_a, out.feat_b_on_a, out.feat_b, out.feat_a_on_b)
+        loss = loss._replace(total=loss.total + invariance_weight * inv, inv=inv)
     if aux_weight and targets is not None:
         aux = transform_supervision(out.disp_ab, targets[0]) + transform_supervision(out.disp_ba, targets[1])
         loss = loss._replace(total=loss.total + aux_weight * aux, aux=aux)
@@ -492,6 +515,10 @@ def train(
                     targets = None
                     if config.aux_weight and "u_a2b" in batch:
                         targets = tuple(_batch_tensor(batch, key, where, device) for key in ("u_a2b", "u_b2a"))
+                    counterparts = None
+                    if (config.synthesis_weight or config.invariance_weight) and "x_b_on_a" in batch:
+                        counterparts = tuple(_batch_tensor(batch, key, where, device, memory_format)
+                                             for key in ("x_b_on_a", "x_a_on_b"))
                     affine_first = index < config.affine_first_steps
                     if affine_first:
                         x_a, x_b, targets = _half_resolution(x_a, x_b, targets, model)
@@ -504,7 +531,8 @@ def train(
                         targets=targets, aux_weight=config.aux_weight, similarity=similarity,
                         similarity_weight=config.similarity_weight, distill_targets=distill_targets,
                         distill_weight=config.distill_weight, affine_only=affine_first,
-                        check_finite=sync_every == 1,
+                        check_finite=sync_every == 1, counterparts=None if affine_first else counterparts,
+                        synthesis_weight=config.synthesis_weight, invariance_weight=config.invariance_weight,
                     )
                 except FirekitError as exc:
                     # train_step checks before any optimiser steps: the steps before it stand, once

@@ -34,6 +34,13 @@ RECIPES: dict[str, dict] = {
                          lr_nonrigid=3e-4, lr_synthesis=3e-4, schedule="cosine", warmup_steps=100,
                          ema_decay=0.999, batch_size=4, spacing=1.28, iterations=4_000, val_every=500,
                          checkpoint_every=250),
+    # 2D, synthesis stage: the coarse stage's model (--init) keeps its registration terms while the
+    # decoders learn against exact aligned targets and G codes both contrasts alike
+    # (bench/training.md, "Synthesis and invariance").
+    "learn2d-synth": dict(preset="small", affine_pooling="keypoints", aux_weight=1000.0, synthesis_weight=10.0,
+                          invariance_weight=10.0, lr_affine=3e-4, lr_nonrigid=3e-4, lr_synthesis=3e-4,
+                          schedule="cosine", warmup_steps=100, ema_decay=0.99, batch_size=4, spacing=2.56,
+                          iterations=2_000, val_every=250, checkpoint_every=250),
     # 3D, the same recipe on volumes at 2.56 mm, batch 2 (plan it for a GPU: bench/gpu_train.py).
     "learn3d": dict(preset="small", affine_pooling="keypoints", aux_weight=1000.0, lr_affine=1e-3,
                     lr_nonrigid=1e-3, lr_synthesis=1e-3, schedule="cosine", warmup_steps=500, ema_decay=0.999,
@@ -59,6 +66,7 @@ def build_dataset(
     progress: bool = True,
     curriculum_steps: int = 0,
     flags: tuple[str, str, str] = ("--a", "--b", "--labels"),
+    counterparts: bool = False,
 ) -> PairDataset:
     """Match, load and wrap subjects from globs into a :class:`PairDataset`.
 
@@ -66,6 +74,7 @@ def build_dataset(
         augment: True for the paper's augmentation (``AugmentConfig()``), False for none, or an
             ``AugmentConfig``.
         flags: the command-line names of the three globs, for error messages.
+        counterparts: batches also carry each pair's aligned counterparts (``PairDataset``).
     """
     from tqdm.auto import tqdm
 
@@ -82,7 +91,7 @@ def build_dataset(
     config = AugmentConfig() if augment is True else (augment or None)
     info = {"a": a, "b": b, "labels": labels}
     return PairDataset(loaded, ndim, config, seed=seed, pairing=pairing, spacing=spacing, info=info,
-                       curriculum_steps=curriculum_steps)
+                       curriculum_steps=curriculum_steps, counterparts=counterparts)
 
 
 def train_on_files(
@@ -120,8 +129,9 @@ def train_on_files(
     model (:class:`FireConfig`), ``train_options`` to :class:`TrainConfig`; ``callback`` to ``train`` (e.g. a
     ``viz.LossPlot``). ``init``: a model.pt whose weights the new model starts from (e.g. a coarser stage).
     """
+    counterparts = bool(train_options.get("synthesis_weight") or train_options.get("invariance_weight"))
     dataset = build_dataset(a, b, labels, ndim, spacing, seed, augment, progress=progress,
-                            curriculum_steps=curriculum_steps)
+                            curriculum_steps=curriculum_steps, counterparts=counterparts)
     validation = None
     if val_a or val_b:
         if not (val_a and val_b):
