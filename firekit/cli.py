@@ -91,7 +91,7 @@ def _train(args: argparse.Namespace) -> None:
         curriculum_steps=args.curriculum_steps, aux_weight=args.aux_weight, prealign=args.prealign,
         residual_bound=args.residual_bound, affine_pooling=args.affine_pooling, init=args.init,
         similarity_weight=args.similarity_weight, distill_weight=args.distill_weight,
-        synthesis_weight=args.synthesis_weight, invariance_weight=args.invariance_weight,
+        synthesis_weight=args.synthesis_weight, invariance_weight=args.invariance_weight, train_only=args.train_only,
         affine_first_steps=args.affine_first_steps, **options,
     )
     _trained(args, result)
@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--invariance-weight", type=float, default=0.0,
                        help="weight of G's codes of the two contrasts of an aligned pair matching (not in the "
                        "paper; default 0 = off)")
+    train.add_argument("--train-only", choices=["all", "decoders"], default="all",
+                       help="decoders: only F_AB and F_BA learn, G and both T frozen (a synthesis stage that "
+                       "leaves registration as it is; default all)")
     train.add_argument("--distill-weight", type=float, default=0.0,
                        help="weight of supervision by per-pair refinement's result (distillation; slower steps; "
                        "default 0 = off)")

@@ -110,6 +110,8 @@ class TrainConfig(PlainConfig):
         invariance_weight: weight of :func:`~firekit.losses.feature_invariance`, G's codes of
             those aligned counterparts against the inputs' (one more pass of G); not in the paper,
             0 = off.
+        train_only: ``"all"`` (the paper) or ``"decoders"``: only F_AB and F_BA learn (G and both T
+            frozen), a synthesis stage that cannot change a registration; not in the paper.
         affine_first_steps: the first this many steps train the affine subnets only (zero
             non-rigid flow), on images at half resolution (when that keeps the network's minimum
             size); not in the paper, 0 = off.
@@ -152,6 +154,7 @@ class TrainConfig(PlainConfig):
     distill_weight: float = 0.0
     synthesis_weight: float = 0.0
     invariance_weight: float = 0.0
+    train_only: str = "all"
     affine_first_steps: int = 0
     schedule: str = "constant"
     min_lr_fraction: float = 0.05
@@ -165,6 +168,8 @@ class TrainConfig(PlainConfig):
             raise FirekitError(f"TrainConfig.betas needs 2 values, got {list(self.betas)}")
         if self.similarity not in SIMILARITIES:
             raise FirekitError(f"TrainConfig.similarity must be one of {sorted(SIMILARITIES)}, got {self.similarity!r}")
+        if self.train_only not in ("all", "decoders"):
+            raise FirekitError(f"TrainConfig.train_only must be 'all' or 'decoders', got {self.train_only!r}")
         if self.schedule not in ("constant", "cosine"):
             raise FirekitError(f"TrainConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -245,12 +250,16 @@ def _rates(config: TrainConfig) -> dict[str, float]:
 
 
 def make_optimizers(model: Fire, config: TrainConfig) -> dict[str, torch.optim.Adam]:
-    """The three Adam optimisers, keyed like :meth:`Fire.param_groups`."""
+    """The three Adam optimisers, keyed like :meth:`Fire.param_groups`; with ``train_only``
+    ``"decoders"`` one, over F_AB and F_BA, every other weight frozen (``requires_grad`` off)."""
     rates = _rates(config)
-    return {
-        name: torch.optim.Adam(params, lr=rates[name], betas=tuple(config.betas))
-        for name, params in model.param_groups().items()
-    }
+    groups = model.param_groups()
+    if config.train_only == "decoders":
+        decoders = {id(p) for p in (*model.decoder_ab.parameters(), *model.decoder_ba.parameters())}
+        for parameter in model.parameters():
+            parameter.requires_grad_(id(parameter) in decoders)
+        groups = {"synthesis": [p for p in groups["synthesis"] if id(p) in decoders]}
+    return {name: torch.optim.Adam(params, lr=rates[name], betas=tuple(config.betas)) for name, params in groups.items()}
 
 
 def _to_float32(value):

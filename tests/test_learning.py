@@ -273,3 +273,16 @@ def test_exact_synthesis_targets_teach_the_decoders_where_the_paper_terms_do_not
         with torch.no_grad():
             scores[name] = metrics.ssim(model.eval().synthesise(x_b, "b2a"), x_a, mask=head)
     assert scores["supervised"] > 0.3 and scores["supervised"] > scores["paper"] + 0.1, scores
+
+
+def test_train_only_decoders_changes_no_weight_of_g_or_either_t(tmp_path):
+    model = small_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = TrainConfig.from_preset("small", iterations=2, train_only="decoders", aux_weight=1.0, val_every=0,
+                                     checkpoint_every=0)
+    train(model, AffineSource(), config, tmp_path / "run", progress=False)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(("decoder_ab.", "decoder_ba.")) for k in changed), sorted(changed)[:5]
+    assert any(k.startswith("decoder_ba.") for k in changed)
+    with pytest.raises(FirekitError, match="train_only"):
+        TrainConfig(train_only="encoder")
