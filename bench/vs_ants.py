@@ -12,9 +12,13 @@ registered to the subject's T1 by every method:
   refinement (also ``--symmetric``), refinement alone;
 - ANTs (antspyx, ``pip install firekit[bench]``): ``Affine`` (Mattes MI), ``SyN``, ``SyNRA``,
   ITK threads = ``--threads`` (default: the machine's cores), torch likewise;
+- the other peers (``bench/peers.py``, same extra): Greedy (NMI affine + deformable), elastix
+  (affine + B-spline, Mattes MI) and, in 3D, ConvexAdam after Greedy's affine, each in a worker
+  process with ``--threads`` threads, so that a crash costs its row (marked in the report), not the run;
 
 and scored by one code path on every method's displacement field (ANTs' transforms composed into
-one ITK field, firekit's written as one): Dice per label, HD95, end-point error against the true
+one ITK field, firekit's written as one; each peer's fields converted to the same convention and
+checked on every pair against the tool's own nearest-neighbour warp of the labels): Dice per label, HD95, end-point error against the true
 mapping, % |J| <= 0, inverse-consistency error in voxels (firekit registers both ways; ANTs composes
 its forward transform with its inverse), wall and CPU seconds per pair (registration only, from
 images in memory). Writes ``bench/results.md`` (tables + the goals, met or missed by how much),
@@ -34,6 +38,8 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+
+from bench import peers
 
 HERE = Path(__file__).resolve().parent
 CASES = {  # case -> (moving contrast, fixed contrast, model direction, label)
@@ -55,6 +61,7 @@ FIREKIT = {  # row -> register() options
     "firekit refinement alone, 20 steps/level": dict(network=False, refine=20),
 }
 ANTS = {"ANTs Affine (Mattes MI)": "Affine", "ANTs SyN": "SyN", "ANTs SyNRA": "SyNRA"}
+PEERS = peers.PEERS  # Greedy, elastix, ConvexAdam: each in a worker process (bench/peers.py)
 REFERENCE = ("unaligned", "oracle (true mapping)")
 GOAL_MARGIN = {2: 0.10, 3: 0.05}  # best firekit row >= best ANTs row + this mean Dice
 FOLDING_GOAL = 0.1  # % voxels with |J| <= 0
@@ -174,54 +181,108 @@ def model_info(path: str) -> dict:
                 trained_by=extra.get("trained_by"), train_seconds=extra.get("train_seconds"))
 
 
-def run(data: Path, ndims, cases, transforms: dict, models: dict, methods, seed: int, work: Path, log=print) -> dict:
-    """Register every pair with every method; returns the raw results (what results.json holds)."""
+def _peer_row(worker, name: str, pair: dict, volumes: dict, seed: int, label_ids) -> dict:
+    """One peer on one pair, scored like the ANTs rows, with the agreement of the composed field's
+    label warp with the tool's own; ``{"error": ...}`` when the peer crashed or failed."""
+    try:
+        out = worker.call(PEERS[name].adapter, pair, seed)
+    except peers.PeerCrashed as exc:
+        return dict(error=str(exc))
+    row = score(out["field"], out["backward"], pair, volumes, label_ids)
+    row.update(wall=out["wall"], cpu=out["cpu"],
+               agreement=peers.agreement(out["own_labels"], out["field"], volumes["moving_labels"], volumes["fixed"]))
+    return row
+
+
+def run(data: Path, ndims, cases, transforms: dict, models: dict, methods, seed: int, work: Path, log=print,
+        threads: int = 1) -> dict:
+    """Register every pair with every method; returns the raw results (what results.json holds).
+
+    ``threads``: the peers' worker runs with this many (firekit and ANTs take the caller's settings).
+    """
     from firekit.braindata import LABEL_NAMES, build_demo_dataset
-    from firekit.protocol import make_test_pairs
-    from firekit.register import load
 
     if not (data / "dataset.json").is_file():
         build_demo_dataset(data, progress=False)
     subjects = sorted(p for p in (data / "test").iterdir() if p.is_dir())
     label_ids = list(LABEL_NAMES)
     results = {"runs": []}
-    for ndim in ndims:
-        model = load(models[ndim]) if any(name in FIREKIT and FIREKIT[name]["network"] for name in methods) else None
-        for case in cases:
-            moving_contrast, fixed_contrast, direction, label = CASES[case]
-            records = []
-            for index, subject in enumerate(subjects):
-                # The same seed per subject in every case: identical transforms (and 2D slices) for each contrast.
-                records += make_test_pairs(subject, work / f"{ndim}d" / case / subject.name, transforms[ndim], ndim=ndim,
-                                           moving=moving_contrast, fixed=fixed_contrast, seed=seed + 100 * index)
-            run_rows = {name: [] for name in (*REFERENCE, *methods)}
-            for number, pair in enumerate(records, 1):
-                volumes = load_pair(pair)
-                if number == 1 and case == cases[0]:  # first calls pay one-off costs: not timed
-                    for name in (m for m in methods if m in FIREKIT):
-                        run_firekit(FIREKIT[name], model, volumes["moving"], volumes["fixed"], direction, seed)
-                zero = np.zeros_like(volumes["true_field"])
-                run_rows["unaligned"].append(score(zero, None, pair, volumes, label_ids))
-                run_rows["oracle (true mapping)"].append(score(volumes["true_field"], None, pair, volumes, label_ids))
-                for name in methods:
-                    if name in FIREKIT:
-                        out = run_firekit(FIREKIT[name], model, volumes["moving"], volumes["fixed"], direction, seed)
-                    else:
-                        out = run_ants(ANTS[name], volumes["moving"], volumes["fixed"], seed)
-                    row = score(out["field"], out["backward"], pair, volumes, label_ids)
-                    row.update(wall=out["wall"], cpu=out["cpu"])
-                    run_rows[name].append(row)
-                log(f"[{ndim}D {label} {number}/{len(records)}] " + ", ".join(
-                    f"{name.replace('firekit ', 'fk ')} {np.mean(list(rows[-1]['dice'].values())):.3f}"
-                    for name, rows in run_rows.items() if name != "oracle (true mapping)"))
-            results["runs"].append(dict(ndim=ndim, case=case, label=label, pairs=len(records),
-                                        subjects=[s.name for s in subjects], rows=run_rows))
+    worker = peers.Worker(threads) if any(name in PEERS for name in methods) else None
+    try:
+        for ndim in ndims:
+            _run_ndim(results, ndim, subjects, cases, transforms, models, methods, seed, work, log, worker, label_ids)
+    finally:
+        if worker is not None:
+            worker.close()
     return results
+
+
+def _run_ndim(results, ndim, subjects, cases, transforms, models, methods, seed, work, log, worker, label_ids):
+    """Every case of one ndim (see :func:`run`); appends one entry per case to ``results["runs"]``."""
+    from firekit.protocol import make_test_pairs
+    from firekit.register import load
+
+    methods = [m for m in methods if m not in PEERS or ndim in PEERS[m].ndims]
+    model = load(models[ndim]) if any(name in FIREKIT and FIREKIT[name]["network"] for name in methods) else None
+    for case in cases:
+        moving_contrast, fixed_contrast, direction, label = CASES[case]
+        records = []
+        for index, subject in enumerate(subjects):
+            # The same seed per subject in every case: identical transforms (and 2D slices) for each contrast.
+            records += make_test_pairs(subject, work / f"{ndim}d" / case / subject.name, transforms[ndim], ndim=ndim,
+                                       moving=moving_contrast, fixed=fixed_contrast, seed=seed + 100 * index)
+        run_rows = {name: [] for name in (*REFERENCE, *methods)}
+        for number, pair in enumerate(records, 1):
+            volumes = load_pair(pair)
+            if number == 1 and case == cases[0]:  # first calls pay one-off costs: not timed
+                for name in (m for m in methods if m in FIREKIT):
+                    run_firekit(FIREKIT[name], model, volumes["moving"], volumes["fixed"], direction, seed)
+                if any(m in PEERS for m in methods):
+                    _warm(worker, pair, seed, log)
+            for name, row in _pair_rows(methods, model, worker, pair, volumes, direction, seed, label_ids).items():
+                run_rows[name].append(row)
+            log(f"[{ndim}D {label} {number}/{len(records)}] " + ", ".join(
+                f"{name.replace('firekit ', 'fk ')} " + ("crashed" if "error" in rows[-1] else
+                                                        f"{np.mean(list(rows[-1]['dice'].values())):.3f}")
+                for name, rows in run_rows.items() if name != "oracle (true mapping)"))
+        results["runs"].append(dict(ndim=ndim, case=case, label=label, pairs=len(records),
+                                    subjects=[s.name for s in subjects], rows=run_rows))
+
+
+def _warm(worker, pair: dict, seed: int, log) -> None:
+    """The peers' imports and first calls, untimed (as firekit's first calls are)."""
+    try:
+        worker.call("bench.peers:warm", pair, seed)
+    except peers.PeerCrashed as exc:  # each peer's own call will say so in its row
+        log(f"warming the peers failed: {exc}")
+
+
+def _pair_rows(methods, model, worker, pair: dict, volumes: dict, direction: str, seed: int, label_ids) -> dict:
+    """Every method's scored row on one pair, the reference rows first."""
+    rows = {"unaligned": score(np.zeros_like(volumes["true_field"]), None, pair, volumes, label_ids),
+            "oracle (true mapping)": score(volumes["true_field"], None, pair, volumes, label_ids)}
+    for name in methods:
+        if name in PEERS:
+            rows[name] = _peer_row(worker, name, pair, volumes, seed, label_ids)
+            continue
+        if name in FIREKIT:
+            out = run_firekit(FIREKIT[name], model, volumes["moving"], volumes["fixed"], direction, seed)
+        else:
+            out = run_ants(ANTS[name], volumes["moving"], volumes["fixed"], seed)
+        rows[name] = score(out["field"], out["backward"], pair, volumes, label_ids)
+        rows[name].update(wall=out["wall"], cpu=out["cpu"])
+    return rows
 
 
 # ---------------------------------------------------------------------------------------- report
 def summarise(rows: list[dict]) -> dict:
-    """Mean/std of each metric over pairs; medians of times."""
+    """Mean/std of each metric over the pairs a method answered; medians of times. ``crashed``: how
+    many pairs it did not answer (a peer's crash or error), ``agreement``: the peers' lowest share of
+    voxels where the composed field's label warp equals the tool's own."""
+    crashed = sum("error" in r for r in rows)
+    rows = [r for r in rows if "error" not in r]
+    if not rows:
+        return dict(crashed=crashed, answered=0)
     labels = list(rows[0]["dice"])
     dice = np.array([[r["dice"][k] for k in labels] for r in rows])
     ic = [r["ic"] for r in rows if r["ic"] is not None]
@@ -230,8 +291,10 @@ def summarise(rows: list[dict]) -> dict:
         mean=float(dice.mean()), mean_std=float(dice.mean(1).std()),
         hd95=float(np.nanmean([r["hd95"] for r in rows])), epe=float(np.mean([r["epe"] for r in rows])),
         epe95=float(np.mean([r["epe95"] for r in rows])), folding=float(np.mean([r["folding"] for r in rows])),
-        ic=float(np.mean(ic)) if ic else None,
+        ic=float(np.mean(ic)) if ic else None, crashed=crashed, answered=len(rows),
     )
+    if "agreement" in rows[0]:
+        summary["agreement"] = float(min(r["agreement"] for r in rows))
     if "wall" in rows[0]:
         summary.update(wall=float(np.median([r["wall"] for r in rows])), cpu=float(np.median([r["cpu"] for r in rows])))
     return summary
@@ -248,19 +311,49 @@ def table(run: dict, label_names: dict) -> list[str]:
               " | % \\|J\\|≤0 | IC vox | s/pair | CPU s/pair | SyN ÷ this |")
     lines = [header, "|" + "---|" * (len(label_names) + 10)]
     for name, s in rows.items():
+        if not s["answered"]:
+            lines.append(f"| {name} | crashed on all {s['crashed']} pairs: {_first_error(run['rows'][name])} |"
+                         + " |" * (len(label_names) + 8))
+            continue
         per_label = " | ".join(f"{s['dice_mean'][str(k)]:.3f} ({s['dice_std'][str(k)]:.3f})" for k in label_names)
         ratio = f"{syn / s['wall']:.1f}×" if syn and s.get("wall") else "—"
         bold = "**" if name.startswith("firekit network + refinement") else ""
-        lines.append(f"| {bold}{name}{bold} | {per_label} | {bold}{s['mean']:.3f}{bold} ({s['mean_std']:.3f}) "
+        note = f" (crashed on {s['crashed']} of {s['crashed'] + s['answered']})" if s["crashed"] else ""
+        lines.append(f"| {bold}{name}{bold}{note} | {per_label} | {bold}{s['mean']:.3f}{bold} ({s['mean_std']:.3f}) "
                      f"| {s['hd95']:.2f} | {s['epe']:.2f} | {s['epe95']:.2f} | {s['folding']:.3f} "
                      f"| {_fmt(s['ic'], '.3f')} | {_fmt(s.get('wall'), '.2f')} | {_fmt(s.get('cpu'), '.2f')} | {ratio} |")
     return lines
 
 
+def _first_error(rows: list[dict]) -> str:
+    return next((r["error"] for r in rows if "error" in r), "").replace("|", "/")
+
+
+def peer_goals(rows: dict) -> list[tuple[str, bool, str]]:
+    """firekit's default path beside every peer: at least as accurate as the best (mean Dice and EPE),
+    and faster than each peer within 0.02 mean Dice of it."""
+    default = rows.get("firekit network + refinement")
+    others = {n: s for n, s in rows.items() if (n in PEERS or n in ANTS) and s.get("answered")}
+    if not default or not default.get("answered") or not others:
+        return []
+    best = max(others, key=lambda n: others[n]["mean"])
+    lowest_epe = min(others, key=lambda n: others[n]["epe"])
+    out = [(f"default path mean Dice ≥ the best peer's ({best}, {others[best]['mean']:.3f})",
+            default["mean"] >= others[best]["mean"], f"{default['mean'] - others[best]['mean']:+.3f}"),
+           (f"default path EPE ≤ the best peer's ({lowest_epe}, {others[lowest_epe]['epe']:.2f} mm)",
+            default["epe"] <= others[lowest_epe]["epe"], f"{default['epe'] - others[lowest_epe]['epe']:+.2f} mm")]
+    for name, peer in others.items():
+        if peer["mean"] >= default["mean"] - 0.02:
+            out.append((f"default path faster than {name} (within 0.02 Dice of it)", default["wall"] < peer["wall"],
+                        f"{peer['wall'] / default['wall']:.1f}× ({default['wall']:.2f} s vs {peer['wall']:.2f} s)"))
+    return out
+
+
 def goals(run: dict) -> list[tuple[str, bool, str]]:
     """(goal, met, by how much) for one ndim x case."""
     rows = {name: summarise(values) for name, values in run["rows"].items() if values}
-    out = []
+    out = peer_goals(rows)
+    rows = {name: s for name, s in rows.items() if s.get("answered")}
     firekit = {n: s for n, s in rows.items() if n.startswith("firekit")}
     ants = {n: s for n, s in rows.items() if n.startswith("ANTs")}
     if firekit and ants:
@@ -293,14 +386,15 @@ def goals(run: dict) -> list[tuple[str, bool, str]]:
 
 
 SUMMARY_ROWS = ("firekit network", "firekit network + refinement", "firekit refinement alone", "ANTs Affine (Mattes MI)",
-                "ANTs SyN", "ANTs SyNRA", "oracle (true mapping)")
+                "ANTs SyN", "ANTs SyNRA", *PEERS, "oracle (true mapping)")
 
 
 def summary_table(results: dict) -> str:
     """One line per ndim x case: mean Dice and median seconds of the main rows (the README's table)."""
     short = {"firekit network": "network", "firekit network + refinement": "network + refinement",
              "firekit refinement alone": "refinement alone", "ANTs Affine (Mattes MI)": "ANTs Affine",
-             "ANTs SyN": "ANTs SyN", "ANTs SyNRA": "ANTs SyNRA", "oracle (true mapping)": "oracle"}
+             "ANTs SyN": "ANTs SyN", "ANTs SyNRA": "ANTs SyNRA", "oracle (true mapping)": "oracle",
+             **{name: name.split(" (")[0] for name in PEERS}}
     present = [name for name in SUMMARY_ROWS if any(run["rows"].get(name) for run in results["runs"])]
     lines = ["| case | pairs | " + " | ".join(short[n] for n in present) + " |", "|---|---|" + "---|" * len(present)]
     for run in results["runs"]:
@@ -310,6 +404,9 @@ def summary_table(results: dict) -> str:
                 cells.append("—")
                 continue
             s = summarise(run["rows"][name])
+            if not s["answered"]:
+                cells.append("crashed")
+                continue
             cells.append(f"{s['mean']:.3f}" + (f" ({s['wall']:.2f} s)" if "wall" in s else ""))
         lines.append(f"| {run['ndim']}D {run['label']} | {run['pairs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -320,7 +417,7 @@ def report(results: dict, plot_name: str | None = None) -> str:
 
     meta = results["meta"]
     lines = [
-        "# firekit beside ANTs on the same pairs",
+        "# firekit beside ANTs, Greedy, elastix and ConvexAdam on the same pairs",
         "",
         f"{meta['date']}, {meta['machine']}; torch {meta['torch']}, antspyx {meta['ants']}; "
         f"{meta['threads']} threads for torch and ITK. Command: `{meta['command']}` ({meta['minutes']:.0f} min).",
@@ -349,7 +446,19 @@ def report(results: dict, plot_name: str | None = None) -> str:
         lines += [f"## {run['ndim']}D, {run['label']} ({run['pairs']} pairs)", ""]
         lines += table(run, LABEL_NAMES)
         lines.append("")
+        agreement = {n: summarise(v).get("agreement") for n, v in run["rows"].items() if n in PEERS and v}
+        if any(a is not None for a in agreement.values()):
+            lines += ["Each peer's composed field warps the labels as the tool itself does on the lowest pair of: "
+                      + ", ".join(f"{n.split(' (')[0]} {a * 100:.2f} %" for n, a in agreement.items() if a is not None)
+                      + " of voxels.", ""]
         all_goals += [(f"{run['ndim']}D {run['label']}", *g) for g in goals(run)]
+    present = [name for name in PEERS if any(run["rows"].get(name) for run in results["runs"])]
+    if present:
+        versions = meta.get("peers", {})
+        lines += ["## The peers' parameters", "",
+                  "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ". Every peer runs in a worker "
+                  "process of its own with the run's threads (`bench/peers.py`), from the same files.", ""]
+        lines += [f"- **{name}**: {PEERS[name].parameters}." for name in present] + [""]
     lines += ["## Goals", "", "| where | goal | met | by |", "|---|---|---|---|"]
     lines += [f"| {where} | {goal} | {'yes' if met else '**no**'} | {by} |".replace("|J|", "\\|J\\|")
               for where, goal, met, by in all_goals]
@@ -387,13 +496,15 @@ def plot(results: dict, path: Path) -> None:
     axes = fig.subplots(len(ndims), 2, squeeze=False)
     for row, ndim in enumerate(ndims):
         runs = [r for r in results["runs"] if r["ndim"] == ndim]
-        names = [n for n in runs[0]["rows"] if runs[0]["rows"][n]]
+        names = [n for n in runs[0]["rows"] if any(summarise(r["rows"][n]).get("answered") for r in runs
+                                                   if r["rows"].get(n))]
         width = 0.8 / len(names)
         colours = matplotlib.colormaps["tab20"](np.arange(len(names)) % 20)
         ax = axes[row, 0]
         for i, name in enumerate(names):
-            means = [summarise(r["rows"][name])["mean"] for r in runs]
-            stds = [summarise(r["rows"][name])["mean_std"] for r in runs]
+            summaries = [summarise(r["rows"][name]) if r["rows"].get(name) else {} for r in runs]
+            means = [p.get("mean", np.nan) for p in summaries]
+            stds = [p.get("mean_std", 0.0) for p in summaries]
             ax.bar(np.arange(len(runs)) + i * width, means, width, yerr=stds, color=colours[i], label=name)
         ax.set_xticks(np.arange(len(runs)) + 0.4 - width / 2, [r["label"] for r in runs])
         ax.set_ylabel("mean Dice (CSF, GM, WM)")
@@ -401,8 +512,8 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(f"{ndim}D: accuracy per case")
         ax = axes[row, 1]
         for i, name in enumerate(names):
-            points = [summarise(r["rows"][name]) for r in runs]
-            if "wall" not in points[0]:
+            points = [p for p in (summarise(r["rows"][name]) for r in runs if r["rows"].get(name)) if "wall" in p]
+            if not points:
                 continue
             ax.scatter([p["wall"] for p in points], [p["mean"] for p in points], color=colours[i], label=name, s=40)
         ax.set_xscale("log")
@@ -426,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transforms-3d", type=int, default=2,
                         help="per test subject in 3D (default 2: ANTs SyN/SyNRA cost ~1 min per 3D pair on 2 cores; "
                              "20 is the paper's)")
-    parser.add_argument("--methods", nargs="+", default=[*FIREKIT, *ANTS], choices=[*FIREKIT, *ANTS], metavar="METHOD")
+    parser.add_argument("--methods", nargs="+", default=[*FIREKIT, *ANTS, *PEERS], choices=[*FIREKIT, *ANTS, *PEERS],
+                        metavar="METHOD")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and ITK threads (default: cores)")
     parser.add_argument("--model-2d", default="default")
     parser.add_argument("--model-3d", default=str(HERE.parent / "firekit" / "weights" / "fire3d_t1_t2like_small.pt"))
@@ -439,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     json_path, png_path = out.with_suffix(".json"), out.with_suffix(".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
     if args.summary:
         print(summary_table(json.loads(json_path.read_text())))
         return 0
@@ -465,14 +578,15 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(args.work) if args.work else Path(tmp)
             results = run(Path(args.data), args.ndims, args.cases, {2: args.transforms, 3: args.transforms_3d},
-                          models, args.methods, args.seed, work, log=lambda line: print(line, file=sys.stderr))
+                          models, args.methods, args.seed, work, log=lambda line: print(line, file=sys.stderr),
+                          threads=args.threads)
         results["meta"] = dict(
             date=str(date.today()), machine=f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()}",
             torch=torch.__version__, ants=getattr(ants, "__version__", "—"), threads=args.threads,
             transforms={str(k): v for k, v in {2: args.transforms, 3: args.transforms_3d}.items() if k in args.ndims},
             seed=args.seed, minutes=(time.perf_counter() - started) / 60,
             command="python -m bench.vs_ants " + " ".join(argv if argv is not None else sys.argv[1:]),
-            models={str(nd): model_info(models[nd]) for nd in args.ndims}, notes=args.note,
+            models={str(nd): model_info(models[nd]) for nd in args.ndims}, notes=args.note, peers=peers.versions(),
         )
         json_path.write_text(json.dumps(results, indent=1))
     plot(results, png_path)
