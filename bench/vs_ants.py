@@ -277,8 +277,10 @@ def _pair_rows(methods, model, worker, pair: dict, volumes: dict, direction: str
 # ---------------------------------------------------------------------------------------- report
 def summarise(rows: list[dict]) -> dict:
     """Mean/std of each metric over the pairs a method answered; medians of times. ``crashed``: how
-    many pairs it did not answer (a peer's crash or error), ``agreement``: the peers' lowest share of
-    voxels where the composed field's label warp equals the tool's own."""
+    many pairs it did not answer (a peer's crash or error), ``nonfinite``: on how many its field held
+    NaN or infinity (a diverged optimisation: its Dice counts, its distances are left out of the
+    means), ``agreement``: the peers' lowest share of voxels where the composed field's label warp
+    equals the tool's own."""
     crashed = sum("error" in r for r in rows)
     rows = [r for r in rows if "error" not in r]
     if not rows:
@@ -289,9 +291,10 @@ def summarise(rows: list[dict]) -> dict:
     summary = dict(
         dice_mean=dict(zip(labels, dice.mean(0))), dice_std=dict(zip(labels, dice.std(0))),
         mean=float(dice.mean()), mean_std=float(dice.mean(1).std()),
-        hd95=float(np.nanmean([r["hd95"] for r in rows])), epe=float(np.mean([r["epe"] for r in rows])),
-        epe95=float(np.mean([r["epe95"] for r in rows])), folding=float(np.mean([r["folding"] for r in rows])),
-        ic=float(np.mean(ic)) if ic else None, crashed=crashed, answered=len(rows),
+        hd95=float(np.nanmean([r["hd95"] for r in rows])), epe=float(np.nanmean([r["epe"] for r in rows])),
+        epe95=float(np.nanmean([r["epe95"] for r in rows])), folding=float(np.mean([r["folding"] for r in rows])),
+        ic=float(np.nanmean(ic)) if ic else None, crashed=crashed, answered=len(rows),
+        nonfinite=sum(not np.isfinite(r["epe"]) for r in rows),
     )
     if "agreement" in rows[0]:
         summary["agreement"] = float(min(r["agreement"] for r in rows))
@@ -319,6 +322,8 @@ def table(run: dict, label_names: dict) -> list[str]:
         ratio = f"{syn / s['wall']:.1f}×" if syn and s.get("wall") else "—"
         bold = "**" if name.startswith("firekit network + refinement") else ""
         note = f" (crashed on {s['crashed']} of {s['crashed'] + s['answered']})" if s["crashed"] else ""
+        if s["nonfinite"]:
+            note += f" (NaN field on {s['nonfinite']} of {s['answered']}: distances over the rest)"
         lines.append(f"| {bold}{name}{bold}{note} | {per_label} | {bold}{s['mean']:.3f}{bold} ({s['mean_std']:.3f}) "
                      f"| {s['hd95']:.2f} | {s['epe']:.2f} | {s['epe95']:.2f} | {s['folding']:.3f} "
                      f"| {_fmt(s['ic'], '.3f')} | {_fmt(s.get('wall'), '.2f')} | {_fmt(s.get('cpu'), '.2f')} | {ratio} |")
@@ -548,6 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report and plot from results.json")
     parser.add_argument("--summary", action="store_true", help="print the one-line-per-case summary (README) and stop")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", type=Path,
+                        help="join the runs of these results .json files (e.g. a 2D and a 3D run) into --out's")
     args = parser.parse_args(argv)
     out = Path(args.out)
     json_path, png_path = out.with_suffix(".json"), out.with_suffix(".png")
@@ -555,7 +562,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary:
         print(summary_table(json.loads(json_path.read_text())))
         return 0
-    if args.report_only:
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        results = dict(runs=[run for part in parts for run in part["runs"]], meta=dict(parts[0]["meta"]))
+        results["meta"].update(
+            command=" + ".join(part["meta"]["command"] for part in parts),
+            minutes=sum(part["meta"]["minutes"] for part in parts),
+            transforms={k: v for part in parts for k, v in part["meta"]["transforms"].items()},
+            models={k: v for part in parts for k, v in part["meta"]["models"].items()})
+        json_path.write_text(json.dumps(results, indent=1))
+    elif args.report_only:
         results = json.loads(json_path.read_text())
         if args.note:
             results["meta"]["notes"] = results["meta"].get("notes", []) + args.note

@@ -81,3 +81,15 @@ def test_a_crashed_peer_is_marked_and_the_run_goes_on(worker, tiny_demo, tmp_pat
     assert f"| {crashing} | crashed on all 1 pairs: the peer's process killed by SIGSEGV |" in text
     vs_ants.plot(results, tmp_path / "results.png")  # a row with no answer is left out of the plot
     assert (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_a_diverged_field_counts_in_dice_and_is_named_beside_its_distances():
+    rows = [dict(dice={"1": 0.8}, hd95=2.0, epe=1.0, epe95=2.0, folding=0.0, ic=0.1, wall=1.0, cpu=1.0),
+            dict(dice={"1": 0.0}, hd95=np.nan, epe=np.nan, epe95=np.nan, folding=0.0, ic=np.nan, wall=1.0, cpu=1.0),
+            dict(error="the peer's process killed by SIGSEGV")]
+    summary = vs_ants.summarise(rows)
+    assert summary["mean"] == pytest.approx(0.4) and summary["epe"] == 1.0 and summary["ic"] == pytest.approx(0.1)
+    assert (summary["nonfinite"], summary["crashed"], summary["answered"]) == (1, 1, 2)
+    run = dict(rows={"a peer": rows})
+    (line,) = [l for l in vs_ants.table(run, {1: "CSF"}) if l.startswith("| a peer")]
+    assert "crashed on 1 of 3" in line and "NaN field on 1 of 2" in line
