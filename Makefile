@@ -46,7 +46,9 @@ system-packages:
 		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-# firekit beside ANTs on the demo pairs (bench/results.md, .json, .png); 56 min on 2 cores. BENCH_ARGS="--ndims 2": 13 min.
+# firekit beside ANTs, Greedy, elastix and ConvexAdam on the demo pairs (bench/results.md, .json, .png); without
+# the peers 56 min on 2 cores; the peers add about 6 min per 40 2D pairs and 5 min per 3D pair at one thread.
+# BENCH_ARGS="--ndims 2": the 2D part alone.
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) -m bench.vs_ants $(BENCH_ARGS)

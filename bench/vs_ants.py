@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -497,6 +498,8 @@ def plot(results: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     ndims = sorted({run["ndim"] for run in results["runs"]})
+    every = list(dict.fromkeys(name for run in results["runs"] for name in run["rows"]))  # one colour per method
+    palette = dict(zip(every, matplotlib.colormaps["tab20"](np.arange(len(every)) % 20)))
     fig = Figure(figsize=(13, 4.2 * len(ndims)))
     axes = fig.subplots(len(ndims), 2, squeeze=False)
     for row, ndim in enumerate(ndims):
@@ -504,7 +507,7 @@ def plot(results: dict, path: Path) -> None:
         names = [n for n in runs[0]["rows"] if any(summarise(r["rows"][n]).get("answered") for r in runs
                                                    if r["rows"].get(n))]
         width = 0.8 / len(names)
-        colours = matplotlib.colormaps["tab20"](np.arange(len(names)) % 20)
+        colours = [palette[name] for name in names]
         ax = axes[row, 0]
         for i, name in enumerate(names):
             summaries = [summarise(r["rows"][name]) if r["rows"].get(name) else {} for r in runs]
@@ -522,12 +525,19 @@ def plot(results: dict, path: Path) -> None:
                 continue
             ax.scatter([p["wall"] for p in points], [p["mean"] for p in points], color=colours[i], label=name, s=40)
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        low, high = ax.get_xlim()
+        if high / low > 10:  # more than a decade: the decades alone label the axis
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(f"median seconds per pair ({results['meta']['threads']} CPU threads)")
         ax.set_ylabel("mean Dice")
         ax.set_title(f"{ndim}D: accuracy vs time (one point per case)")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
+    handles, labels = [], []
+    for ax in axes[:, 0]:  # every method once, whichever ndim it ran in
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels:
+                handles.append(handle)
+                labels.append(label)
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07 if len(ndims) > 1 else 0.12, 1, 1))
     fig.savefig(path, dpi=110)
@@ -601,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
             torch=torch.__version__, ants=getattr(ants, "__version__", "—"), threads=args.threads,
             transforms={str(k): v for k, v in {2: args.transforms, 3: args.transforms_3d}.items() if k in args.ndims},
             seed=args.seed, minutes=(time.perf_counter() - started) / 60,
-            command="python -m bench.vs_ants " + " ".join(argv if argv is not None else sys.argv[1:]),
+            command="python -m bench.vs_ants " + shlex.join(argv if argv is not None else sys.argv[1:]),
             models={str(nd): model_info(models[nd]) for nd in args.ndims}, notes=args.note, peers=peers.versions(),
         )
         json_path.write_text(json.dumps(results, indent=1))
