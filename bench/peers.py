@@ -25,6 +25,7 @@ import io as _io
 import multiprocessing
 import os
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -189,8 +190,9 @@ def _elastix_solve(moving, fixed, threads: int, seed: int, settings: dict):
     _, transform = itk.elastix_registration_method(fixed_image, moving_image,
                                                    parameter_object=_elastix_parameters(seed, settings),
                                                    number_of_threads=threads, log_to_console=False)
-    field = itk.transformix_deformation_field(moving_image, transform)
-    return transform, field_array(itk.array_from_image(field))
+    with tempfile.TemporaryDirectory() as scratch:  # transformix writes deformationField.nii there, not in the cwd
+        field = itk.transformix_deformation_field(moving_image, transform, output_directory=scratch)
+        return transform, field_array(itk.array_from_image(field))
 
 
 def elastix(moving, fixed, moving_labels, threads: int, seed: int, settings: dict | None = None) -> dict:
@@ -203,9 +205,11 @@ def elastix(moving, fixed, moving_labels, threads: int, seed: int, settings: dic
     for index in range(transform.GetNumberOfParameterMaps()):
         transform.SetParameter(index, "FinalBSplineInterpolationOrder", "0")  # nearest neighbour
         transform.SetParameter(index, "ResultImagePixelType", "float")
-    labels = itk.transformix_filter(to_itk(moving_labels), transform, log_to_console=False)
-    return dict(field=field, backward=backward, own_labels=np.rint(image_array(itk.array_from_image(labels))),
-                wall=wall, cpu=cpu)
+    with tempfile.TemporaryDirectory() as scratch:
+        labels = itk.transformix_filter(to_itk(moving_labels), transform, log_to_console=False,
+                                        output_directory=scratch)
+        own = np.rint(image_array(itk.array_from_image(labels)))
+    return dict(field=field, backward=backward, own_labels=own, wall=wall, cpu=cpu)
 
 
 def _convexadam_solve(moving, fixed, threads: int, seed: int, settings: dict):
