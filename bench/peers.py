@@ -69,15 +69,13 @@ class PeerCrashed(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------ geometry
-def _lps(volume) -> np.ndarray:
+def itk_geometry(volume) -> tuple[tuple, tuple, np.ndarray]:
+    """``(origin, spacing, direction)`` of a NIfTI volume in ITK's LPS world (mm), for any ITK bridge
+    (SimpleITK, itk-elastix, antspyx)."""
     from firekit import io
 
-    return np.diag([*io.lps_flip(volume.ndim), 1.0]) @ volume.affine
-
-
-def _geometry(volume):
     n = volume.ndim
-    lps, spacing = _lps(volume), volume.spacing
+    lps, spacing = np.diag([*io.lps_flip(n), 1.0]) @ volume.affine, volume.spacing
     return tuple(lps[:n, n]), tuple(spacing), lps[:n, :n] / spacing
 
 
@@ -86,7 +84,7 @@ def to_sitk(volume):
     import SimpleITK as sitk
 
     image = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(volume.data, np.float32).T))
-    origin, spacing, direction = _geometry(volume)
+    origin, spacing, direction = itk_geometry(volume)
     image.SetOrigin(origin)
     image.SetSpacing(spacing)
     image.SetDirection(tuple(direction.ravel()))
@@ -98,7 +96,7 @@ def to_itk(volume):
     import itk
 
     image = itk.image_from_array(np.ascontiguousarray(np.asarray(volume.data, np.float32).T))
-    origin, spacing, direction = _geometry(volume)
+    origin, spacing, direction = itk_geometry(volume)
     image.SetOrigin(origin)
     image.SetSpacing(spacing)
     image.SetDirection(itk.matrix_from_array(np.ascontiguousarray(direction)))
@@ -116,7 +114,8 @@ def image_array(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array.T)
 
 
-def _timed(function):
+def timed(function):
+    """``(function(), wall seconds, process CPU seconds)``."""
     wall, cpu = time.perf_counter(), time.process_time()
     value = function()
     return value, time.perf_counter() - wall, time.process_time() - cpu
@@ -157,7 +156,7 @@ def greedy(moving, fixed, moving_labels, threads: int, seed: int, settings: dict
         _greedy_run(g, f"-rf F -r W A -rc C -threads {threads}", C=None)
         return g
 
-    g, wall, cpu = _timed(solve)
+    g, wall, cpu = timed(solve)
     import SimpleITK as sitk
 
     g["L"] = to_sitk(moving_labels)
@@ -200,7 +199,7 @@ def elastix(moving, fixed, moving_labels, threads: int, seed: int, settings: dic
     import itk
 
     settings = settings or {}
-    (transform, field), wall, cpu = _timed(lambda: _elastix_solve(moving, fixed, threads, seed, settings))
+    (transform, field), wall, cpu = timed(lambda: _elastix_solve(moving, fixed, threads, seed, settings))
     _, backward = _elastix_solve(fixed, moving, threads, seed, settings)
     for index in range(transform.GetNumberOfParameterMaps()):
         transform.SetParameter(index, "FinalBSplineInterpolationOrder", "0")  # nearest neighbour
@@ -243,7 +242,7 @@ def convexadam(moving, fixed, moving_labels, threads: int, seed: int, settings: 
     if fixed.ndim != 3:
         raise ValueError(f"ConvexAdam registers 3D images; got {fixed.ndim}D")
     settings = settings or {}
-    (g, voxels, field), wall, cpu = _timed(lambda: _convexadam_solve(moving, fixed, threads, seed, settings))
+    (g, voxels, field), wall, cpu = timed(lambda: _convexadam_solve(moving, fixed, threads, seed, settings))
     _, _, backward = _convexadam_solve(fixed, moving, threads, seed, settings)
     # Its own label warp: Greedy's nearest-neighbour reslice by the affine, then apply_convex's sampling
     # (map_coordinates at i + d) at order 0.

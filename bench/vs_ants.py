@@ -75,19 +75,8 @@ def _to_ants(volume):
     """An ANTs image with the NIfTI volume's geometry (ITK's LPS world)."""
     import ants
 
-    from firekit import io
-
-    n = volume.ndim
-    lps = np.diag([*io.lps_flip(n), 1.0]) @ volume.affine
-    spacing = io.spacing(volume.affine)
-    return ants.from_numpy(np.asarray(volume.data, np.float32), origin=tuple(lps[:n, n]), spacing=tuple(spacing),
-                           direction=lps[:n, :n] / spacing)
-
-
-def _timed(function):
-    wall, cpu = time.perf_counter(), time.process_time()
-    value = function()
-    return value, time.perf_counter() - wall, time.process_time() - cpu
+    origin, spacing, direction = peers.itk_geometry(volume)
+    return ants.from_numpy(np.asarray(volume.data, np.float32), origin=origin, spacing=spacing, direction=direction)
 
 
 def run_firekit(options: dict, model, moving, fixed, direction: str, seed: int) -> dict:
@@ -99,7 +88,7 @@ def run_firekit(options: dict, model, moving, fixed, direction: str, seed: int) 
     net = model if options["network"] else None
     kwargs = dict(affine_only=options.get("affine_only", False), refine=options["refine"], seed=seed,
                   symmetric=options.get("symmetric", False))
-    result, wall, cpu = _timed(lambda: register(net, moving, fixed, direction=direction, **kwargs))
+    result, wall, cpu = peers.timed(lambda: register(net, moving, fixed, direction=direction, **kwargs))
     backward = register(net, fixed, moving, direction=reverse, **kwargs)
     return dict(field=result.displacement, backward=backward.displacement, wall=wall, cpu=cpu)
 
@@ -127,7 +116,7 @@ def run_ants(kind: str, moving, fixed, seed: int) -> dict:
         return moving_image, fixed_image, ants.registration(fixed_image, moving_image, type_of_transform=kind,
                                                             aff_metric="mattes", random_seed=seed)
 
-    (moving_image, fixed_image, reg), wall, cpu = _timed(solve)
+    (moving_image, fixed_image, reg), wall, cpu = peers.timed(solve)
     field, backward = ants_fields(reg, moving_image, fixed_image)
     return dict(field=field, backward=backward, wall=wall, cpu=cpu)
 
@@ -504,15 +493,14 @@ def plot(results: dict, path: Path) -> None:
     axes = fig.subplots(len(ndims), 2, squeeze=False)
     for row, ndim in enumerate(ndims):
         runs = [r for r in results["runs"] if r["ndim"] == ndim]
-        names = [n for n in runs[0]["rows"] if any(summarise(r["rows"][n]).get("answered") for r in runs
-                                                   if r["rows"].get(n))]
+        stats = [{n: summarise(v) for n, v in r["rows"].items() if v} for r in runs]  # per case, per method
+        names = [n for n in runs[0]["rows"] if any(case.get(n, {}).get("answered") for case in stats)]
         width = 0.8 / len(names)
         colours = [palette[name] for name in names]
         ax = axes[row, 0]
         for i, name in enumerate(names):
-            summaries = [summarise(r["rows"][name]) if r["rows"].get(name) else {} for r in runs]
-            means = [p.get("mean", np.nan) for p in summaries]
-            stds = [p.get("mean_std", 0.0) for p in summaries]
+            means = [case.get(name, {}).get("mean", np.nan) for case in stats]
+            stds = [case.get(name, {}).get("mean_std", 0.0) for case in stats]
             ax.bar(np.arange(len(runs)) + i * width, means, width, yerr=stds, color=colours[i], label=name)
         ax.set_xticks(np.arange(len(runs)) + 0.4 - width / 2, [r["label"] for r in runs])
         ax.set_ylabel("mean Dice (CSF, GM, WM)")
@@ -520,7 +508,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(f"{ndim}D: accuracy per case")
         ax = axes[row, 1]
         for i, name in enumerate(names):
-            points = [p for p in (summarise(r["rows"][name]) for r in runs if r["rows"].get(name)) if "wall" in p]
+            points = [case[name] for case in stats if "wall" in case.get(name, {})]
             if not points:
                 continue
             ax.scatter([p["wall"] for p in points], [p["mean"] for p in points], color=colours[i], label=name, s=40)
