@@ -4,6 +4,9 @@
                                    [--work /tmp/firekit-gross] [--label after] [--no-ants]
     python -m bench.gross_failures --report        # bench/gross_failures.md from the JSON
 
+Two processes on two cores: ``--shard 0/2 --results A.json`` and ``--shard 1/2 --results B.json``,
+then ``--report --results bench/gross_failures.json --merge A.json B.json``.
+
 Pairs: the paper's test protocol (``firekit.protocol.make_test_pairs``: a random affine within
 +-20 deg (2D) / +-15 deg per axis (3D), one axis scaled by 20-50 %, shear, 10 mm shifts, a 9 mm
 smooth field) applied to held-out demo subjects (``braindata.demo_subject``: the test split, 8-9,
@@ -245,15 +248,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ants", action="store_true", help="firekit rows only")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--shard", default="0/1", metavar="K/N",
+                        help="run every N-th pair from the K-th (0-based) only, e.g. one of two processes")
     parser.add_argument("--report", action="store_true", help="only write bench/gross_failures.md from the JSON")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[], metavar="JSON",
+                        help="with --report: first add these runs' rows (e.g. shards) to --results")
     args = parser.parse_args(argv)
     if not args.report:
         _threads(args.threads)
         pairs = build_pairs(args.work, args.subjects, args.pairs_2d, args.pairs_3d)
+        shard, shards = (int(v) for v in args.shard.split("/"))
+        pairs = pairs[shard::shards]
         print(f"{len(pairs)} pairs under {args.work}", flush=True)
         rows = run(pairs, args.label, ants=not args.no_ants)
         stored = merge(rows, args.results)
     else:
+        for extra in args.merge:
+            merge(json.loads(extra.read_text())["rows"], args.results)
         stored = json.loads(args.results.read_text())
     text = report(stored)
     (args.results.with_suffix(".md")).write_text(text)

@@ -65,10 +65,14 @@ _PRESETS: dict[int, dict] = {
         grid_spacing=6, regulariser="diffusion", weight=0.3, field_mask=False,
         # The start's search (bench/gross_failures.md): centre-of-mass candidates on a grid of
         # per-axis scales and four distinct starts for the affine stage (together: --no-network from
-        # 11 to 1 gross failure in 120 protocol pairs, 0.1 s more per pair). The FFT shift search
-        # (shift_reach=0.2: 10 -> 5 in 504 other pairs, where a cut field of view misplaces the
-        # centre of mass) is off: it pulled near-round vertex slices off (Dice 0.93 -> 0.58).
+        # 11 to 1 gross failure in 120 protocol pairs, 0.1 s more per pair).
         scan_scales=(0.6, 0.8, 1.0, 1.25, 1.6, 2.0), starts=4,
+        # The FFT shift search for the 32 best candidates, as a family with starts of its own (a
+        # field of view that cuts the moving brain misplaces the centres of mass; mixed into one
+        # ranking, the shifts pulled near-round vertex slices off, Dice 0.93 -> 0.58). With the
+        # opened foreground (RefineConfig.foreground_opening): --no-network from 10 to 0 gross
+        # failures in 504 protocol pairs (bench/gross_failures.md).
+        shift_reach=0.2,
     ),
     3: dict(
         # Each axis permutation also turned by +-10 degrees in each plane.
@@ -124,6 +128,10 @@ class RefineConfig(PlainConfig):
             warpable similarity) and a pointwise similarity (not LNCC); otherwise every voxel is
             used. (The affine stage recomputes MIND at every step, which needs every voxel.)
         foreground: intensity above which a voxel of fixed counts as foreground (moments, mask).
+        foreground_opening: the moments' foreground mask is opened by a cube this many voxels from
+            its centre to its faces (erosion then dilation): specks of background noise above
+            ``foreground``, spread over the whole field of view, otherwise pull the centres of mass
+            to the grid's centre and swell the covariances. 0: off.
         field_mask: the non-rigid similarity counts only the foreground of fixed or of moving
             after the affine, grown by ``mask_margin`` voxels of each level; the regulariser
             alone shapes the background.
@@ -141,7 +149,10 @@ class RefineConfig(PlainConfig):
         shift_reach: > 0: every moments candidate is first moved to the shift of fixed's grid its
             similarity prefers, up to this fraction of each axis, found for all shifts at once by FFT
             (MIND-SSC or MSE; the centres of mass misplace the answer when the field of view cuts
-            the moving foreground); 0: off.
+            the moving foreground), tried for the ``shift_starts`` best candidates; 0: off. The
+            shifted candidates form a family of their own: the affine stage gets the ``starts``
+            best distinct ones of each family (a shift at this resolution can pull a small,
+            near-round foreground off; the unshifted family then keeps its own starts).
         start_spread: the ``starts`` candidates the affine stage refines differ from each other by
             more than this (largest difference of their normalised entries), so that they are
             distinct guesses, not one guess repeated.
@@ -185,12 +196,14 @@ class RefineConfig(PlainConfig):
     field_mask: bool = True
     mask_margin: int = 2
     foreground: float = -0.9
+    foreground_opening: int = 1
     scan_angles: tuple[float, ...] = tuple(float(a) for a in range(-40, 41, 10))
     scan_size: int = 32
     scan_scales: tuple[float, ...] = ()
     scan_stretches: tuple[float, ...] = (0.55, 0.7, 0.85, 1.2, 1.45, 1.8)
     scan_turns: tuple[float, ...] = (-16.0, -8.0, 8.0, 16.0)
     shift_reach: float = 0.0
+    shift_starts: int = 32
     stretch_starts: int = 4
     search_rounds: int = 2
     start_spread: float = 0.1
@@ -455,10 +468,11 @@ def _plane_turns(ndim: int, angles: Sequence[float]) -> list[torch.Tensor]:
     return turns
 
 
-def _foreground_moments(image: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre ``(B, n)`` and covariance ``(B, n, n)`` of ``image > threshold``, in voxel indices."""
+def _foreground_moments(image: torch.Tensor, threshold: float, opening: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre ``(B, n)`` and covariance ``(B, n, n)`` of ``image > threshold``, in voxel indices, after
+    a morphological opening of that mask by a cube ``2 opening + 1`` voxels wide (0: none)."""
     ndim = image.ndim - 2
-    mask = (image[:, 0] > threshold).double()  # (B, *S)
+    mask = _opened(image > threshold, opening)[:, 0].double()  # (B, *S)
     counts = mask.flatten(1).sum(dim=1)  # (B,)
     if bool((counts < ndim + 1).any()):
         raise FirekitError(
@@ -481,6 +495,21 @@ def _foreground_moments(image: torch.Tensor, threshold: float) -> tuple[torch.Te
         for j in range(i + 1, ndim):
             cov[:, i, j] = cov[:, j, i] = torch.einsum("bk,bkl,bl->b", offsets[i], marginal(i, j), offsets[j])
     return centre, cov / counts[:, None, None]
+
+
+def _opened(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """``(B, 1, *S)`` boolean ``mask`` eroded then dilated by a cube ``2 radius + 1`` voxels wide: the
+    specks of background noise above the threshold go, the anatomy keeps its outline."""
+    if radius <= 0:
+        return mask
+    pool = getattr(nnf, f"max_pool{mask.ndim - 2}d")
+    width = 2 * radius + 1
+    as_float = mask.float()
+    eroded = -pool(-as_float, width, stride=1, padding=radius)
+    opened = pool(eroded, width, stride=1, padding=radius) > 0.5
+    # A foreground thinner than the cube everywhere would vanish: keep the mask as it was then.
+    empty = ~opened.flatten(1).any(dim=1)
+    return torch.where(empty.view(-1, *[1] * (mask.ndim - 1)), mask, opened)
 
 
 def _sqrt_and_inverse(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -552,16 +581,7 @@ def _moment_candidates(moving: _Pyramid, fixed: _Pyramid, config: RefineConfig,
     """
     ndim = fixed.image.ndim - 2
     moving_shape, fixed_shape = moving.image.shape[2:], fixed.image.shape[2:]
-    centre_m, cov_m = _foreground_moments(moving.image, config.foreground)
-    centre_f, cov_f = _foreground_moments(fixed.image, config.foreground)
-    root_m, _ = _sqrt_and_inverse(cov_m)
-    _, inv_root_f = _sqrt_and_inverse(cov_f)
-    rotations = candidate_rotations(ndim, config.scan_angles).to(root_m)  # (K, n, n)
-    # x_m = c_m + C_m^1/2 R C_f^-1/2 (x_f - c_f): maps fixed's foreground ellipsoid onto moving's.
-    linear = root_m[:, None] @ rotations[None] @ inv_root_f[:, None]  # (B, K, n, n)
-    shift = centre_m[:, None] - (linear @ centre_f[:, None, :, None])[..., 0]
-    centred = _centre_candidates(centre_m, centre_f, cov_m, cov_f, config.scan_angles, config.scan_scales)
-    voxel = torch.cat([torch.cat([linear, shift[..., None]], dim=-1), centred], dim=1)
+    voxel, centre_f = _moment_affines(moving.image, fixed.image, config, config.foreground_opening)
     batch, count = voxel.shape[:2]
     thetas = _voxel_to_normalised_between(voxel.reshape(batch * count, ndim, ndim + 1), moving_shape,
                                           fixed_shape).reshape(batch, count, ndim, ndim + 1).to(fixed.image)
@@ -571,8 +591,33 @@ def _moment_candidates(moving: _Pyramid, fixed: _Pyramid, config: RefineConfig,
     factor = max(1, min(fixed_shape) // config.scan_size)
     moving_small, fixed_features = moving.at(factor), similarity.features(fixed.at(factor))
     bounds = config.bounds(ndim)
-    thetas, scores, allowed = _rank(thetas, moving_small, fixed_features, similarity, fixed_shape, bounds,
-                                    config.shift_reach)
+    first = _rank(thetas, moving_small, fixed_features, similarity, fixed_shape, bounds)
+    search = partial(_local_search, centre_f=centre_f, moving_small=moving_small, fixed_features=fixed_features,
+                     similarity=similarity, fixed_shape=fixed_shape, config=config)
+    ranked = search(first)
+    if config.shift_reach <= 0 or config.shift_starts < 1 or not (similarity.pointwise and similarity.warpable):
+        return _diverse(*ranked, keep, config.start_spread)
+    # The best candidates also compete moved to their best shifts (FFT), as a family of their own:
+    # the unshifted keep starts too, since at this resolution a shift can pull a small, near-round
+    # foreground off.
+    top = first[0][:, : config.shift_starts]
+    moved, moved_scores = _best_shifts(top, moving_small, fixed_features, similarity, config.shift_reach)
+    moved_allowed = plausible_mask(moved.flatten(0, 1), fixed_shape, bounds).view(moved_scores.shape)
+    shifted = search(_merge_ranked(first, _sort_ranked(moved, moved_scores, moved_allowed.to(moved.device))))
+    if keep == 1:
+        return _diverse(*shifted, 1, config.start_spread)
+    families = [_diverse(*shifted, keep, config.start_spread), _diverse(*ranked, keep, config.start_spread)]
+    return tuple(torch.cat(parts, dim=1) for parts in zip(*families))
+
+
+def _local_search(ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor], centre_f: torch.Tensor,
+                  moving_small: torch.Tensor, fixed_features: torch.Tensor, similarity: Similarity, fixed_shape,
+                  config: RefineConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ranked`` candidates ``(thetas (B, K, n, n+1), scores, allowed)`` with the local search about
+    the best of them merged in, ranked."""
+    thetas, scores, allowed = ranked
+    ndim, batch = thetas.shape[-2], thetas.shape[0]
+    bounds = config.bounds(ndim)
     if config.stretch_starts > 0 and (config.scan_stretches or config.scan_turns):
         # Moments misjudge an axis's scale when the foreground is cut by the field of view or the
         # anatomy changes shape along it, and a round outline leaves the turn loose: search about
@@ -587,7 +632,24 @@ def _moment_candidates(moving: _Pyramid, fixed: _Pyramid, config: RefineConfig,
             ranked = _rank(moved.view(batch, k * count, ndim, ndim + 1), moving_small, fixed_features, similarity,
                            fixed_shape, bounds)
             thetas, scores, allowed = _merge_ranked((thetas, scores, allowed), ranked)
-    return _diverse(thetas, scores, allowed, keep, config.start_spread)
+    return thetas, scores, allowed
+
+
+def _moment_affines(moving: torch.Tensor, fixed: torch.Tensor, config: RefineConfig,
+                    opening: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Voxel affines ``(B, K, n, n+1)`` (fixed voxel -> moving voxel) from the moments of the images'
+    foregrounds opened by ``opening`` (:func:`_foreground_moments`), and fixed's centre ``(B, n)``."""
+    ndim = fixed.ndim - 2
+    centre_m, cov_m = _foreground_moments(moving, config.foreground, opening)
+    centre_f, cov_f = _foreground_moments(fixed, config.foreground, opening)
+    root_m, _ = _sqrt_and_inverse(cov_m)
+    _, inv_root_f = _sqrt_and_inverse(cov_f)
+    rotations = candidate_rotations(ndim, config.scan_angles).to(root_m)  # (K, n, n)
+    # x_m = c_m + C_m^1/2 R C_f^-1/2 (x_f - c_f): maps fixed's foreground ellipsoid onto moving's.
+    linear = root_m[:, None] @ rotations[None] @ inv_root_f[:, None]  # (B, K, n, n)
+    shift = centre_m[:, None] - (linear @ centre_f[:, None, :, None])[..., 0]
+    centred = _centre_candidates(centre_m, centre_f, cov_m, cov_f, config.scan_angles, config.scan_scales)
+    return torch.cat([torch.cat([linear, shift[..., None]], dim=-1), centred], dim=1), centre_f
 
 
 def _diverse(thetas: torch.Tensor, scores: torch.Tensor, allowed: torch.Tensor, keep: int,
@@ -690,19 +752,12 @@ def _best_shifts(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_feature
 
 
 def _rank(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_features: torch.Tensor, similarity: Similarity,
-          fixed_shape, bounds: AffineBounds, shift_reach: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          fixed_shape, bounds: AffineBounds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidates ``(B, K, n, n+1)`` sorted best first by the similarity at low resolution, those
-    outside ``bounds`` after every plausible one: ``(thetas, scores (B, K), allowed (B, K))``.
-    ``shift_reach`` > 0: each candidate also competes moved to its best shift (:func:`_best_shifts`)."""
+    outside ``bounds`` after every plausible one: ``(thetas, scores (B, K), allowed (B, K))``."""
     batch, count = thetas.shape[:2]
     with torch.no_grad():
         scores = _score_affines(moving_small, fixed_features, thetas, similarity)
-        if shift_reach > 0 and similarity.pointwise and similarity.warpable:
-            # The shifted candidates compete with the unshifted ones: a whole-voxel shift at this
-            # resolution can also pull a small (vertex) foreground away from the right answer.
-            shifted, shifted_scores = _best_shifts(thetas, moving_small, fixed_features, similarity, shift_reach)
-            thetas, scores = torch.cat([thetas, shifted], dim=1), torch.cat([scores, shifted_scores], dim=1)
-            batch, count = thetas.shape[:2]
     allowed = plausible_mask(thetas.flatten(0, 1), fixed_shape, bounds).view(batch, count).to(thetas.device)
     return _sort_ranked(thetas, scores, allowed)
 
