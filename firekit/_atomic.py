@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_files", "atomic_write_text"]
 
 
 def _umask() -> int:
@@ -47,3 +47,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         with open(tmp, "w", newline="") as handle:
             handle.write(text)
     return Path(path)
+
+
+@contextmanager
+def atomic_files(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a temp path named like ``path`` in a temp folder beside it, for writers that add files.
+
+    A header + data pair (``.mhd`` + ``.zraw``, ``.nhdr`` + ``.raw.gz``) names its data file after the
+    header, so both are written in the temp folder under their final names; on success the data
+    files are renamed into place first and the header last (a reader never sees a header whose data
+    is missing). The temp folder is removed either way.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield str(folder / path.name)
+        for item in sorted(folder.iterdir(), key=lambda p: p.name == path.name):
+            os.chmod(item, 0o666 & ~_umask())
+            os.replace(item, path.parent / item.name)
+    finally:
+        for item in folder.iterdir():
+            item.unlink(missing_ok=True)
+        folder.rmdir()

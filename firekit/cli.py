@@ -16,7 +16,8 @@ RECIPE_NAMES = ("learn2d", "learn2d-fine", "learn2d-synth", "learn3d")
 CONVENTIONS = (
     "Conventions: the displacement u lives on the fixed image's grid, in mm, with ITK/LPS signs "
     "(ANTs and SimpleITK apply it directly), and warped(x) = moving(x + u(x)). A 2D registration writes "
-    "a 2-component field of shape (X, Y, 1, 1, 2), also for 2D images stored as (X, Y, 1). "
+    "a 2-component field of shape (X, Y, 1, 1, 2) in NIfTI (a 2D vector image in .nrrd/.mha), also for 2D images "
+    "stored as (X, Y, 1). "
     "--direction a2b: the moving image is modality A and the fixed is B (the model's A->B path); b2a the reverse. "
     "--out-labels is an integer image on the fixed grid."
 )
@@ -50,16 +51,21 @@ def _data_cine_phantom(args: argparse.Namespace) -> None:
 
 def _apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """Fill the settings of ``--recipe NAME`` that the command line left at their defaults."""
-    from .workflows import RECIPES
-
     if args.recipe is None:
         return
+    from .workflows import RECIPES
+
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) == parser.get_default(key):
             setattr(args, key, value)
 
 
 def _train(args: argparse.Namespace) -> None:
+    # the inputs are checked before the (slow) torch import, so a wrong command line answers at once
+    if args.cine and (args.a or args.b):
+        raise FirekitError("--cine trains on phases of cine series: give --cine alone, not with --a/--b")
+    if not args.cine and not (args.a and args.b):
+        raise FirekitError("train needs --a and --b (two modalities), or --cine (phases of cine series)")
     from .workflows import train_on_cine, train_on_files
 
     _apply_recipe(args, args.train_parser)
@@ -70,8 +76,6 @@ def _train(args: argparse.Namespace) -> None:
     options.update(amp=not args.no_amp, amp_cpu=args.amp_cpu, compile=args.compile, channels_last=args.channels_last,
                    sync_every=args.sync_every, loader_threads=args.loader_threads)
     if args.cine:
-        if args.a or args.b:
-            raise FirekitError("--cine trains on phases of cine series: give --cine alone, not with --a/--b")
         result = train_on_cine(
             args.cine, args.out, ndim=args.ndim, preset=args.preset, iterations=args.iterations,
             batch_size=args.batch_size, val=args.val_cine, spacing=args.cine_spacing, seed=args.seed,
@@ -80,8 +84,6 @@ def _train(args: argparse.Namespace) -> None:
         )
         _trained(args, result)
         return
-    if not (args.a and args.b):
-        raise FirekitError("train needs --a and --b (two modalities), or --cine (phases of cine series)")
     result = train_on_files(
         args.a, args.b, args.out, labels=args.labels, ndim=args.ndim, preset=args.preset,
         iterations=args.iterations, batch_size=args.batch_size, val_a=args.val_a, val_b=args.val_b,
@@ -396,14 +398,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     register.add_argument("--model", default="default",
                           help="model.pt from firekit train (default: the shipped 2D T1 <-> T2-like model)")
-    register.add_argument("--moving", required=True, help="moving image (.nii/.nii.gz)")
-    register.add_argument("--fixed", required=True, help="fixed image (.nii/.nii.gz); outputs use its grid")
+    register.add_argument("--moving", required=True,
+                          help="moving image: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd (SimpleITK: pip install "
+                          "'firekit[itk]') or a folder holding one DICOM series")
+    register.add_argument("--fixed", required=True, help="fixed image (the formats of --moving); outputs use its grid")
     register.add_argument("--direction", choices=["a2b", "b2a"], default="a2b",
                           help="a2b: moving is modality A, fixed is B (default); b2a the reverse")
-    register.add_argument("--out", required=True, help="warped image (.nii.gz), never an input path")
+    register.add_argument("--out", required=True,
+                          help="warped image (.nii.gz, or .nrrd/.nhdr/.mha/.mhd: written in that format), never an "
+                          "input path")
     register.add_argument("--moving-labels", help="label map on the moving grid to warp along")
     register.add_argument("--out-labels", help="warped labels (integer image on the fixed grid)")
-    register.add_argument("--field", help="write the ITK displacement field (mm, LPS) here")
+    register.add_argument("--field", help="write the ITK displacement field (mm, LPS) here (.nii.gz, or .nrrd/.mha: "
+                          "a vector image)")
     register.add_argument("--affine", help="write the affine part as an ITK transform file (.tfm/.txt) here")
     register.add_argument("--affine-only", action="store_true", help="use only the affine subnet (network alone)")
     register.add_argument("--refine", type=_refine_steps, default="auto", metavar="K",

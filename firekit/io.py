@@ -1,4 +1,8 @@
-"""NIfTI in and out with nibabel, keeping affines and headers; one-line errors; atomic writes.
+"""Images in and out, keeping affines and headers; one-line errors; atomic writes.
+
+NIfTI (``.nii``, ``.nii.gz``) goes through nibabel; NRRD (``.nrrd``, ``.nhdr``), MetaImage
+(``.mha``, ``.mhd``) and DICOM series folders through SimpleITK (:mod:`firekit.itk_io`, the
+``firekit[itk]`` extra), chosen by the path: its suffix, or a folder for DICOM.
 
 This module (with :mod:`firekit.data` and :mod:`firekit.register`) is where millimetres and
 voxel-to-world affines live. Inside, an n-D image is a :class:`Volume`: its array in NIfTI voxel
@@ -20,6 +24,7 @@ from typing import Iterable, Iterator, Sequence
 import nibabel as nib
 import numpy as np
 
+from . import itk_io
 from ._atomic import atomic_path
 from .errors import FirekitError
 
@@ -47,6 +52,7 @@ __all__ = [
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + itk_io.ITK_SUFFIXES
 NIFTI_INTENT_VECTOR = 1007
 
 
@@ -57,7 +63,8 @@ class Volume:
     Attributes:
         data: ``(*spatial)`` array in voxel order (2 or 3 spatial dims).
         affine: ``(n + 1, n + 1)`` voxel index -> world mm (RAS+), n = ``data.ndim``.
-        header: the NIfTI header it came with (None for arrays).
+        header: the NIfTI header it came with (None for arrays; for an ITK file, a header holding
+            its 4x4 affine, so that NIfTI outputs of a 2D slice keep its place along z).
         path: the file it came from (None for arrays).
     """
 
@@ -149,6 +156,30 @@ def _load_image(path: str | os.PathLike, what: str) -> nib.Nifti1Image:
     return image
 
 
+def _read(path: Path, what: str, dtype) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    """``(array in voxel order, 4x4 RAS affine, header)`` of a NIfTI or ITK file or DICOM folder."""
+    if not path.exists():
+        raise FirekitError(f"{path}: {what} not found; check the path")
+    if not (_is_nifti(path) or itk_io.is_itk(path)):
+        raise FirekitError(f"{path}: not a NIfTI file (.nii or .nii.gz) nor an ITK image (.nrrd, .nhdr, .mha, "
+                           ".mhd, a DICOM series folder); convert it first (e.g. dcm2niix)")
+    if _is_nifti(path):
+        image = _load_image(path, what)
+        return _read_array(image, path, dtype), image.affine, image.header.copy()
+    data, affine, components = itk_io.read(path, what)
+    if components > 1:
+        raise FirekitError(f"{path}: {what} has {components} values per voxel (a vector or colour image); "
+                           "pass a scalar image")
+    return data.astype(dtype, copy=False), affine, _affine_header(affine)
+
+
+def _affine_header(affine4: np.ndarray) -> nib.Nifti1Header:
+    """A NIfTI header carrying ``affine4`` (what a NIfTI output on this grid starts from)."""
+    header = nib.Nifti1Header()
+    header.set_sform(affine4, code=1)
+    return header
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:160]
@@ -178,18 +209,19 @@ def _spatial_array(array: np.ndarray, path: Path, what: str) -> np.ndarray:
 
 
 def load_volume(path: str | os.PathLike, what: str = "image", allow_nonfinite: bool = False) -> Volume:
-    """Load a 2D or 3D NIfTI image as float32, keeping its affine and header.
+    """Load a 2D or 3D image (NIfTI, NRRD, MetaImage or a DICOM series folder) as float32, keeping
+    its affine (RAS mm) and header.
 
     Raises :class:`FirekitError` (one line, naming the file) for a missing, unreadable, truncated or
     4D file, and for NaN/Inf voxels unless ``allow_nonfinite``.
     """
     path = Path(path)
-    image = _load_image(path, what)
-    data = _spatial_array(_read_array(image, path, np.float32), path, what)
+    array, affine4, header = _read(path, what, np.float32)
+    data = _spatial_array(array, path, what)
     if not allow_nonfinite and not np.isfinite(data).all():
         bad = int((~np.isfinite(data)).sum())
         raise FirekitError(f"{path}: {bad} NaN/Inf voxels; replace them (e.g. with 0) before registering")
-    return Volume(data, nd_affine(image.affine, data.ndim), image.header.copy(), path)
+    return Volume(data, nd_affine(affine4, data.ndim), header, path)
 
 
 def load_labels(path: str | os.PathLike, what: str = "label map", allow_empty: bool = True) -> Volume:
@@ -199,8 +231,8 @@ def load_labels(path: str | os.PathLike, what: str = "label map", allow_empty: b
     wrong file, e.g. an empty mask exported by mistake).
     """
     path = Path(path)
-    image = _load_image(path, what)
-    data = _spatial_array(_read_array(image, path, np.float64), path, what)
+    array, affine4, header = _read(path, what, np.float64)
+    data = _spatial_array(array, path, what)
     if not np.isfinite(data).all():
         raise FirekitError(f"{path}: label map has NaN/Inf values; labels must be integers")
     rounded = np.rint(data)
@@ -208,25 +240,45 @@ def load_labels(path: str | os.PathLike, what: str = "label map", allow_empty: b
         raise FirekitError(f"{path}: label map has non-integer values; pass an integer segmentation")
     if not allow_empty and not (rounded > 0).any():
         raise FirekitError(f"{path}: {what} is empty (no label > 0); pass a segmentation with labels, or leave it out")
-    return Volume(rounded.astype(np.int32), nd_affine(image.affine, data.ndim), image.header.copy(), path)
+    return Volume(rounded.astype(np.int32), nd_affine(affine4, data.ndim), header, path)
 
 
 def load_field(path: str | os.PathLike, grid: Volume) -> np.ndarray:
-    """Load an ITK displacement field NIfTI ``(X, Y[, Z], 1, n)`` on ``grid`` as ``(*grid.shape, n)`` mm."""
+    """Load an ITK displacement field on ``grid`` as ``(*grid.shape, n)`` mm (LPS).
+
+    NIfTI: ``(X, Y[, Z], 1, n)``; NRRD/MetaImage: a vector image of n components on the grid.
+    """
     path = Path(path)
-    data = _read_array(_load_image(path, "displacement field"), path, np.float32)
     n = grid.ndim
-    if data.ndim != 5 or data.shape[3] != 1 or data.shape[4] != n:
-        raise FirekitError(
-            f"{path}: shape {data.shape} is not an ITK {n}D displacement field (X, Y, Z, 1, {n}); "
-            "pass the --field written by firekit register"
-        )
-    field = data[:, :, :, 0, :] if n == 3 else data[:, :, 0, 0, :]
+    field = _itk_field(path, n) if itk_io.is_itk(path) and path.exists() else _nifti_field(path, n)
     if field.shape[:-1] != grid.shape:
         raise FirekitError(f"{path}: field grid {field.shape[:-1]} differs from {grid.name} {grid.shape}")
     if not np.isfinite(field).all():
         raise FirekitError(f"{path}: field has NaN/Inf values; re-run the registration")
     return field
+
+
+def _nifti_field(path: Path, n: int) -> np.ndarray:
+    """``(*S, n)`` of a NIfTI ITK field ``(X, Y, Z, 1, n)``."""
+    data = _read_array(_load_image(path, "displacement field"), path, np.float32)
+    if data.ndim != 5 or data.shape[3] != 1 or data.shape[4] != n:
+        raise FirekitError(
+            f"{path}: shape {data.shape} is not an ITK {n}D displacement field (X, Y, Z, 1, {n}); "
+            "pass the --field written by firekit register"
+        )
+    return data[:, :, :, 0, :] if n == 3 else data[:, :, 0, 0, :]
+
+
+def _itk_field(path: Path, n: int) -> np.ndarray:
+    """``(*S, n)`` of a vector image (a 2D field stored as one slice of a 3D image is squeezed)."""
+    data, _, components = itk_io.read(path, "displacement field")
+    if n == 2 and data.ndim == 4 and data.shape[2] == 1:
+        data = data[:, :, 0]
+    if components != n or data.ndim != n + 1:
+        raise FirekitError(f"{path}: a {data.ndim - (components > 1)}D image with {components} values per voxel "
+                           f"is not an ITK {n}D displacement field ({n} components); pass the --field written "
+                           "by firekit register")
+    return data.astype(np.float32, copy=False)
 
 
 def lps_flip(n: int) -> np.ndarray:
@@ -273,13 +325,32 @@ def check_output_file(path: str | os.PathLike, inputs: Iterable[str | os.PathLik
 
 
 def check_output_path(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
-    """:func:`check_output_file` for a NIfTI output (the name must end in .nii or .nii.gz)."""
+    """:func:`check_output_file` for an image output: the name must end in .nii or .nii.gz, or in an
+    ITK suffix (.nrrd, .nhdr, .mha, .mhd; SimpleITK must then be installed)."""
     path = Path(path)
-    if not _is_nifti(path):
-        raise FirekitError(f"{path}: output name must end in .nii or .nii.gz")
+    if not path.name.lower().endswith(IMAGE_SUFFIXES):
+        raise FirekitError(f"{path}: output name must end in .nii or .nii.gz (or .nrrd, .nhdr, .mha, .mhd)")
     if path.is_dir():
         raise FirekitError(f"{path}: is a directory; give a file name ending in .nii.gz")
+    if not _is_nifti(path):
+        itk_io.require(path, "writing")
+        _check_data_file(path, inputs)
     return check_output_file(path, inputs)
+
+
+def _check_data_file(path: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse a header + data output (.mhd, .nhdr) whose data file could be an input's."""
+    data = itk_io.data_file(path)
+    if data is None:
+        return
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item)
+        same_stem = source.parent.resolve() == path.parent.resolve() and source.stem == path.stem
+        if data.resolve() == source.resolve() or (same_stem and itk_io.data_file(source) is not None):
+            raise FirekitError(f"{path}: its data file {data.name} could overwrite input {source}'s; "
+                               "choose another output name")
 
 
 def check_output_folder(path: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
@@ -303,6 +374,7 @@ def all_or_nothing(outputs: Iterable[str | os.PathLike | None]) -> Iterator[None
     An output that existed before the block and was not rewritten is kept.
     """
     paths = [Path(p) for p in outputs if p is not None]
+    paths += [data for p in paths if (data := itk_io.data_file(p)) is not None]  # .mhd/.nhdr data files
     before = {p: _identity(p) for p in paths}
     try:
         yield
@@ -330,19 +402,24 @@ def save_nifti(
     intent: int | None = None,
     protect: Sequence[str | os.PathLike | None] = (),
 ) -> Path:
-    """Write a NIfTI file atomically (temp file in the same folder, then rename).
+    """Write an image atomically (temp file in the same folder, then rename).
 
     Args:
-        data: array in voxel order (2D arrays are written as ``(X, Y, 1)``).
+        data: array in voxel order (2D arrays are written as ``(X, Y, 1)`` in NIfTI).
         affine: ``(3, 3)`` (2D) or ``(4, 4)`` voxel-to-world (RAS+ mm); a 2D affine keeps the third
-            row/column of ``header``'s affine when a header is given.
-        path: ``.nii`` or ``.nii.gz``; never one of ``protect`` (the inputs).
+            row/column of ``header``'s affine when a header is given (NIfTI only).
+        path: ``.nii`` or ``.nii.gz``, or ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd`` (written by
+            SimpleITK with the same geometry; 2D data as a 2D image, a vector ``intent`` as a vector
+            image); never one of ``protect`` (the inputs).
         header: header to start from (its dims, dtype and scaling are reset).
         dtype: on-disk dtype (default: the array's).
         intent: NIfTI intent code, e.g. :data:`NIFTI_INTENT_VECTOR` for displacement fields.
     """
     path = check_output_path(path, protect)
     data = np.asarray(data)
+    if not _is_nifti(path):
+        vector = intent == NIFTI_INTENT_VECTOR
+        return itk_io.write(data.astype(dtype) if dtype is not None else data, affine, path, vector=vector)
     if data.ndim == 2:
         data = data[:, :, None]
     template = header.get_best_affine() if header is not None else None
@@ -363,7 +440,7 @@ def save_nifti(
 
 
 def save_volume(volume: Volume, path: str | os.PathLike, dtype=None, protect=()) -> Path:
-    """Write a :class:`Volume` keeping its header (see :func:`save_nifti`)."""
+    """Write a :class:`Volume` keeping its header (see :func:`save_nifti`; ITK suffixes too)."""
     return save_nifti(volume.data, volume.affine, path, header=volume.header, dtype=dtype, protect=protect)
 
 
