@@ -116,6 +116,7 @@ def _register(args: argparse.Namespace) -> None:
         spacing=args.spacing, device=args.device, refine=args.refine, seed=args.seed,
         similarity=args.similarity, synthesis=args.synthesis, progress=False if args.quiet else "auto",
         symmetric=args.symmetric, orientation=args.init, check=not args.no_check,
+        initial_affine=args.initial_affine,
     )
     written = [p for p in (args.out, args.out_labels, args.field, args.affine) if p]
     folding = float((result.jacobian_determinant() <= 0).mean() * 100)
@@ -127,6 +128,13 @@ def _register(args: argparse.Namespace) -> None:
     verdict = "" if check is None else f", check: {check['verdict']}" + (
         f" (kept the {check['chosen']} alignment)" if check["verdict"] != "ok" else "")
     print(f"wrote {', '.join(map(str, written))} (|J| <= 0: {folding:.3f} %{verdict})")
+
+
+def _apply(args: argparse.Namespace) -> None:
+    from .apply import apply_files
+
+    out = apply_files(args.input, args.reference, args.transform, args.out, interpolation=args.interpolation)
+    print(f"wrote {out}")
 
 
 def _register_cine(args: argparse.Namespace) -> None:
@@ -432,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="header (default): trust the files' orientation, so no affine turns by more than 45 deg, "
                           "reflects, or scales an axis by more than 3x; search-axes: also try every 90/180-degree turn "
                           "and axis permutation, for files whose headers are wrong")
+    register.add_argument("--initial-affine", metavar="FILE",
+                          help="start the refinement from this affine (ITK .tfm/.txt, e.g. firekit register --affine, "
+                          "or ANTs' *GenericAffine.mat; fixed -> moving points) instead of the moments search; with a "
+                          "model it starts beside the network's affine. The start is trusted: the 45-deg bound of "
+                          "--init header is lifted. Needs refinement (not --refine 0)")
     register.add_argument("--no-check", action="store_true",
                           help="keep the registration's answer even when its start or the headers' alignment matches "
                           "better (by default the better one is kept and a line on stderr says so)")
@@ -440,6 +453,31 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--spacing", type=float, default=1.28, help="network voxel size in mm (default 1.28)")
     register.add_argument("--device", help="cpu, cuda ... (default cpu)")
     register.set_defaults(func=_register)
+
+    # ---------------------------------------------------------------- apply
+    apply = commands.add_parser(
+        "apply",
+        help="apply saved transforms (firekit's, ANTs', ITK's) to an image or label map, like antsApplyTransforms",
+        description="Resample --input onto --reference's grid through one or more --transform files, composed as "
+        "antsApplyTransforms' -t list: the LAST --transform is applied to the image first, i.e. the FIRST maps the "
+        "reference points first (input point = Tk(...T2(T1(x)))), so ANTs' fwdtransforms [Warp.nii.gz, "
+        "GenericAffine.mat] go in that order. Each transform maps reference (fixed) points to input (moving) points in "
+        "physical space (ITK, LPS mm). Outside the input is 0.",
+    )
+    apply.add_argument("--input", required=True, help="image or label map to resample (.nii/.nii.gz, .nrrd, .mha, "
+                       "a DICOM folder), on the moving grid")
+    apply.add_argument("--reference", required=True, help="image whose grid the output takes (the fixed image)")
+    apply.add_argument("--transform", action="append", required=True, metavar="T",
+                       help="a transform, repeatable, in antsApplyTransforms' -t order (the last listed is applied to the "
+                       "image first, the first to the reference points first): a displacement "
+                       "field (firekit register --field, ANTs' *Warp.nii.gz; .nii.gz/.nrrd/.mha ITK vector image) or "
+                       "an affine (firekit register --affine or ITK .tfm/.txt, ANTs' *GenericAffine.mat)")
+    apply.add_argument("--out", required=True, help="output image on the reference grid (.nii.gz, or .nrrd/.mha), "
+                       "never an input path")
+    apply.add_argument("--interpolation", choices=["linear", "nearest", "label"], default="linear",
+                       help="linear (default, float32 output); nearest (integer images stay integer: label maps); "
+                       "label (label-aware: each label's indicator linearly, then the argmax, background 0 included)")
+    apply.set_defaults(func=_apply)
 
     # ---------------------------------------------------------------- register-cine
     register_cine = commands.add_parser(

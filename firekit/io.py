@@ -33,6 +33,7 @@ __all__ = [
     "load_volume",
     "load_labels",
     "load_field",
+    "read_field",
     "save_nifti",
     "save_volume",
     "check_output_path",
@@ -249,36 +250,48 @@ def load_field(path: str | os.PathLike, grid: Volume) -> np.ndarray:
     NIfTI: ``(X, Y[, Z], 1, n)``; NRRD/MetaImage: a vector image of n components on the grid.
     """
     path = Path(path)
-    n = grid.ndim
-    field = _itk_field(path, n) if itk_io.is_itk(path) and path.exists() else _nifti_field(path, n)
+    field, _ = read_field(path, grid.ndim)
     if field.shape[:-1] != grid.shape:
         raise FirekitError(f"{path}: field grid {field.shape[:-1]} differs from {grid.name} {grid.shape}")
-    if not np.isfinite(field).all():
-        raise FirekitError(f"{path}: field has NaN/Inf values; re-run the registration")
     return field
 
 
-def _nifti_field(path: Path, n: int) -> np.ndarray:
-    """``(*S, n)`` of a NIfTI ITK field ``(X, Y, Z, 1, n)``."""
-    data = _read_array(_load_image(path, "displacement field"), path, np.float32)
-    if data.ndim != 5 or data.shape[3] != 1 or data.shape[4] != n:
+def read_field(path: str | os.PathLike, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """An ITK n-D displacement field file (firekit's ``--field``, ANTs' ``*Warp.nii.gz``) on its own grid.
+
+    Returns:
+        ``(field, affine)``: ``(*S, n)`` float32 mm (LPS) and the grid's ``(n + 1, n + 1)`` voxel -> RAS mm.
+    """
+    path = Path(path)
+    reader = _itk_field if itk_io.is_itk(path) and path.exists() else _nifti_field
+    field, affine4 = reader(path, n)
+    if not np.isfinite(field).all():
+        raise FirekitError(f"{path}: field has NaN/Inf values; re-run the registration")
+    return field, nd_affine(affine4, n)
+
+
+def _nifti_field(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(*S, n)`` of a NIfTI ITK field ``(X, Y, Z, 1, n)``, and its 4x4 affine."""
+    image = _load_image(path, "displacement field")
+    data = _read_array(image, path, np.float32)
+    if data.ndim != 5 or data.shape[3] != 1 or data.shape[4] != n or (n == 2 and data.shape[2] != 1):
         raise FirekitError(
-            f"{path}: shape {data.shape} is not an ITK {n}D displacement field (X, Y, Z, 1, {n}); "
+            f"{path}: shape {data.shape} is not an ITK {n}D displacement field (X, Y, {'1' if n == 2 else 'Z'}, 1, {n}); "
             "pass the --field written by firekit register"
         )
-    return data[:, :, :, 0, :] if n == 3 else data[:, :, 0, 0, :]
+    return (data[:, :, :, 0, :] if n == 3 else data[:, :, 0, 0, :]), image.affine
 
 
-def _itk_field(path: Path, n: int) -> np.ndarray:
-    """``(*S, n)`` of a vector image (a 2D field stored as one slice of a 3D image is squeezed)."""
-    data, _, components = itk_io.read(path, "displacement field")
+def _itk_field(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(*S, n)`` of a vector image (a 2D field stored as one slice of a 3D image is squeezed), and its 4x4 affine."""
+    data, affine4, components = itk_io.read(path, "displacement field")
     if n == 2 and data.ndim == 4 and data.shape[2] == 1:
         data = data[:, :, 0]
     if components != n or data.ndim != n + 1:
         raise FirekitError(f"{path}: a {data.ndim - (components > 1)}D image with {components} values per voxel "
                            f"is not an ITK {n}D displacement field ({n} components); pass the --field written "
                            "by firekit register")
-    return data.astype(np.float32, copy=False)
+    return data.astype(np.float32, copy=False), affine4
 
 
 def lps_flip(n: int) -> np.ndarray:

@@ -201,6 +201,32 @@ def _network_affine_to_world(theta: torch.Tensor, shape: Sequence[int], grid_aff
     return grid_affine @ voxel @ np.linalg.inv(grid_affine)
 
 
+def world_affine_to_network(affine: np.ndarray, shape: Sequence[int], grid_affine: np.ndarray) -> torch.Tensor:
+    """World ``(n + 1, n + 1)`` map (RAS mm, fixed -> moving points) -> normalised ``(1, n, n + 1)`` on a grid;
+    the inverse of :func:`_network_affine_to_world`."""
+    n = len(shape)
+    voxel = np.linalg.inv(grid_affine) @ np.asarray(affine, dtype=np.float64) @ grid_affine
+    return spatial.voxel_affine_to_normalised(torch.as_tensor(voxel[:n])[None], shape).float()
+
+
+def _initial_affine(initial_affine, n: int) -> np.ndarray | None:
+    """``register``'s ``initial_affine`` (a path, or an ``(n + 1, n + 1)`` RAS world matrix) as that matrix."""
+    if initial_affine is None:
+        return None
+    if isinstance(initial_affine, (str, os.PathLike)):
+        from .apply import read_affine
+
+        matrix, name = read_affine(initial_affine), str(initial_affine)
+    else:
+        matrix, name = np.asarray(initial_affine, dtype=np.float64), "initial affine"
+    if matrix.shape != (n + 1, n + 1) or not np.isfinite(matrix).all():
+        raise FirekitError(f"{name}: a {n}D registration needs a finite {(n + 1, n + 1)} initial affine, got "
+                           f"shape {matrix.shape}")
+    if abs(np.linalg.det(matrix[:n, :n])) < 1e-9:
+        raise FirekitError(f"{name}: the initial affine is singular; pass an invertible affine")
+    return matrix
+
+
 def symmetrise(theta: torch.Tensor, displacement: torch.Tensor, theta_back: torch.Tensor,
                displacement_back: torch.Tensor, iterations: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
     """Average a forward registration with the inverse of a backward one (same grid, normalised).
@@ -290,7 +316,7 @@ def _network(model: Fire, x_moving: torch.Tensor, x_fixed: torch.Tensor, directi
 
 def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, direction: str, affine_only: bool,
            config, device, synthesis: bool = False, progress: bool = False, network_factor: int = 1,
-           orientation: str = "header", check: bool = True,
+           orientation: str = "header", check: bool = True, start: torch.Tensor | None = None,
            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[CheckReport] | None]:
     """Network and/or refinement on same-ndim tensors -> (theta, displacement, warped, reports), normalised.
 
@@ -301,6 +327,8 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
     within :func:`firekit.check.default_bounds`; ``"search-axes"`` lifts the rotation bound.
     ``check``: weigh the answer against its start and the headers' identity (:func:`firekit.check.check`)
     and keep the best; ``reports`` is then one :class:`~firekit.check.CheckReport` per pair (else None).
+    ``start``: ``(B, n, n + 1)`` normalised affine (e.g. a saved transform) to start the refinement from
+    in place of the moments candidates; beside the network's affine when there is a model.
     """
     from .refine import moment_candidates, refine
 
@@ -319,7 +347,12 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
         config = replace(config, orientation=orientation)
     x_moving, x_fixed = x_moving.to(device), x_fixed.to(device)
     theta0 = displacement0 = None
-    if theta is not None:
+    if start is not None:
+        start = start.to(x_fixed)
+        theta0 = start if theta is None else torch.stack([theta.to(start), start], dim=1)
+        if theta is not None and flow is not None:
+            displacement0 = flow.to(start)
+    elif theta is not None:
         # The network's affine is one start among the moments search's best (the probe found the
         # moments often better); the affine stage judges them all at full resolution after its first
         # level, an implausible one (beyond the bounds) never wins, and the network's flow is kept
@@ -409,6 +442,7 @@ def register(
     symmetric: bool = False,
     orientation: str = "header",
     check: bool = True,
+    initial_affine=None,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with a FIRE model, per-pair refinement, or both.
 
@@ -441,6 +475,11 @@ def register(
         check: weigh the answer against its start and the headers' alignment by MIND-SSC and keep
             the best plausible one (:func:`firekit.check.check`); a fallback is printed on stderr in
             one line and recorded in ``result.check``.
+        initial_affine: start the refinement from this affine instead of the moments search: a path
+            (ITK ``.tfm``/``.txt``, ANTs ``.mat``) or an ``(n + 1, n + 1)`` world matrix (RAS mm, fixed ->
+            moving points, as ``result.affine``). With a model it starts beside the network's affine. The
+            start is trusted, so the 45-degree rotation bound is lifted (as ``"search-axes"``). Needs
+            refinement.
     """
     moving = as_volume(moving, "moving image")
     fixed = as_volume(fixed, "fixed image")
@@ -453,6 +492,11 @@ def register(
     config = refine_config(refine, n, seed)
     if model is None and config is None:
         raise FirekitError("no model and no refinement: pass a model, or refine='auto' (--no-network needs --refine)")
+    initial = _initial_affine(initial_affine, n)
+    if initial is not None and config is None:
+        raise FirekitError("an initial affine starts the refinement: turn refinement on (refine='auto' or steps)")
+    if initial is not None:
+        orientation = "search-axes"  # the given start may turn by more than the header bound
     if (similarity is not None or synthesis) and config is None:
         raise FirekitError("a refinement similarity or synthesis needs refinement on: pass refine='auto' or steps")
     if similarity is not None:
@@ -497,12 +541,14 @@ def register(
     else:
         solver_model = None if slicewise else model
         factor = network_factor(solver_model, shape, grid_affine)
+        start = None if initial is None else world_affine_to_network(initial, shape, grid_affine)
         theta, disp, warped_net, reports = _solve(solver_model, x_moving, x_fixed, direction, affine_only, config,
-                                                  device, synthesis, progress, factor, orientation, check)
+                                                  device, synthesis, progress, factor, orientation, check, start)
         if symmetric:
+            start_back = None if start is None else spatial.invert_affine(start.double()).float()
             theta_back, disp_back, _, _ = _solve(solver_model, x_fixed, x_moving, other_direction(direction),
                                                  affine_only, config, device, synthesis, progress, factor,
-                                                 orientation, check)
+                                                 orientation, check, start_back)
             theta, disp = symmetrise(theta, disp, theta_back, disp_back)
             warped_net = spatial.warp(x_moving, disp)
         view = NetworkView(x_moving, x_fixed, warped_net, disp, theta, grid_affine)

@@ -274,6 +274,7 @@ def register_files(
     symmetric: bool = False,
     orientation: str = "header",
     check: bool = True,
+    initial_affine: str | os.PathLike | None = None,
 ):
     """Register ``moving`` onto ``fixed`` and write the outputs; returns the ``RegistrationResult``.
 
@@ -284,7 +285,7 @@ def register_files(
     """
     from .register import refine_config, register
 
-    inputs = [moving, fixed, moving_labels]
+    inputs = [moving, fixed, moving_labels, initial_affine]
     outputs = [p for p in (out, out_labels, field) if p is not None]
     if (out_labels is None) != (moving_labels is None):
         raise FirekitError("--moving-labels and --out-labels go together; pass both or neither")
@@ -316,7 +317,7 @@ def register_files(
     result = register(model, moving_volume, fixed_volume, direction=direction, affine_only=affine_only,
                       spacing=spacing, device=device, refine=refine, seed=seed, similarity=similarity,
                       synthesis=synthesis, progress=progress, symmetric=symmetric, orientation=orientation,
-                      check=check)
+                      check=check, initial_affine=initial_affine)
     warped_labels = result.apply(labels_volume, labels=True) if labels_volume is not None else None
     with io.all_or_nothing([*outputs, affine]):
         result.save(out, field=field, affine_path=affine, protect=inputs)
