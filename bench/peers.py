@@ -72,11 +72,10 @@ class PeerCrashed(RuntimeError):
 def itk_geometry(volume) -> tuple[tuple, tuple, np.ndarray]:
     """``(origin, spacing, direction)`` of a NIfTI volume in ITK's LPS world (mm), for any ITK bridge
     (SimpleITK, itk-elastix, antspyx)."""
-    from firekit import io
+    from firekit.itk_io import itk_geometry as geometry
 
-    n = volume.ndim
-    lps, spacing = np.diag([*io.lps_flip(n), 1.0]) @ volume.affine, volume.spacing
-    return tuple(lps[:n, n]), tuple(spacing), lps[:n, :n] / spacing
+    origin, spacing, direction = geometry(volume.affine)
+    return origin, spacing, np.reshape(direction, (volume.ndim, volume.ndim))
 
 
 def to_sitk(volume):

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import io, spatial
+from . import fields, io, spatial
 from .data import map_points
 from .errors import FirekitError
 
@@ -71,9 +71,8 @@ class FieldTransform:
 
     def __call__(self, points: torch.Tensor) -> torch.Tensor:
         """``(1, n, *S)`` RAS mm -> ``(1, n, *S)`` RAS mm."""
-        n = self.ndim
-        voxels = map_points(torch.as_tensor(np.linalg.inv(self.affine)[:n])[None], points)
-        u_ras = torch.as_tensor(self.field * io.lps_flip(n), dtype=points.dtype).movedim(-1, 0)[None]
+        voxels = fields.world_to_voxels(points, self.affine)
+        u_ras = fields.ras_displacement(self.field).to(points.dtype)
         return points + spatial.sample(u_ras, voxels, mode="linear", padding_mode="border")
 
 
@@ -197,15 +196,13 @@ def apply_transforms(image: io.Volume, reference: io.Volume, transforms: Sequenc
     for transform in transforms:
         if transform.ndim != n:
             raise FirekitError(f"{transform.name}: a {transform.ndim}D transform cannot map the {n}D reference")
-    grid = spatial.voxel_grid(reference.shape, like=torch.zeros((), dtype=torch.float64))
-    points = map_points(torch.as_tensor(reference.affine[:n])[None], grid)
+    points = fields.world_points(reference)
     for transform in transforms:  # input point = Tk(...T1(x))
         points = transform(points)
-    voxels = map_points(torch.as_tensor(np.linalg.inv(image.affine)[:n])[None], points)
+    voxels = fields.world_to_voxels(points, image.affine)
     if interpolation == "label":
         return _sample_labels(np.asarray(image.data), voxels)
-    source = torch.as_tensor(np.asarray(image.data, np.float64))[None, None]
-    out = spatial.sample(source, voxels, mode=interpolation, padding_mode="zeros")[0, 0].numpy()
+    out = fields.sample_volume(image, voxels, interpolation)
     return out.astype(np.float32) if interpolation == "linear" else out.astype(image.data.dtype)
 
 

@@ -14,7 +14,34 @@ import torch
 from . import io, spatial
 from .data import map_points
 
-__all__ = ["moving_points", "apply_field", "inverse_consistency"]
+__all__ = ["world_points", "world_to_voxels", "ras_displacement", "sample_volume", "moving_points", "apply_field",
+           "inverse_consistency"]
+
+
+def world_points(volume: io.Volume) -> torch.Tensor:
+    """World (RAS mm) points of every voxel of ``volume``: ``(1, n, *S)`` float64."""
+    n = volume.ndim
+    grid = spatial.voxel_grid(volume.shape, like=torch.zeros((), dtype=torch.float64))
+    return map_points(torch.as_tensor(volume.affine[:n])[None], grid)
+
+
+def world_to_voxels(points: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
+    """World (RAS mm) points ``(1, n, *S)`` -> voxel coordinates of the grid ``affine`` ``(n + 1, n + 1)``."""
+    n = affine.shape[0] - 1
+    return map_points(torch.as_tensor(np.linalg.inv(affine)[:n])[None], points)
+
+
+def ras_displacement(field: np.ndarray) -> torch.Tensor:
+    """An ITK field ``(*S, n)`` (mm, LPS) as RAS mm displacements ``(1, n, *S)`` float64."""
+    n = field.shape[-1]
+    return torch.as_tensor(np.asarray(field, np.float64) * io.lps_flip(n)).movedim(-1, 0)[None]
+
+
+def sample_volume(image: io.Volume, voxels: torch.Tensor, mode: str = "linear") -> np.ndarray:
+    """``image``'s values at voxel coordinates ``(1, n, *S)`` (``"linear"`` or ``"nearest"``; 0 outside):
+    ``(*S)`` float64."""
+    source = torch.as_tensor(np.asarray(image.data, np.float64))[None, None]
+    return spatial.sample(source, voxels, mode=mode, padding_mode="zeros")[0, 0].numpy()
 
 
 def moving_points(field: np.ndarray, fixed: io.Volume, moving: io.Volume) -> torch.Tensor:
@@ -22,10 +49,7 @@ def moving_points(field: np.ndarray, fixed: io.Volume, moving: io.Volume) -> tor
     n = fixed.ndim
     if field.shape != (*fixed.shape, n):
         raise ValueError(f"field shape {field.shape} does not match the fixed grid {(*fixed.shape, n)}")
-    grid = spatial.voxel_grid(fixed.shape, like=torch.zeros((), dtype=torch.float64))
-    world = map_points(torch.as_tensor(fixed.affine[:n])[None], grid)
-    u_ras = torch.as_tensor(np.asarray(field, np.float64) * io.lps_flip(n)).movedim(-1, 0)[None]
-    return map_points(torch.as_tensor(np.linalg.inv(moving.affine)[:n])[None], world + u_ras)
+    return world_to_voxels(world_points(fixed) + ras_displacement(field), moving.affine)
 
 
 def apply_field(image: io.Volume, field: np.ndarray, fixed: io.Volume, labels: bool = False) -> np.ndarray:
@@ -34,10 +58,8 @@ def apply_field(image: io.Volume, field: np.ndarray, fixed: io.Volume, labels: b
     ``labels``: nearest-neighbour sampling, keeping the dtype; otherwise linear, float32. Outside
     the moving image is 0.
     """
-    points = moving_points(field, fixed, image)
-    source = torch.as_tensor(np.asarray(image.data, np.float64))[None, None]
-    warped = spatial.sample(source, points, mode="nearest" if labels else "linear", padding_mode="zeros")[0, 0]
-    return warped.numpy().astype(image.data.dtype if labels else np.float32)
+    warped = sample_volume(image, moving_points(field, fixed, image), "nearest" if labels else "linear")
+    return warped.astype(image.data.dtype if labels else np.float32)
 
 
 def inverse_consistency(forward: np.ndarray, backward: np.ndarray, fixed: io.Volume, moving: io.Volume) -> np.ndarray:

@@ -581,7 +581,7 @@ def _moment_candidates(moving: _Pyramid, fixed: _Pyramid, config: RefineConfig,
     """
     ndim = fixed.image.ndim - 2
     moving_shape, fixed_shape = moving.image.shape[2:], fixed.image.shape[2:]
-    voxel, centre_f = _moment_affines(moving.image, fixed.image, config, config.foreground_opening)
+    voxel, centre_f = _moment_affines(moving.image, fixed.image, config)
     batch, count = voxel.shape[:2]
     thetas = _voxel_to_normalised_between(voxel.reshape(batch * count, ndim, ndim + 1), moving_shape,
                                           fixed_shape).reshape(batch, count, ndim, ndim + 1).to(fixed.image)
@@ -594,19 +594,17 @@ def _moment_candidates(moving: _Pyramid, fixed: _Pyramid, config: RefineConfig,
     first = _rank(thetas, moving_small, fixed_features, similarity, fixed_shape, bounds)
     search = partial(_local_search, centre_f=centre_f, moving_small=moving_small, fixed_features=fixed_features,
                      similarity=similarity, fixed_shape=fixed_shape, config=config)
-    ranked = search(first)
     if config.shift_reach <= 0 or config.shift_starts < 1 or not (similarity.pointwise and similarity.warpable):
-        return _diverse(*ranked, keep, config.start_spread)
+        return _diverse(*search(first), keep, config.start_spread)
     # The best candidates also compete moved to their best shifts (FFT), as a family of their own:
     # the unshifted keep starts too, since at this resolution a shift can pull a small, near-round
     # foreground off.
     top = first[0][:, : config.shift_starts]
     moved, moved_scores = _best_shifts(top, moving_small, fixed_features, similarity, config.shift_reach)
-    moved_allowed = plausible_mask(moved.flatten(0, 1), fixed_shape, bounds).view(moved_scores.shape)
-    shifted = search(_merge_ranked(first, _sort_ranked(moved, moved_scores, moved_allowed.to(moved.device))))
-    if keep == 1:
+    shifted = search(_merge_ranked(first, _ranked(moved, moved_scores, fixed_shape, bounds)))
+    if keep == 1:  # the shifted family holds the unshifted candidates too
         return _diverse(*shifted, 1, config.start_spread)
-    families = [_diverse(*shifted, keep, config.start_spread), _diverse(*ranked, keep, config.start_spread)]
+    families = [_diverse(*shifted, keep, config.start_spread), _diverse(*search(first), keep, config.start_spread)]
     return tuple(torch.cat(parts, dim=1) for parts in zip(*families))
 
 
@@ -635,13 +633,14 @@ def _local_search(ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor], centr
     return thetas, scores, allowed
 
 
-def _moment_affines(moving: torch.Tensor, fixed: torch.Tensor, config: RefineConfig,
-                    opening: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _moment_affines(moving: torch.Tensor, fixed: torch.Tensor,
+                    config: RefineConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Voxel affines ``(B, K, n, n+1)`` (fixed voxel -> moving voxel) from the moments of the images'
-    foregrounds opened by ``opening`` (:func:`_foreground_moments`), and fixed's centre ``(B, n)``."""
+    foregrounds (:func:`_foreground_moments`, opened by ``config.foreground_opening``), and fixed's
+    centre ``(B, n)``."""
     ndim = fixed.ndim - 2
-    centre_m, cov_m = _foreground_moments(moving, config.foreground, opening)
-    centre_f, cov_f = _foreground_moments(fixed, config.foreground, opening)
+    centre_m, cov_m = _foreground_moments(moving, config.foreground, config.foreground_opening)
+    centre_f, cov_f = _foreground_moments(fixed, config.foreground, config.foreground_opening)
     root_m, _ = _sqrt_and_inverse(cov_m)
     _, inv_root_f = _sqrt_and_inverse(cov_f)
     rotations = candidate_rotations(ndim, config.scan_angles).to(root_m)  # (K, n, n)
@@ -755,9 +754,15 @@ def _rank(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_features: torc
           fixed_shape, bounds: AffineBounds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidates ``(B, K, n, n+1)`` sorted best first by the similarity at low resolution, those
     outside ``bounds`` after every plausible one: ``(thetas, scores (B, K), allowed (B, K))``."""
-    batch, count = thetas.shape[:2]
     with torch.no_grad():
         scores = _score_affines(moving_small, fixed_features, thetas, similarity)
+    return _ranked(thetas, scores, fixed_shape, bounds)
+
+
+def _ranked(thetas: torch.Tensor, scores: torch.Tensor, fixed_shape,
+            bounds: AffineBounds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scored candidates ``(B, K, n, n+1)``, ``(B, K)`` sorted as :func:`_rank` sorts them."""
+    batch, count = thetas.shape[:2]
     allowed = plausible_mask(thetas.flatten(0, 1), fixed_shape, bounds).view(batch, count).to(thetas.device)
     return _sort_ranked(thetas, scores, allowed)
 
