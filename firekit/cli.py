@@ -116,18 +116,22 @@ def _register(args: argparse.Namespace) -> None:
         spacing=args.spacing, device=args.device, refine=args.refine, seed=args.seed,
         similarity=args.similarity, synthesis=args.synthesis, progress=False if args.quiet else "auto",
         symmetric=args.symmetric, orientation=args.init, check=not args.no_check,
-        initial_affine=args.initial_affine,
+        initial_affine=args.initial_affine, inverse_field=args.inverse_field,
     )
-    written = [p for p in (args.out, args.out_labels, args.field, args.affine) if p]
+    written = [p for p in (args.out, args.out_labels, args.field, args.inverse_field, args.affine) if p]
     folding = float((result.jacobian_determinant() <= 0).mean() * 100)
     check = result.check.as_dict() if result.check is not None else None
+    inverse = result.inverted.summary() if result.inverted is not None else None
     if args.json:
         print(json.dumps(dict(moving=str(args.moving), fixed=str(args.fixed), written=[str(p) for p in written],
-                              folding_percent=folding, check=check), indent=1))
+                              folding_percent=folding, check=check, inverse=inverse), indent=1))
         return
     verdict = "" if check is None else f", check: {check['verdict']}" + (
         f" (kept the {check['chosen']} alignment)" if check["verdict"] != "ok" else "")
-    print(f"wrote {', '.join(map(str, written))} (|J| <= 0: {folding:.3f} %{verdict})")
+    residual = "" if inverse is None else (
+        f", inverse residual max {inverse['max_residual_mm']:.3g} mm, mean {inverse['mean_residual_mm']:.2g} mm "
+        f"over {inverse['inside_percent']:.0f} % of moving, {inverse['iterations']} iterations")
+    print(f"wrote {', '.join(map(str, written))} (|J| <= 0: {folding:.3f} %{residual}{verdict})")
 
 
 def _apply(args: argparse.Namespace) -> None:
@@ -419,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--out-labels", help="warped labels (integer image on the fixed grid)")
     register.add_argument("--field", help="write the ITK displacement field (mm, LPS) here (.nii.gz, or .nrrd/.mha: "
                           "a vector image)")
+    register.add_argument("--inverse-field", metavar="FILE",
+                          help="write the inverse field (fixed <- moving) here, as --field writes: on the MOVING grid, "
+                          "a moving point y maps to the fixed point y + v(y), so firekit apply --reference MOVING "
+                          "--transform FILE carries labels drawn on the fixed image onto the moving one; found by "
+                          "fixed-point iteration until every point is within 0.01 mm (at most 100 iterations), its "
+                          "residual |u(y + v(y)) + v(y)| reported over the points that land inside the fixed image")
     register.add_argument("--affine", help="write the affine part as an ITK transform file (.tfm/.txt) here")
     register.add_argument("--affine-only", action="store_true", help="use only the affine subnet (network alone)")
     register.add_argument("--refine", type=_refine_steps, default="auto", metavar="K",

@@ -32,6 +32,7 @@ from .data import DEFAULT_SPACING, map_points, network_grid, to_network
 from ._atomic import atomic_write_text
 from .check import Candidate, CheckReport, check, default_bounds, plausible_mask
 from .errors import FirekitError
+from .fields import FieldInverse, invert_field
 from .io import itk_field_array, lps_flip
 from .model import Fire, load_checkpoint, other_direction
 
@@ -113,6 +114,7 @@ class RegistrationResult:
         network: the network-grid view (:class:`NetworkView`).
         check: the check's verdict (:class:`~firekit.check.CheckReport`: ``"ok"``, or ``"fallback"``
             with the reason and the candidate kept); None when the check was off.
+        inverted: the field's inverse on the moving grid, once :meth:`inverse` has run (else None).
     """
 
     warped: io.Volume
@@ -124,6 +126,7 @@ class RegistrationResult:
     network: NetworkView = field(repr=False)
     moving_points: torch.Tensor = field(repr=False)  # (1, n, *fixed.shape) moving voxel indices
     check: CheckReport | None = None
+    inverted: FieldInverse | None = field(default=None, repr=False)
 
     def apply(self, image, labels: bool = True) -> io.Volume:
         """Warp another image on the moving grid (e.g. its labels) onto the fixed grid.
@@ -144,6 +147,18 @@ class RegistrationResult:
         out = np.rint(out).astype(np.int32) if labels else out.astype(np.float32)
         return io.Volume(out, self.fixed.affine, self.fixed.header)
 
+    def inverse(self, iterations: int = 100, tolerance: float = 0.01) -> FieldInverse:
+        """The inverse field (fixed <- moving) on the moving grid, kept in ``inverted``.
+
+        ``v`` ``(*moving.shape, n)`` mm, ITK/LPS signs: the moving point ``y`` maps to the fixed point
+        ``y + v(y)``, so it carries images drawn on the fixed grid (labels) onto the moving one. Found by
+        fixed-point iteration from the affine part's inverse until every point is within ``tolerance`` mm
+        or ``iterations`` ran; the residual comes with it (:func:`firekit.fields.invert_field`).
+        """
+        self.inverted = invert_field(self.displacement, self.fixed.affine, self.moving.shape, self.moving.affine,
+                                     self.affine, iterations, tolerance)
+        return self.inverted
+
     def jacobian_determinant(self) -> np.ndarray:
         """Jacobian determinant of ``x -> x + u(x)`` on the fixed grid, ``(*fixed.shape)``."""
         return field_jacobian(self.displacement, self.fixed.affine)
@@ -154,20 +169,30 @@ class RegistrationResult:
         field: str | os.PathLike | None = None,
         affine_path: str | os.PathLike | None = None,
         protect: Sequence[str | os.PathLike | None] = (),
+        inverse_field: str | os.PathLike | None = None,
     ) -> None:
-        """Write the warped image (and the ITK displacement field / ITK affine transform file)."""
+        """Write the warped image (and the ITK displacement field / ITK affine transform file / the inverse
+        field on the moving grid: ``inverted``, else :meth:`inverse` with its defaults)."""
         protect = [*protect, self.fixed.path, self.moving.path]
         io.save_nifti(self.warped.data, self.fixed.affine, out, header=self.fixed.header, dtype=np.float32,
                       protect=protect)
         if field is not None:
-            io.save_nifti(itk_field_array(self.displacement), self.fixed.affine, field, header=self.fixed.header,
-                          dtype=np.float32, intent=io.NIFTI_INTENT_VECTOR, protect=protect)
+            _save_field(self.displacement, self.fixed, field, protect)
+        if inverse_field is not None:
+            inverse = self.inverted if self.inverted is not None else self.inverse()
+            _save_field(inverse.field.numpy(), self.moving, inverse_field, protect)
         if affine_path is not None:
             if self.affine is None:
                 raise FirekitError(
                     f"{affine_path}: a 2D model registered this 3D volume slice by slice; there is no single affine"
                 )
             write_itk_affine(self.affine, affine_path)
+
+
+def _save_field(displacement: np.ndarray, grid: io.Volume, path: str | os.PathLike, protect) -> None:
+    """Write an ITK displacement field ``(*grid.shape, n)`` (mm, LPS) on ``grid`` (its header kept)."""
+    io.save_nifti(itk_field_array(displacement), grid.affine, path, header=grid.header, dtype=np.float32,
+                  intent=io.NIFTI_INTENT_VECTOR, protect=protect)
 
 
 def field_jacobian(displacement: np.ndarray, affine: np.ndarray) -> np.ndarray:

@@ -275,10 +275,13 @@ def register_files(
     orientation: str = "header",
     check: bool = True,
     initial_affine: str | os.PathLike | None = None,
+    inverse_field: str | os.PathLike | None = None,
 ):
     """Register ``moving`` onto ``fixed`` and write the outputs; returns the ``RegistrationResult``.
 
     ``model`` None with ``refine`` on registers by refinement alone (see ``register.register``).
+    ``inverse_field``: also write the inverse field on the moving grid (its residual is then in the
+    result's ``inverted``).
 
     Every output path and every input is checked before any work (none may be an input or another
     output; an empty label map is refused), and the outputs are written together or not at all.
@@ -286,14 +289,15 @@ def register_files(
     from .register import refine_config, register
 
     inputs = [moving, fixed, moving_labels, initial_affine]
-    outputs = [p for p in (out, out_labels, field) if p is not None]
+    outputs = [p for p in (out, out_labels, field, inverse_field) if p is not None]
     if (out_labels is None) != (moving_labels is None):
         raise FirekitError("--moving-labels and --out-labels go together; pass both or neither")
     for path in outputs:
         io.check_output_path(path, inputs)
     resolved = [Path(p).resolve() for p in outputs + ([affine] if affine else [])]
     if len(set(resolved)) != len(resolved):
-        raise FirekitError("two outputs share one path; give --out, --out-labels, --field and --affine distinct names")
+        raise FirekitError("two outputs share one path; give --out, --out-labels, --field, --inverse-field and "
+                           "--affine distinct names")
     if affine is not None:
         if Path(affine).resolve() in {Path(p).resolve() for p in inputs if p}:
             raise FirekitError(f"{affine}: would overwrite an input; choose another --affine path")
@@ -319,8 +323,10 @@ def register_files(
                       synthesis=synthesis, progress=progress, symmetric=symmetric, orientation=orientation,
                       check=check, initial_affine=initial_affine)
     warped_labels = result.apply(labels_volume, labels=True) if labels_volume is not None else None
+    if inverse_field is not None:
+        result.inverse()
     with io.all_or_nothing([*outputs, affine]):
-        result.save(out, field=field, affine_path=affine, protect=inputs)
+        result.save(out, field=field, affine_path=affine, protect=inputs, inverse_field=inverse_field)
         if warped_labels is not None:
             io.save_nifti(warped_labels.data, result.fixed.affine, out_labels, header=result.fixed.header,
                           dtype="int16" if warped_labels.data.max() < 32768 else "int32", protect=inputs)
