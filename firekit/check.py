@@ -159,22 +159,29 @@ MARGIN = 0.01
 _FOREGROUND, _GROW = -0.9, 2
 
 
-def _scores(moving: torch.Tensor, fixed: torch.Tensor, displacements: list[torch.Tensor]) -> torch.Tensor:
-    """MIND-SSC loss ``(K, B)`` of ``moving`` warped by each displacement, over fixed's foreground."""
+def _scores(moving: torch.Tensor, fixed: torch.Tensor, displacements: list[torch.Tensor],
+            fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MIND-SSC loss ``(K, B)`` of ``moving`` warped by each displacement, over fixed's foreground
+    (times ``fixed_mask``, and ``moving_mask`` where each displacement takes it, when given)."""
     similarity = get_similarity("mind")
     n = fixed.ndim - 2
     pool = getattr(nnf, f"max_pool{n}d")
     mask = pool((fixed > _FOREGROUND).to(fixed.dtype), 2 * _GROW + 1, stride=1, padding=_GROW)
+    if fixed_mask is not None:
+        mask = mask * fixed_mask.to(mask)
     target = similarity.features(fixed)
     out = []
     for displacement in displacements:
         warped = spatial.warp(moving, displacement.to(moving))
-        out.append(similarity.compare(similarity.features(warped), target, mask))
+        weight = mask if moving_mask is None else mask * spatial.warp(
+            moving_mask.to(mask), displacement.to(mask), padding_mode="zeros")
+        out.append(similarity.compare(similarity.features(warped), target, weight))
     return torch.stack(out)
 
 
-def check(moving: torch.Tensor, fixed: torch.Tensor, candidates: Sequence[Candidate],
-          bounds: AffineBounds) -> tuple[torch.Tensor, torch.Tensor, list[CheckReport]]:
+def check(moving: torch.Tensor, fixed: torch.Tensor, candidates: Sequence[Candidate], bounds: AffineBounds,
+          fixed_mask: torch.Tensor | None = None,
+          moving_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list[CheckReport]]:
     """Keep, per pair, the registration's answer unless a simpler candidate beats it.
 
     Args:
@@ -182,6 +189,8 @@ def check(moving: torch.Tensor, fixed: torch.Tensor, candidates: Sequence[Candid
         candidates: the answer first (named ``"result"``), then the candidates to fall back to, in
             order of preference on ties (e.g. its start, then the headers' identity).
         bounds: an answer or candidate outside them is never kept.
+        fixed_mask, moving_mask: optional ``(B, 1, *S)`` weights (the user's masks): the similarity
+            counts only inside both.
 
     Returns:
         ``(theta (B, n, n + 1), displacement (B, n, *S), reports)``: the kept candidate per pair.
@@ -190,7 +199,7 @@ def check(moving: torch.Tensor, fixed: torch.Tensor, candidates: Sequence[Candid
         raise FirekitError("check needs at least the registration's answer as a candidate")
     shape = fixed.shape[2:]
     with torch.no_grad():
-        losses = _scores(moving, fixed, [c.displacement for c in candidates])  # (K, B)
+        losses = _scores(moving, fixed, [c.displacement for c in candidates], fixed_mask, moving_mask)  # (K, B)
     outside = [implausible(c.theta, shape, bounds) for c in candidates]  # per candidate, per pair
     allowed = torch.tensor([[why is None for why in per_pair] for per_pair in outside], device=losses.device)
     reasons = outside[0]

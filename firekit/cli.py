@@ -116,7 +116,8 @@ def _register(args: argparse.Namespace) -> None:
         spacing=args.spacing, device=args.device, refine=args.refine, seed=args.seed,
         similarity=args.similarity, synthesis=args.synthesis, progress=False if args.quiet else "auto",
         symmetric=args.symmetric, orientation=args.init, check=not args.no_check,
-        initial_affine=args.initial_affine, inverse_field=args.inverse_field,
+        initial_affine=args.initial_affine, inverse_field=args.inverse_field, fixed_mask=args.fixed_mask,
+        moving_mask=args.moving_mask,
     )
     written = [p for p in (args.out, args.out_labels, args.field, args.inverse_field, args.affine) if p]
     folding = float((result.jacobian_determinant() <= 0).mean() * 100)
@@ -455,6 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "or ANTs' *GenericAffine.mat; fixed -> moving points) instead of the moments search; with a "
                           "model it starts beside the network's affine. The start is trusted: the 45-deg bound of "
                           "--init header is lifted. Needs refinement (not --refine 0)")
+    register.add_argument("--fixed-mask", metavar="FILE",
+                          help="a mask on the fixed grid (nonzero = inside; as ANTs' -x and elastix's -fMask): the "
+                          "similarity of the moments search, the refinement and the check counts only inside it "
+                          "(and inside --moving-mask where the transform takes it). Needs refinement")
+    register.add_argument("--moving-mask", metavar="FILE",
+                          help="a mask on the moving grid (nonzero = inside): leave out a lesion, a cropped part, a "
+                          "skull. Needs refinement")
     register.add_argument("--no-check", action="store_true",
                           help="keep the registration's answer even when its start or the headers' alignment matches "
                           "better (by default the better one is kept and a line on stderr says so)")

@@ -93,6 +93,16 @@ _PRESETS: dict[int, dict] = {
 }
 
 
+# What changes when the affine stage also starts from a network's affine (``RefineConfig.preset(ndim,
+# start="network")``): the network's start is near the answer, so one moments start beside it and a
+# shorter schedule reach the Dice of the whole schedule from moments (bench/training.md, "The network
+# earns its place"). 3D registers from moments by default (the shipped 3D network is weaker).
+_NETWORK_PRESETS: dict[int, dict] = {
+    2: dict(network_starts=1, affine_iterations=(20, 10), field_iterations=(20, 20)),
+    3: dict(),
+}
+
+
 @dataclass
 class RefineConfig(PlainConfig):
     """Settings of :func:`refine`.
@@ -132,6 +142,11 @@ class RefineConfig(PlainConfig):
             its centre to its faces (erosion then dilation): specks of background noise above
             ``foreground``, spread over the whole field of view, otherwise pull the centres of mass
             to the grid's centre and swell the covariances. 0: off.
+        outside_cost: how the affine and non-rigid stages count fixed's points that the transform
+            takes outside moving's field of view. 0: they compare with moving's replicated border.
+            k > 0: they are left out of the similarity (as ANTs and elastix drop samples outside the
+            moving image) and cost k times the mean loss of the points inside instead, so that
+            shrinking the overlap to its easiest part does not pay when k > 1.
         field_mask: the non-rigid similarity counts only the foreground of fixed or of moving
             after the affine, grown by ``mask_margin`` voxels of each level; the regulariser
             alone shapes the background.
@@ -160,6 +175,8 @@ class RefineConfig(PlainConfig):
             factor that keeps at least this many voxels along the shortest axis (never upsampled).
         starts: how many of the best moment candidates the affine stage refines at its first
             level; the one with the best full-resolution similarity goes on.
+        network_starts: with a network's affine as a start too (``register`` with a model), how many
+            of the best distinct moment candidates compete beside it.
         affine_levels: downsampling factor of each affine pyramid level, coarse to fine.
         affine_iterations: Adam steps at each affine level.
         affine_lr: Adam learning rate of the affine entries (normalised units).
@@ -193,6 +210,7 @@ class RefineConfig(PlainConfig):
     affine_smooth_first: bool = False
     field_warp_features: bool = True
     field_sampling: float = 1.0
+    outside_cost: float = 0.0
     field_mask: bool = True
     mask_margin: int = 2
     foreground: float = -0.9
@@ -208,6 +226,7 @@ class RefineConfig(PlainConfig):
     search_rounds: int = 2
     start_spread: float = 0.1
     starts: int = 2
+    network_starts: int = 1
     affine_levels: tuple[int, ...] = (4, 2)
     affine_iterations: tuple[int, ...] = (40, 20)
     affine_lr: float = 0.01
@@ -241,10 +260,10 @@ class RefineConfig(PlainConfig):
                     f"RefineConfig.{stage}_levels (factors >= 1) and {stage}_iterations (>= 0) must have one "
                     f"entry per level, got {levels} and {iters}"
                 )
-        if self.grid_spacing < 1 or self.scan_size < 4 or self.starts < 1:
+        if self.grid_spacing < 1 or self.scan_size < 4 or self.starts < 1 or self.network_starts < 1:
             raise FirekitError(
-                f"RefineConfig needs grid_spacing >= 1, scan_size >= 4 and starts >= 1, got "
-                f"{self.grid_spacing}, {self.scan_size}, {self.starts}"
+                f"RefineConfig needs grid_spacing >= 1, scan_size >= 4, starts >= 1 and network_starts >= 1, got "
+                f"{self.grid_spacing}, {self.scan_size}, {self.starts}, {self.network_starts}"
             )
         if not 0 < self.field_sampling <= 1:
             raise FirekitError(f"RefineConfig.field_sampling must be a fraction in (0, 1], got {self.field_sampling}")
@@ -255,11 +274,18 @@ class RefineConfig(PlainConfig):
             )
 
     @classmethod
-    def preset(cls, ndim: int, **overrides) -> "RefineConfig":
-        """The tuned settings for 2D or 3D images, with any field overridden."""
+    def preset(cls, ndim: int, start: str = "moments", **overrides) -> "RefineConfig":
+        """The tuned settings for 2D or 3D images, with any field overridden.
+
+        ``start``: ``"moments"`` (the schedule from the moments search alone) or ``"network"`` (the
+        shorter schedule tuned for when a network's affine and flow are a start too).
+        """
         if ndim not in _PRESETS:
             raise FirekitError(f"RefineConfig presets exist for ndim 2 and 3, got {ndim}")
-        return cls(**{**_PRESETS[ndim], **overrides})
+        if start not in ("moments", "network"):
+            raise FirekitError(f"RefineConfig.preset start must be 'moments' or 'network', got {start!r}")
+        network = _NETWORK_PRESETS[ndim] if start == "network" else {}
+        return cls(**{**_PRESETS[ndim], **network, **overrides})
 
 
     def bounds(self, ndim: int) -> AffineBounds:
@@ -358,6 +384,37 @@ class _Pyramid:
             self._levels[factor] = downsample(self.image, factor)
         level = self._levels[factor]
         return level if rows == 1 else level.repeat_interleave(rows, dim=0)
+
+
+class _Regions(NamedTuple):
+    """Where the similarity counts: weights in [0, 1] on fixed's grid and on moving's (pyramids of
+    ``(B, 1, *S)``; None: everywhere), and moving's field of view (see ``RefineConfig.outside_cost``).
+    Moving's are carried by the transform, zero outside its grid."""
+
+    fixed: _Pyramid | None = None
+    moving: _Pyramid | None = None
+    view: _Pyramid | None = None
+
+    def after(self, displacement: torch.Tensor) -> "_Regions":
+        """The regions once moving is warped by ``displacement`` (as the non-rigid stage sees it)."""
+        moved = [None if r is None else _Pyramid(spatial.warp(r.image, displacement, padding_mode="zeros"))
+                 for r in (self.moving, self.view)]
+        return _Regions(self.fixed, *moved)
+
+
+def _regions(moving: torch.Tensor, fixed: torch.Tensor, moving_mask: torch.Tensor | None,
+             fixed_mask: torch.Tensor | None, moving_view: torch.Tensor | None = None,
+             outside_cost: float = 0.0) -> _Regions:
+    """The :class:`_Regions` of a registration: the masks given, and moving's field of view when
+    ``outside_cost`` > 0 (``moving_view``, default the whole of moving's grid)."""
+    for name, mask, image in (("moving_mask", moving_mask, moving), ("fixed_mask", fixed_mask, fixed),
+                              ("moving_view", moving_view, moving)):
+        if mask is not None and tuple(mask.shape) != tuple(image.shape):
+            raise FirekitError(f"{name} must have its image's shape {tuple(image.shape)}, got {tuple(mask.shape)}")
+    view = None
+    if outside_cost > 0:
+        view = torch.ones_like(moving) if moving_view is None else moving_view
+    return _Regions(*(None if r is None else _Pyramid(r.detach().to(fixed)) for r in (fixed_mask, moving_mask, view)))
 
 
 def diffusion_energy(displacement: torch.Tensor) -> torch.Tensor:
@@ -530,9 +587,31 @@ def _voxel_to_normalised_between(matrix: torch.Tensor, moving_shape, fixed_shape
     return spatial.voxel_affine_to_normalised(matrix * rescale.view(1, ndim, 1), fixed_shape)
 
 
+class _Weights(NamedTuple):
+    """Region weights of the moments search at its scale: fixed's ``(B, 1, *s_f)`` (or None) and
+    moving's ``(B, 1, *s_m)`` (or None), see :class:`_Regions`."""
+
+    fixed: torch.Tensor | None
+    moving: torch.Tensor | None
+
+    def at(self, b: int, displacement: torch.Tensor) -> torch.Tensor | None:
+        """Pair ``b``'s weights for moving warped by each displacement ``(K, n, *s_f)``: ``(K, 1, *s_f)``."""
+        count = displacement.shape[0]
+        weight = None if self.fixed is None else self.fixed[b:b + 1].expand(count, *self.fixed.shape[1:])
+        if self.moving is not None:
+            moved = spatial.warp(self.moving[b:b + 1].expand(count, *self.moving.shape[1:]), displacement,
+                                 padding_mode="zeros")
+            weight = moved if weight is None else weight * moved
+        return weight
+
+
 def _score_affines(moving: torch.Tensor, fixed_features: torch.Tensor, thetas: torch.Tensor,
-                   similarity: Similarity) -> torch.Tensor:
-    """Similarity of ``moving`` ``(B, 1, *s_m)`` warped by ``thetas`` ``(B, K, n, n+1)``: ``(B, K)``."""
+                   similarity: Similarity, weights: _Weights | None = None) -> torch.Tensor:
+    """Similarity of ``moving`` ``(B, 1, *s_m)`` warped by ``thetas`` ``(B, K, n, n+1)``: ``(B, K)``.
+
+    ``weights``: fixed's ``(B, 1, *s_f)`` and moving's ``(B, 1, *s_m)`` region weights (see
+    :class:`_Regions`), or None.
+    """
     batch, count = thetas.shape[:2]
     shape = fixed_features.shape[2:]
     # Chunks of candidates keep the feature maps of all candidates from filling memory.
@@ -544,7 +623,8 @@ def _score_affines(moving: torch.Tensor, fixed_features: torch.Tensor, thetas: t
             displacement = spatial.affine_to_displacement(part, shape)
             warped = spatial.warp(moving[b:b + 1].expand(part.shape[0], *moving.shape[1:]), displacement)
             target = fixed_features[b:b + 1].expand(part.shape[0], *fixed_features.shape[1:])
-            scores.append(similarity.compare(similarity.features(warped), target, None))
+            scores.append(similarity.compare(similarity.features(warped), target,
+                                             None if weights is None else weights.at(b, displacement)))
     return torch.cat(scores).view(batch, count)
 
 
@@ -571,13 +651,14 @@ def _centre_candidates(centre_m: torch.Tensor, centre_f: torch.Tensor, cov_m: to
 
 
 def _moment_candidates(moving: _Pyramid, fixed: _Pyramid, config: RefineConfig,
-                       keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+                       keep: int, regions: _Regions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``keep`` best moment-based affines ``(B, keep, n, n+1)`` and their scores ``(B, keep)``.
 
     Candidates: the identity (the headers' alignment), the centres matched with the headers' axes
     (:func:`_centre_candidates`) and the principal axes matched under every rotation of
     :func:`candidate_rotations`; those outside ``config.bounds`` (a turn beyond the bound under
     ``orientation="header"``, a reflection, an extreme scale) are never kept unless nothing else is.
+    ``regions`` (masks, :class:`_Regions`) weigh the similarity; with any, the FFT shift search is off.
     """
     ndim = fixed.image.ndim - 2
     moving_shape, fixed_shape = moving.image.shape[2:], fixed.image.shape[2:]
@@ -591,10 +672,14 @@ def _moment_candidates(moving: _Pyramid, fixed: _Pyramid, config: RefineConfig,
     factor = max(1, min(fixed_shape) // config.scan_size)
     moving_small, fixed_features = moving.at(factor), similarity.features(fixed.at(factor))
     bounds = config.bounds(ndim)
-    first = _rank(thetas, moving_small, fixed_features, similarity, fixed_shape, bounds)
+    weights = None
+    if regions is not None and (regions.fixed is not None or regions.moving is not None):
+        weights = _Weights(*(None if r is None else r.at(factor) for r in regions[:2]))
+    first = _rank(thetas, moving_small, fixed_features, similarity, fixed_shape, bounds, weights)
     search = partial(_local_search, centre_f=centre_f, moving_small=moving_small, fixed_features=fixed_features,
-                     similarity=similarity, fixed_shape=fixed_shape, config=config)
-    if config.shift_reach <= 0 or config.shift_starts < 1 or not (similarity.pointwise and similarity.warpable):
+                     similarity=similarity, fixed_shape=fixed_shape, config=config, weights=weights)
+    if (config.shift_reach <= 0 or config.shift_starts < 1 or not (similarity.pointwise and similarity.warpable)
+            or weights is not None):
         return _diverse(*search(first), keep, config.start_spread)
     # The best candidates also compete moved to their best shifts (FFT), as a family of their own:
     # the unshifted keep starts too, since at this resolution a shift can pull a small, near-round
@@ -610,7 +695,7 @@ def _moment_candidates(moving: _Pyramid, fixed: _Pyramid, config: RefineConfig,
 
 def _local_search(ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor], centre_f: torch.Tensor,
                   moving_small: torch.Tensor, fixed_features: torch.Tensor, similarity: Similarity, fixed_shape,
-                  config: RefineConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  config: RefineConfig, weights: _Weights | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``ranked`` candidates ``(thetas (B, K, n, n+1), scores, allowed)`` with the local search about
     the best of them merged in, ranked."""
     thetas, scores, allowed = ranked
@@ -628,7 +713,7 @@ def _local_search(ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor], centr
             outer = top[:, :, None].expand(-1, -1, count, -1, -1).reshape(-1, ndim, ndim + 1)
             moved = spatial.compose_affines(outer, inner[:, None].expand(-1, k, -1, -1, -1).reshape(-1, ndim, ndim + 1))
             ranked = _rank(moved.view(batch, k * count, ndim, ndim + 1), moving_small, fixed_features, similarity,
-                           fixed_shape, bounds)
+                           fixed_shape, bounds, weights)
             thetas, scores, allowed = _merge_ranked((thetas, scores, allowed), ranked)
     return thetas, scores, allowed
 
@@ -751,11 +836,12 @@ def _best_shifts(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_feature
 
 
 def _rank(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_features: torch.Tensor, similarity: Similarity,
-          fixed_shape, bounds: AffineBounds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          fixed_shape, bounds: AffineBounds,
+          weights: _Weights | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidates ``(B, K, n, n+1)`` sorted best first by the similarity at low resolution, those
     outside ``bounds`` after every plausible one: ``(thetas, scores (B, K), allowed (B, K))``."""
     with torch.no_grad():
-        scores = _score_affines(moving_small, fixed_features, thetas, similarity)
+        scores = _score_affines(moving_small, fixed_features, thetas, similarity, weights)
     return _ranked(thetas, scores, fixed_shape, bounds)
 
 
@@ -780,11 +866,14 @@ def _merge_ranked(first, second):
     return _sort_ranked(*(torch.cat([a, b], dim=1) for a, b in zip(first, second)))
 
 
-def moment_candidates(moving: torch.Tensor, fixed: torch.Tensor, config: RefineConfig, keep: int) -> torch.Tensor:
+def moment_candidates(moving: torch.Tensor, fixed: torch.Tensor, config: RefineConfig, keep: int,
+                      fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The ``keep`` best distinct starts ``(B, keep, n, n + 1)`` of ``config``'s moments search
-    (see :func:`moments_init`), for :func:`refine`'s ``theta0``."""
+    (see :func:`moments_init`), for :func:`refine`'s ``theta0``; the masks as :func:`refine` takes them."""
     _check_images(moving, fixed)
-    best, _ = _moment_candidates(_Pyramid(moving.detach().to(fixed)), _Pyramid(fixed.detach()), config, keep=keep)
+    moving = moving.detach().to(fixed)
+    regions = _regions(moving, fixed, moving_mask, fixed_mask)
+    best, _ = _moment_candidates(_Pyramid(moving), _Pyramid(fixed.detach()), config, keep=keep, regions=regions)
     return best
 
 
@@ -850,6 +939,10 @@ class _Level:
     level's voxels instead of at all of them; fixed's features (and the mask) are gathered at
     the same voxels, so the loss is an unbiased estimate of the dense one.
 
+    ``regions`` weighs each fixed voxel by fixed's region weight there times moving's region weight
+    (a mask, or 1 over moving's field of view) where the transform takes it, zero outside moving's
+    grid: the similarity counts only what both images show (weights carry no gradient).
+
     Args:
         moving, fixed: pyramids of the ``(B, 1, *S)`` images.
         factor: the level's downsampling factor.
@@ -857,8 +950,14 @@ class _Level:
     """
 
     def __init__(self, moving: _Pyramid, fixed: _Pyramid, factor: int, similarity: Similarity,
-                 warp_features: bool, sampling: float = 1.0, rows: int = 1, smooth_first: bool = False):
+                 warp_features: bool, sampling: float = 1.0, rows: int = 1, smooth_first: bool = False,
+                 regions: _Regions | None = None, outside_cost: float = 0.0):
         self.shape = _level_shape(fixed.image.shape[2:], factor)
+        regions = regions if regions is not None else _Regions()
+        self.fixed_weight = None if regions.fixed is None else regions.fixed.at(factor, rows)
+        self.moving_weight = None if regions.moving is None else regions.moving.at(factor, rows)
+        self.view = None if regions.view is None else regions.view.at(factor, rows)
+        self.outside_cost = outside_cost
         self.fixed = fixed.at(factor, rows)
         self.fixed_features = similarity.features(self.fixed)
         self.similarity = similarity
@@ -926,17 +1025,45 @@ class _Level:
             def gather(image: torch.Tensor) -> torch.Tensor:
                 return image.flatten(2)[:, :, index].view(*image.shape[:2], *points.shape[2:])
 
-            warped = spatial.warp(self.moving_features, motion(points))
-            mask = None if self.mask is None else gather(self.mask)
-            return self.similarity.compare(warped, gather(self.fixed_features), mask)
+            displacement = motion(points)
+            warped = spatial.warp(self.moving_features, displacement)
+            return self._compare(warped, gather(self.fixed_features), displacement, gather)
         if self.moving_features is not None:
-            warped = spatial.warp(self.moving_features, motion(self.shape))
+            displacement = motion(self.shape)
+            warped = spatial.warp(self.moving_features, displacement)
         elif self.smooth_moving is not None:
-            warped = self.similarity.features(spatial.warp(self.smooth_moving, motion(self.shape)))
+            displacement = motion(self.shape)
+            warped = self.similarity.features(spatial.warp(self.smooth_moving, displacement))
         else:
             fine = spatial.warp(self.fine_moving, motion(self.fine_shape))
             warped = self.similarity.features(downsample(fine, self.fine_step, self.shape))
-        return self.similarity.compare(warped, self.fixed_features, self.mask)
+            displacement = motion(self.shape) if self.moving_weight is not None or self.view is not None else None
+        return self._compare(warped, self.fixed_features, displacement)
+
+    def _compare(self, warped: torch.Tensor, fixed_features: torch.Tensor, displacement: torch.Tensor | None,
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The similarity ``(B,)`` over the regions; outside moving's view at ``outside_cost`` (see
+        :class:`RefineConfig`)."""
+        weights = self._weights(displacement, gather)
+        if self.view is None:
+            return self.similarity.compare(warped, fixed_features, weights)
+        with torch.no_grad():
+            inside = spatial.warp(self.view, displacement.detach(), padding_mode="zeros")
+            counted = inside if weights is None else weights * inside
+            total = torch.ones_like(inside) if weights is None else weights.expand_as(inside)
+            fraction = counted.flatten(1).sum(1) / total.flatten(1).sum(1).clamp_min(1e-8)
+        mean_inside = self.similarity.compare(warped, fixed_features, counted)
+        return mean_inside * (fraction + self.outside_cost * (1 - fraction))
+
+    def _weights(self, displacement: torch.Tensor | None,
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """The voxel weights ``(B, 1, *P)`` of one :meth:`loss` (None: every voxel counts alike)."""
+        parts = [part if part is None or gather is None else gather(part) for part in (self.mask, self.fixed_weight)]
+        if self.moving_weight is not None:
+            with torch.no_grad():
+                parts.append(spatial.warp(self.moving_weight, displacement.detach(), padding_mode="zeros"))
+        parts = [part for part in parts if part is not None]
+        return None if not parts else math.prod(parts[1:], start=parts[0])
 
 
 def _points_offset(points: torch.Tensor) -> torch.Tensor:
@@ -966,7 +1093,8 @@ def _log(progress: bool, message: str) -> None:
 
 
 def _optimise_affine(theta: torch.Tensor, moving: _Pyramid, fixed: _Pyramid, similarity: Similarity,
-                     config: RefineConfig, progress: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                     config: RefineConfig, progress: bool,
+                     regions: _Regions | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Adam on the affine entries, coarse to fine, from ``K`` starts per pair.
 
     All starts are optimised at the first level; then only the one with the lowest similarity,
@@ -991,7 +1119,7 @@ def _optimise_affine(theta: torch.Tensor, moving: _Pyramid, fixed: _Pyramid, sim
     for factor, steps in levels:
         repeat = flat.shape[0] // batch
         level = _Level(moving, fixed, factor, similarity, config.affine_warp_features, rows=repeat,
-                       smooth_first=config.affine_smooth_first)
+                       smooth_first=config.affine_smooth_first, regions=regions, outside_cost=config.outside_cost)
         param = flat.clone().requires_grad_(True)
         optimiser = torch.optim.Adam([param], lr=config.affine_lr)
         level_history = []
@@ -1004,7 +1132,8 @@ def _optimise_affine(theta: torch.Tensor, moving: _Pyramid, fixed: _Pyramid, sim
         flat = param.detach()
         if repeat > 1:
             # Judged at full resolution: a coarse level can prefer a start that is worse there.
-            judge = _Level(moving, fixed, 1, similarity, warp_features=False, rows=repeat)
+            judge = _Level(moving, fixed, 1, similarity, warp_features=False, rows=repeat, regions=regions,
+                           outside_cost=config.outside_cost)
             with torch.no_grad():
                 final = judge.loss(partial(spatial.affine_to_displacement, flat)).view(batch, repeat)
             # A start that drifted out of the bounds loses to any that stayed inside.
@@ -1031,6 +1160,9 @@ def refine(
     displacement0: torch.Tensor | None = None,
     config: RefineConfig | None = None,
     progress: bool = False,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
+    moving_view: torch.Tensor | None = None,
 ) -> RefineResult:
     """Register ``moving`` to ``fixed`` by optimising an affine, then a smooth displacement.
 
@@ -1045,6 +1177,13 @@ def refine(
             the pairs whose affine came from (the first of) ``theta0``.
         config: :class:`RefineConfig` (default :meth:`RefineConfig.preset` for the images' ndim).
         progress: print one line per level to stderr.
+        fixed_mask, moving_mask: optional ``(B, 1, *S)`` weights in [0, 1] on each image's grid (a
+            region of interest, 0 over a lesion or a structure to ignore): the similarity of the
+            moments search, the affine and the non-rigid stages counts only voxels inside both (as
+            ANTs' ``-x`` and elastix's masks). The moments themselves and the FFT shift search
+            ignore the masks (the search is then off).
+        moving_view: optional ``(B, 1, *S_m)`` weights, where moving holds image data (its field of
+            view when it was resampled onto a larger grid); used with ``config.outside_cost`` > 0.
 
     Returns:
         :class:`RefineResult`; ``warp(moving, result.displacement)`` is aligned with ``fixed``.
@@ -1066,11 +1205,14 @@ def refine(
     similarity = config.similarity_fn()
     history: dict = {"seconds": {}}
     moving_pyramid, fixed_pyramid = _Pyramid(moving), _Pyramid(fixed)
+    masks = _regions(moving, fixed, moving_mask, fixed_mask)
+    regions = _regions(moving, fixed, moving_mask, fixed_mask, moving_view, config.outside_cost)
     # The voxel samples come from a generator of their own: the caller's random state is untouched.
     generator = torch.Generator(device=fixed.device).manual_seed(config.seed)
     clock = time.perf_counter()
     if theta0 is None:
-        candidates, scores = _moment_candidates(moving_pyramid, fixed_pyramid, config, keep=config.starts)
+        candidates, scores = _moment_candidates(moving_pyramid, fixed_pyramid, config, keep=config.starts,
+                                                regions=masks)
         history["moments"] = scores[:, 0]
     else:
         candidates = theta0.detach().to(fixed)
@@ -1079,7 +1221,7 @@ def refine(
 
     clock = time.perf_counter()
     theta, affine_history, winner = _optimise_affine(candidates, moving_pyramid, fixed_pyramid, similarity, config,
-                                                     progress)
+                                                     progress, regions)
     if displacement0 is not None and bool((winner != 0).any()):
         # The starting flow belongs to the first start: pairs that kept another start drop it.
         keep_flow = (winner == 0).to(displacement0.dtype).view(-1, *[1] * (displacement0.ndim - 1))
@@ -1089,7 +1231,7 @@ def refine(
 
     clock = time.perf_counter()
     nonrigid, field_history, reg_history = _optimise_field(
-        moving, fixed_pyramid, theta, displacement0, similarity, config, progress, generator)
+        moving, fixed_pyramid, theta, displacement0, similarity, config, progress, generator, regions)
     history["field"] = torch.stack(field_history) if field_history else fixed.new_zeros(0, batch)
     history["regulariser"] = torch.stack(reg_history) if reg_history else fixed.new_zeros(0, batch)
     with torch.no_grad():
@@ -1101,14 +1243,15 @@ def refine(
     return RefineResult(theta, displacement, warped, history, nonrigid, start.detach().clone())
 
 
-def _optimise_field(moving, fixed_pyramid, theta, displacement0, similarity, config, progress, generator=None):
+def _optimise_field(moving, fixed_pyramid, theta, displacement0, similarity, config, progress, generator=None,
+                    regions=None):
     """Coarse-to-fine control-grid optimisation; returns ``u_nr`` on fixed's grid and histories.
 
     ``u_nr = displacement0 + linear upsampling of the control grid``; the grid starts at zero and
     is carried (resampled) from level to level, and only it is regularised, so a given
     ``displacement0`` is kept as it is and corrected smoothly. ``moving`` is the image,
     ``fixed_pyramid`` fixed's :class:`_Pyramid`; ``generator`` draws the voxel samples
-    (``config.field_sampling``).
+    (``config.field_sampling``); ``regions`` (:class:`_Regions`) where the similarity counts.
     """
     fixed = fixed_pyramid.image
     shape = fixed.shape[2:]
@@ -1124,9 +1267,11 @@ def _optimise_field(moving, fixed_pyramid, theta, displacement0, similarity, con
         if moving_affine is None:
             # Warped by the affine once, at full resolution: the features then have fixed's
             # orientation and each level only resamples them by the small non-rigid part.
-            moving_affine = _Pyramid(spatial.warp(moving, spatial.affine_to_displacement(theta, shape)))
+            affine = spatial.affine_to_displacement(theta, shape)
+            moving_affine = _Pyramid(spatial.warp(moving, affine))
+            regions_affine = None if regions is None else regions.after(affine)
         level = _Level(moving_affine, fixed_pyramid, factor, similarity, config.field_warp_features,
-                       config.field_sampling)
+                       config.field_sampling, regions=regions_affine, outside_cost=config.outside_cost)
         if config.field_mask:
             level.mask_foreground(config.foreground, config.mask_margin)
         grid_shape = _grid_shape(level.shape, config.grid_spacing)

@@ -21,14 +21,14 @@ import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import nibabel as nib
 import numpy as np
 import torch
 
 from . import io, spatial
-from .data import DEFAULT_SPACING, map_points, network_grid, to_network
+from .data import DEFAULT_SPACING, map_points, network_grid, resample, to_network
 from ._atomic import atomic_write_text
 from .check import Candidate, CheckReport, check, default_bounds, plausible_mask
 from .errors import FirekitError
@@ -78,6 +78,32 @@ def as_volume(image, name: str = "image") -> io.Volume:
     if not np.isfinite(array).all():
         raise FirekitError(f"{name}: array has NaN/Inf values; replace them before registering")
     return io.Volume(array, np.eye(array.ndim + 1))
+
+
+def as_mask(mask, image: io.Volume, name: str = "mask") -> io.Volume:
+    """A region of ``image`` (path, Volume or array of its shape; nonzero = inside) as a 0/1 Volume on
+    ``image``'s grid (an array takes ``image``'s affine)."""
+    if isinstance(mask, (np.ndarray, torch.Tensor)):
+        mask = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask, dtype=np.float32)
+        if mask.shape != image.shape:
+            raise FirekitError(f"{name}: array of shape {mask.shape} differs from {image.name} {image.shape}; "
+                               "pass a mask drawn on that image")
+        mask = io.Volume(mask, image.affine)
+    volume = as_volume(mask, name)
+    data = np.asarray(volume.data)
+    where = volume.path or name
+    if volume.shape != image.shape:
+        raise FirekitError(f"{where}: shape {volume.shape} differs from {image.name} {image.shape}; "
+                           "pass a mask drawn on that image")
+    if not np.all(np.isfinite(data)):
+        raise FirekitError(f"{where}: holds NaN or infinite values; pass a mask of 0 (outside) and nonzero (inside)")
+    inside = data != 0
+    if not inside.any():
+        raise FirekitError(f"{where}: is empty (no nonzero voxel); pass a mask that marks the region to register")
+    if not np.allclose(volume.affine, image.affine, atol=1e-3):
+        raise FirekitError(f"{where}: its header places it elsewhere than {image.name}; pass a mask on that "
+                           "image's grid (same shape and affine)")
+    return volume.with_data(inside.astype(np.float32))
 
 
 @dataclass
@@ -280,12 +306,14 @@ def network_factor(model: Fire | None, shape: Sequence[int], grid_affine: np.nda
     return factor
 
 
-def refine_config(refine, ndim: int, seed: int = 0):
+def refine_config(refine, ndim: int, seed: int = 0, start: str = "moments"):
     """A ``RefineConfig`` from ``register``'s ``refine`` argument (None when refinement is off).
 
     ``refine``: 0/None/False off; ``"auto"``/True the tuned preset; ``"moments"`` the moments
     initialisation alone (no optimisation step); an int K: the preset with K Adam steps at every
-    affine and non-rigid level; or a ``RefineConfig``.
+    affine and non-rigid level; or a ``RefineConfig``. ``start``: ``"network"`` when a network's
+    affine and flow start the refinement too (the preset's shorter schedule, see
+    :meth:`~firekit.refine.RefineConfig.preset`), else ``"moments"``.
     """
     from .refine import RefineConfig
 
@@ -293,7 +321,7 @@ def refine_config(refine, ndim: int, seed: int = 0):
         return None
     if isinstance(refine, RefineConfig):
         return refine
-    config = RefineConfig.preset(ndim, seed=seed)
+    config = RefineConfig.preset(ndim, start=start, seed=seed)
     if refine is True or refine == "auto":
         return config
     if refine == "moments":
@@ -301,7 +329,7 @@ def refine_config(refine, ndim: int, seed: int = 0):
                                    field_iterations=(0,) * len(config.field_levels))
     if isinstance(refine, int) and refine > 0:
         return RefineConfig.preset(
-            ndim, seed=seed,
+            ndim, start=start, seed=seed,
             affine_iterations=(refine,) * len(config.affine_levels),
             field_iterations=(refine,) * len(config.field_levels),
         )
@@ -339,10 +367,25 @@ def _network(model: Fire, x_moving: torch.Tensor, x_fixed: torch.Tensor, directi
     return theta, disp, warped, flow
 
 
+class Regions(NamedTuple):
+    """Where the similarity counts, each ``(B, 1, *S)`` on the network grid with weights in [0, 1]
+    (None: everywhere): the user's masks of fixed and moving (``--fixed-mask``, ``--moving-mask``)
+    and each image's field of view on the grid (where its voxels are, not the grid's padding)."""
+
+    fixed: torch.Tensor | None = None
+    moving: torch.Tensor | None = None
+    fixed_view: torch.Tensor | None = None
+    moving_view: torch.Tensor | None = None
+
+    def swapped(self) -> "Regions":
+        """The regions of the registration the other way (fixed onto moving)."""
+        return Regions(self.moving, self.fixed, self.moving_view, self.fixed_view)
+
+
 def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, direction: str, affine_only: bool,
            config, device, synthesis: bool = False, progress: bool = False, network_factor: int = 1,
            orientation: str = "header", check: bool = True, start: torch.Tensor | None = None,
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[CheckReport] | None]:
+           regions: Regions = Regions()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[CheckReport] | None]:
     """Network and/or refinement on same-ndim tensors -> (theta, displacement, warped, reports), normalised.
 
     ``synthesis``: refinement compares the moving image mapped into the fixed image's contrast by
@@ -354,6 +397,7 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
     and keep the best; ``reports`` is then one :class:`~firekit.check.CheckReport` per pair (else None).
     ``start``: ``(B, n, n + 1)`` normalised affine (e.g. a saved transform) to start the refinement from
     in place of the moments candidates; beside the network's affine when there is a model.
+    ``regions``: where the similarity counts (:class:`Regions`; the masks need refinement).
     """
     from .refine import moment_candidates, refine
 
@@ -382,7 +426,8 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
         # moments often better); the affine stage judges them all at full resolution after its first
         # level, an implausible one (beyond the bounds) never wins, and the network's flow is kept
         # only where its affine won.
-        moments = moment_candidates(x_moving, x_fixed, config, keep=max(1, config.starts - 1))
+        moments = moment_candidates(x_moving, x_fixed, config, keep=config.network_starts, fixed_mask=regions.fixed,
+                                    moving_mask=regions.moving)
         theta0 = torch.cat([theta.to(moments)[:, None], moments], dim=1)
         if flow is not None:
             displacement0 = flow.to(moments)
@@ -393,7 +438,8 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
         target = synthesised.clone()  # outside inference mode: refinement differentiates through it
     with torch.enable_grad():  # refinement optimises by gradient, whatever the caller's mode
         result = refine(target, x_fixed, theta0=theta0, displacement0=displacement0, config=config,
-                        progress=progress)
+                        progress=progress, fixed_mask=regions.fixed, moving_mask=regions.moving,
+                        moving_view=regions.moving_view)
     theta, disp = result.theta.detach().cpu(), result.displacement.detach().cpu()
     warped = result.warped if not synthesis else spatial.warp(x_moving, result.displacement)
     if not check:
@@ -406,7 +452,7 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
         with_flow = spatial.compose_affine_displacement(start, spatial.resize_displacement(displacement0.cpu(), shape))
         start_disp = torch.where(from_network, with_flow, start_disp)
     candidates = [Candidate("result", theta, disp), Candidate("start", start, start_disp), header]
-    return _checked(x_moving.cpu(), x_fixed.cpu(), candidates, bounds, warped.detach().cpu())
+    return _checked(x_moving.cpu(), x_fixed.cpu(), candidates, bounds, warped.detach().cpu(), regions)
 
 
 def _header_candidate(fixed: torch.Tensor) -> Candidate:
@@ -417,9 +463,13 @@ def _header_candidate(fixed: torch.Tensor) -> Candidate:
 
 
 def _checked(x_moving: torch.Tensor, x_fixed: torch.Tensor, candidates: list[Candidate], bounds,
-             warped: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[CheckReport]]:
-    """:func:`firekit.check.check` on CPU tensors; ``warped`` is redone only for pairs that fell back."""
-    theta, disp, reports = check(x_moving, x_fixed, candidates, bounds)
+             warped: torch.Tensor, regions: Regions = Regions(),
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[CheckReport]]:
+    """:func:`firekit.check.check` on CPU tensors (the user's masks weigh it; the fields of view do
+    not, so an answer that maps fixed's anatomy out of moving's view is not excused); ``warped`` is
+    redone only for pairs that fell back."""
+    masks = [None if m is None else m.cpu() for m in (regions.fixed, regions.moving)]
+    theta, disp, reports = check(x_moving, x_fixed, candidates, bounds, *masks)
     fell_back = [b for b, report in enumerate(reports) if report.verdict != "ok"]
     if fell_back:
         warped = warped.clone()
@@ -468,6 +518,8 @@ def register(
     orientation: str = "header",
     check: bool = True,
     initial_affine=None,
+    fixed_mask=None,
+    moving_mask=None,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with a FIRE model, per-pair refinement, or both.
 
@@ -505,6 +557,10 @@ def register(
             moving points, as ``result.affine``). With a model it starts beside the network's affine. The
             start is trusted, so the 45-degree rotation bound is lifted (as ``"search-axes"``). Needs
             refinement.
+        fixed_mask, moving_mask: a region of each image (paths, Volumes or arrays of its shape;
+            nonzero = inside) outside which the similarity does not count, in the moments search, the
+            refinement and the check (as ANTs' ``-x`` and elastix's masks): a lesion, a cropped field
+            of view, a skull to ignore. Needs refinement.
     """
     moving = as_volume(moving, "moving image")
     fixed = as_volume(fixed, "fixed image")
@@ -514,12 +570,17 @@ def register(
         )
     n = fixed.ndim
     progress = n == 3 if progress == "auto" else bool(progress)
-    config = refine_config(refine, n, seed)
+    with_network = model is not None and model.ndim == n and not affine_only
+    config = refine_config(refine, n, seed, start="network" if with_network else "moments")
     if model is None and config is None:
         raise FirekitError("no model and no refinement: pass a model, or refine='auto' (--no-network needs --refine)")
     initial = _initial_affine(initial_affine, n)
     if initial is not None and config is None:
         raise FirekitError("an initial affine starts the refinement: turn refinement on (refine='auto' or steps)")
+    fixed_masks, moving_masks = (None if mask is None else as_mask(mask, image, name) for mask, image, name in
+                                 ((fixed_mask, fixed, "fixed mask"), (moving_mask, moving, "moving mask")))
+    if (fixed_masks is not None or moving_masks is not None) and config is None:
+        raise FirekitError("masks weigh the refinement's similarity: turn refinement on (refine='auto' or steps)")
     if initial is not None:
         orientation = "search-axes"  # the given start may turn by more than the header bound
     if (similarity is not None or synthesis) and config is None:
@@ -544,6 +605,10 @@ def register(
     device = torch.device(device)
     x_fixed = to_network(fixed, shape, grid_affine)
     x_moving = to_network(moving, shape, grid_affine)
+    regions = Regions(*(None if mask is None else resample(mask, shape, grid_affine)
+                        for mask in (fixed_masks, moving_masks)),
+                      *(resample(image.with_data(np.ones(image.shape, np.float32)), shape, grid_affine)
+                        for image in (fixed, moving)))
     if model is not None:
         model.eval()
     if slicewise and config is None:
@@ -568,12 +633,13 @@ def register(
         factor = network_factor(solver_model, shape, grid_affine)
         start = None if initial is None else world_affine_to_network(initial, shape, grid_affine)
         theta, disp, warped_net, reports = _solve(solver_model, x_moving, x_fixed, direction, affine_only, config,
-                                                  device, synthesis, progress, factor, orientation, check, start)
+                                                  device, synthesis, progress, factor, orientation, check, start,
+                                                  regions)
         if symmetric:
             start_back = None if start is None else spatial.invert_affine(start.double()).float()
             theta_back, disp_back, _, _ = _solve(solver_model, x_fixed, x_moving, other_direction(direction),
                                                  affine_only, config, device, synthesis, progress, factor,
-                                                 orientation, check, start_back)
+                                                 orientation, check, start_back, regions.swapped())
             theta, disp = symmetrise(theta, disp, theta_back, disp_back)
             warped_net = spatial.warp(x_moving, disp)
         view = NetworkView(x_moving, x_fixed, warped_net, disp, theta, grid_affine)
@@ -630,7 +696,7 @@ def register_pairs(model: Fire, pairs, direction: str = "a2b", affine_only: bool
         pairs: ``(moving, fixed)`` paths, nibabel images, Volumes or arrays.
         Others: as :func:`register`.
     """
-    config = refine_config(refine, model.ndim, seed)
+    config = refine_config(refine, model.ndim, seed, start="moments" if affine_only else "network")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     prepared = []

@@ -276,19 +276,22 @@ def register_files(
     check: bool = True,
     initial_affine: str | os.PathLike | None = None,
     inverse_field: str | os.PathLike | None = None,
+    fixed_mask: str | os.PathLike | None = None,
+    moving_mask: str | os.PathLike | None = None,
 ):
     """Register ``moving`` onto ``fixed`` and write the outputs; returns the ``RegistrationResult``.
 
     ``model`` None with ``refine`` on registers by refinement alone (see ``register.register``).
     ``inverse_field``: also write the inverse field on the moving grid (its residual is then in the
-    result's ``inverted``).
+    result's ``inverted``). ``fixed_mask``, ``moving_mask``: regions the similarity counts in (see
+    ``register.register``).
 
     Every output path and every input is checked before any work (none may be an input or another
     output; an empty label map is refused), and the outputs are written together or not at all.
     """
-    from .register import refine_config, register
+    from .register import as_mask, refine_config, register
 
-    inputs = [moving, fixed, moving_labels, initial_affine]
+    inputs = [moving, fixed, moving_labels, initial_affine, fixed_mask, moving_mask]
     outputs = [p for p in (out, out_labels, field, inverse_field) if p is not None]
     if (out_labels is None) != (moving_labels is None):
         raise FirekitError("--moving-labels and --out-labels go together; pass both or neither")
@@ -318,10 +321,15 @@ def register_files(
                 f"{moving_labels}: shape {labels_volume.shape} differs from {moving} {moving_volume.shape}; "
                 "pass labels drawn on the moving image"
             )
+    masks = [None if path is None else as_mask(io.load_volume(path, name), image, name) for path, image, name in
+             ((fixed_mask, fixed_volume, "fixed mask"), (moving_mask, moving_volume, "moving mask"))]
+    if any(mask is not None for mask in masks) and refine_config(refine, n) is None:
+        raise FirekitError("--fixed-mask/--moving-mask weigh the refinement's similarity: turn refinement on "
+                           "(drop --refine 0)")
     result = register(model, moving_volume, fixed_volume, direction=direction, affine_only=affine_only,
                       spacing=spacing, device=device, refine=refine, seed=seed, similarity=similarity,
                       synthesis=synthesis, progress=progress, symmetric=symmetric, orientation=orientation,
-                      check=check, initial_affine=initial_affine)
+                      check=check, initial_affine=initial_affine, fixed_mask=masks[0], moving_mask=masks[1])
     warped_labels = result.apply(labels_volume, labels=True) if labels_volume is not None else None
     if inverse_field is not None:
         result.inverse()

@@ -364,6 +364,27 @@ def test_refine_config_round_trips_and_rejects_bad_values():
     for fraction in (0.0, 1.5):
         with pytest.raises(FirekitError, match="field_sampling"):
             RefineConfig(field_sampling=fraction)
+    with pytest.raises(FirekitError, match="network_starts"):
+        RefineConfig(network_starts=0)
+    with pytest.raises(FirekitError, match="start must be"):
+        RefineConfig.preset(2, start="header")
+
+
+def test_the_network_start_has_a_shorter_schedule_of_its_own():
+    from firekit.register import refine_config
+
+    for ndim in (2, 3):
+        moments, network = RefineConfig.preset(ndim), RefineConfig.preset(ndim, start="network")
+        assert sum(network.affine_iterations) + sum(network.field_iterations) <= \
+            sum(moments.affine_iterations) + sum(moments.field_iterations)
+        assert network.network_starts == 1
+        # overrides still win over the network schedule, and register's refine argument picks it
+        assert RefineConfig.preset(ndim, start="network", field_iterations=(7,) * len(moments.field_levels)
+                                   ).field_iterations == (7,) * len(moments.field_levels)
+        assert refine_config("auto", ndim, start="network") == network
+        assert refine_config("auto", ndim) == moments
+        assert refine_config(5, ndim, start="network").affine_iterations == (5,) * len(moments.affine_levels)
+    assert RefineConfig.preset(2, start="network") != RefineConfig.preset(2)
 
 
 def test_refine_rejects_bad_input():
