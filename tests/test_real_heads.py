@@ -41,3 +41,22 @@ def test_the_default_path_holds_on_a_real_head(head, tmp_path, ndim, spacing):
         unaligned = _score(np.zeros_like(volumes["true_field"]), volumes)
         assert result.check is not None
         assert scores["epe"] < EPE_LIMIT_MM and scores["dice"] > unaligned["dice"] + 0.1, (scores, unaligned)
+
+
+def test_a_head_stretched_past_the_field_of_view_registers(head, tmp_path):
+    # bench/real_heads.py's one gross failure (2d/T2like/pair018: the moving head stretched 1.5x past the
+    # field of view at top and bottom; the same seed and draw as the bench): with the border replicated
+    # beyond the cut edge, refinement shrinks the head to keep it in view (12.8 mm); counting only what
+    # moving shows (RefineConfig.outside_cost, on where its foreground is cut) registers it (3.6 mm).
+    from firekit.refine import RefineConfig
+
+    pair = make_test_pairs(head, tmp_path, 19, ndim=2, moving="T2like", fixed="T1", seed=201,
+                           slice_band=(0.10, 0.95))[18]
+    volumes = load_pair(pair)
+    epe = {}
+    for cost in (0.0, RefineConfig.preset(2).outside_cost):
+        result = register(None, volumes["moving"], volumes["fixed"], direction="b2a",
+                          refine=RefineConfig.preset(2, outside_cost=cost))
+        epe[cost] = _score(result.displacement, volumes)["epe"]
+    assert epe[0.0] > EPE_LIMIT_MM and max(epe.values()) == epe[0.0], epe
+    assert min(epe.values()) < 6.0, epe

@@ -366,6 +366,8 @@ def test_refine_config_round_trips_and_rejects_bad_values():
             RefineConfig(field_sampling=fraction)
     with pytest.raises(FirekitError, match="network_starts"):
         RefineConfig(network_starts=0)
+    with pytest.raises(FirekitError, match="outside_cost"):
+        RefineConfig(outside_cost=-1.0)
     with pytest.raises(FirekitError, match="start must be"):
         RefineConfig.preset(2, start="header")
 
@@ -397,3 +399,20 @@ def test_refine_rejects_bad_input():
         refine(image, image, theta0=torch.zeros(1, 3, 4))
     with pytest.raises(FirekitError, match="foreground"):
         moments_init(image - 1, image - 1)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_a_foreground_is_cut_by_its_view_only_where_it_reaches_the_edge(ndim):
+    from firekit.refine import _cut_by_view
+
+    shape = (24,) * ndim
+    grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
+    inside = sum((g - 11.5) ** 2 for g in grids) < 6.0 ** 2  # a ball well inside the grid
+    reaching = sum((g - (3.0 if axis == 0 else 11.5)) ** 2 for axis, g in enumerate(grids)) < 8.0 ** 2
+    images = torch.stack([torch.where(m, 0.5, -1.0) for m in (inside, reaching)])[:, None]
+    view = torch.ones_like(images)
+    assert _cut_by_view(images, view, -0.9, 1).tolist() == [False, True]
+    # a view that ends before the grid does cut the ball inside it
+    narrow = view.clone()
+    narrow[:, :, 14:] = 0
+    assert _cut_by_view(images, narrow, -0.9, 1).tolist() == [True, True]
