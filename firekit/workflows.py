@@ -29,11 +29,12 @@ RECIPES: dict[str, dict] = {
     "learn2d": dict(preset="small", affine_pooling="keypoints", aux_weight=1000.0, lr_affine=1e-3,
                     lr_nonrigid=1e-3, lr_synthesis=1e-3, schedule="cosine", warmup_steps=500, ema_decay=0.999,
                     batch_size=4, spacing=2.56, iterations=20_000, val_every=500, checkpoint_every=250),
-    # 2D, fine stage: the same at 1.28 mm, started from the coarse stage's EMA weights (--init).
-    "learn2d-fine": dict(preset="small", affine_pooling="keypoints", aux_weight=1000.0, lr_affine=3e-4,
-                         lr_nonrigid=3e-4, lr_synthesis=3e-4, schedule="cosine", warmup_steps=100,
-                         ema_decay=0.999, batch_size=4, spacing=1.28, iterations=4_000, val_every=500,
-                         checkpoint_every=250),
+    # 2D, fine stage: the same at 1.28 mm, started from the coarse stage's EMA weights (--init), with
+    # the synthesis stage's exact-target synthesis and invariance terms, so that it keeps them.
+    "learn2d-fine": dict(preset="small", affine_pooling="keypoints", aux_weight=1000.0, synthesis_weight=10.0,
+                         invariance_weight=30.0, lr_affine=3e-4, lr_nonrigid=3e-4, lr_synthesis=3e-4,
+                         schedule="cosine", warmup_steps=100, ema_decay=0.999, batch_size=4, spacing=1.28,
+                         iterations=2_000, val_every=250, checkpoint_every=250),
     # 2D, synthesis stage: the coarse stage's model (--init) keeps its registration terms while the
     # decoders learn against exact aligned targets and G codes both contrasts alike
     # (bench/training.md, "Synthesis and invariance").
