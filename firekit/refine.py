@@ -46,6 +46,7 @@ __all__ = [
     "RefineResult",
     "moments_init",
     "moment_candidates",
+    "cut_by_view",
     "refine",
     "diffusion_energy",
     "bending_energy_per_sample",
@@ -101,7 +102,7 @@ _PRESETS: dict[int, dict] = {
 # shorter schedule reach the Dice of the whole schedule from moments (bench/training.md, "The network
 # earns its place"). 3D registers from moments by default (the shipped 3D network is weaker).
 _NETWORK_PRESETS: dict[int, dict] = {
-    2: dict(network_starts=1, affine_iterations=(20, 10), field_iterations=(20, 20)),
+    2: dict(network_starts=1, cut_network_starts=2, affine_iterations=(20, 10), field_iterations=(20, 20)),
     3: dict(),
 }
 
@@ -148,7 +149,7 @@ class RefineConfig(PlainConfig):
         outside_cost: how the affine and non-rigid stages count fixed's points that the transform
             takes outside moving's field of view, for pairs whose moving foreground reaches the edge
             of that view (the anatomy goes on beyond it: a head stretched past the field of view;
-            :func:`_cut_by_view`). 0: they compare with moving's replicated border, which pays the
+            :func:`cut_by_view`). 0: they compare with moving's replicated border, which pays the
             optimiser to shrink the anatomy back into view (a real head: 12.8 mm end-point error).
             k > 0: they are left out of the similarity (as ANTs and elastix drop samples outside
             the moving image) and cost k times the mean loss of the points inside instead (k > 1
@@ -187,6 +188,9 @@ class RefineConfig(PlainConfig):
             level; the one with the best full-resolution similarity goes on.
         network_starts: with a network's affine as a start too (``register`` with a model), how many
             of the best distinct moment candidates compete beside it.
+        cut_network_starts: the same for pairs whose moving foreground reaches the edge of its field
+            of view (:func:`cut_by_view`; the network learnt on whole brains, the moments search
+            knows cut ones: a real head stretched past the field of view, 10.0 -> 6.0 mm).
         affine_levels: downsampling factor of each affine pyramid level, coarse to fine.
         affine_iterations: Adam steps at each affine level.
         affine_lr: Adam learning rate of the affine entries (normalised units).
@@ -237,6 +241,7 @@ class RefineConfig(PlainConfig):
     start_spread: float = 0.1
     starts: int = 2
     network_starts: int = 1
+    cut_network_starts: int = 1
     affine_levels: tuple[int, ...] = (4, 2)
     affine_iterations: tuple[int, ...] = (40, 20)
     affine_lr: float = 0.01
@@ -270,10 +275,12 @@ class RefineConfig(PlainConfig):
                     f"RefineConfig.{stage}_levels (factors >= 1) and {stage}_iterations (>= 0) must have one "
                     f"entry per level, got {levels} and {iters}"
                 )
-        if self.grid_spacing < 1 or self.scan_size < 4 or self.starts < 1 or self.network_starts < 1:
+        if (self.grid_spacing < 1 or self.scan_size < 4 or self.starts < 1 or self.network_starts < 1
+                or self.cut_network_starts < 1):
             raise FirekitError(
-                f"RefineConfig needs grid_spacing >= 1, scan_size >= 4, starts >= 1 and network_starts >= 1, got "
-                f"{self.grid_spacing}, {self.scan_size}, {self.starts}, {self.network_starts}"
+                f"RefineConfig needs grid_spacing >= 1, scan_size >= 4, starts >= 1 and (cut_)network_starts >= 1, "
+                f"got {self.grid_spacing}, {self.scan_size}, {self.starts}, {self.network_starts}, "
+                f"{self.cut_network_starts}"
             )
         if self.outside_cost < 0:
             raise FirekitError(f"RefineConfig.outside_cost must be >= 0 (0: off), got {self.outside_cost}")
@@ -420,7 +427,7 @@ def _regions(moving: torch.Tensor, fixed: torch.Tensor, moving_mask: torch.Tenso
              outside_cost: float = 0.0, config_foreground: float = -0.9, opening: int = 1) -> _Regions:
     """The :class:`_Regions` of a registration: the masks given, and moving's field of view when
     ``outside_cost`` > 0 (``moving_view``, default the whole of moving's grid) for the pairs whose
-    moving foreground it cuts (:func:`_cut_by_view`)."""
+    moving foreground it cuts (:func:`cut_by_view`)."""
     for name, mask, image in (("moving_mask", moving_mask, moving), ("fixed_mask", fixed_mask, fixed),
                               ("moving_view", moving_view, moving)):
         if mask is not None and tuple(mask.shape) != tuple(image.shape):
@@ -428,14 +435,14 @@ def _regions(moving: torch.Tensor, fixed: torch.Tensor, moving_mask: torch.Tenso
     view = cut = None
     if outside_cost > 0:
         view = torch.ones_like(moving) if moving_view is None else moving_view.detach().to(moving)
-        cut = _cut_by_view(moving, view, config_foreground, opening)
+        cut = cut_by_view(moving, view, config_foreground, opening)
         if not bool(cut.any()):
             view = cut = None
     return _Regions(*(None if r is None else _Pyramid(r.detach().to(fixed)) for r in (fixed_mask, moving_mask, view)),
                     cut)
 
 
-def _cut_by_view(moving: torch.Tensor, view: torch.Tensor, threshold: float, opening: int,
+def cut_by_view(moving: torch.Tensor, view: torch.Tensor, threshold: float, opening: int,
                  band: int = 2, share: float = 0.05) -> torch.Tensor:
     """``(B,)`` bool: whether moving's foreground (above ``threshold``, opened) covers more than ``share``
     of the ``band`` voxels along the edge of its field of view ``view`` ``(B, 1, *S)`` (1 inside): the

@@ -399,7 +399,7 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
     in place of the moments candidates; beside the network's affine when there is a model.
     ``regions``: where the similarity counts (:class:`Regions`; the masks need refinement).
     """
-    from .refine import moment_candidates, refine
+    from .refine import cut_by_view, moment_candidates, refine
 
     ndim = x_fixed.ndim - 2
     shape = x_fixed.shape[2:]
@@ -426,7 +426,11 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
         # moments often better); the affine stage judges them all at full resolution after its first
         # level, an implausible one (beyond the bounds) never wins, and the network's flow is kept
         # only where its affine won.
-        moments = moment_candidates(x_moving, x_fixed, config, keep=config.network_starts, fixed_mask=regions.fixed,
+        keep = config.network_starts
+        if config.cut_network_starts != keep and regions.moving_view is not None and bool(cut_by_view(
+                x_moving, regions.moving_view, config.foreground, config.foreground_opening).any()):
+            keep = config.cut_network_starts
+        moments = moment_candidates(x_moving, x_fixed, config, keep=keep, fixed_mask=regions.fixed,
                                     moving_mask=regions.moving)
         theta0 = torch.cat([theta.to(moments)[:, None], moments], dim=1)
         if flow is not None:

@@ -403,7 +403,7 @@ def test_refine_rejects_bad_input():
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_a_foreground_is_cut_by_its_view_only_where_it_reaches_the_edge(ndim):
-    from firekit.refine import _cut_by_view
+    from firekit.refine import cut_by_view
 
     shape = (24,) * ndim
     grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")
@@ -411,8 +411,8 @@ def test_a_foreground_is_cut_by_its_view_only_where_it_reaches_the_edge(ndim):
     reaching = sum((g - (3.0 if axis == 0 else 11.5)) ** 2 for axis, g in enumerate(grids)) < 8.0 ** 2
     images = torch.stack([torch.where(m, 0.5, -1.0) for m in (inside, reaching)])[:, None]
     view = torch.ones_like(images)
-    assert _cut_by_view(images, view, -0.9, 1).tolist() == [False, True]
+    assert cut_by_view(images, view, -0.9, 1).tolist() == [False, True]
     # a view that ends before the grid does cut the ball inside it
     narrow = view.clone()
     narrow[:, :, 14:] = 0
-    assert _cut_by_view(images, narrow, -0.9, 1).tolist() == [True, True]
+    assert cut_by_view(images, narrow, -0.9, 1).tolist() == [True, True]
