@@ -105,7 +105,10 @@ def _trained(args: argparse.Namespace, result) -> None:
           + (f" (best validation Dice {best:.3f})" if best is not None else ""))
 
 
-def _register(args: argparse.Namespace) -> None:
+def _register(args: argparse.Namespace) -> int | None:
+    if args.pairs is not None:
+        return _register_pairs(args)
+    _one_pair(args)
     from .register import load
     from .workflows import register_files
 
@@ -133,6 +136,83 @@ def _register(args: argparse.Namespace) -> None:
         f", inverse residual max {inverse['max_residual_mm']:.3g} mm, mean {inverse['mean_residual_mm']:.2g} mm "
         f"over {inverse['inside_percent']:.0f} % of moving, {inverse['iterations']} iterations")
     print(f"wrote {', '.join(map(str, written))} (|J| <= 0: {folding:.3f} %{residual}{verdict})")
+
+
+# flags of one pair's files: with --pairs they are the CSV's columns
+_PAIR_FILES = ("moving", "fixed", "moving_labels", "out_labels", "field", "inverse_field", "affine", "initial_affine",
+               "fixed_mask", "moving_mask")
+# register_files' options that --pairs applies to every pair -> their argparse names
+_PAIR_OPTIONS = dict(direction="direction", affine_only="affine_only", spacing="spacing", device="device",
+                     refine="refine", seed="seed", similarity="similarity", synthesis="synthesis",
+                     symmetric="symmetric", orientation="init")
+
+
+def _one_pair(args: argparse.Namespace) -> None:
+    """Without --pairs, --moving, --fixed and --out are required (argparse cannot say "unless --pairs")."""
+    missing = [f"--{name}" for name in ("moving", "fixed", "out") if getattr(args, name) is None]
+    if missing:
+        args.register_parser.error(f"the following arguments are required: {', '.join(missing)} "
+                                   "(or --pairs PAIRS.csv --out FOLDER)")
+    if args.shard is not None:
+        args.register_parser.error("--shard K/N splits a --pairs run; give --pairs PAIRS.csv")
+
+
+def _register_pairs(args: argparse.Namespace) -> int | None:
+    given = [f"--{name.replace('_', '-')}" for name in _PAIR_FILES if getattr(args, name, None) is not None]
+    if given:
+        args.register_parser.error(f"{', '.join(given)}: with --pairs each pair's files are columns of the CSV "
+                                   "(see --pairs)")
+    if args.out is None:
+        args.register_parser.error("--pairs needs --out FOLDER (each pair's outputs and summary.csv go there)")
+    import time
+
+    from . import batch
+
+    job = batch.plan(args.pairs, args.out, shard=args.shard or (1, 1))  # checked before torch is imported
+    from .register import load
+
+    clock = time.perf_counter()
+    model = None if args.no_network or not job.todo else load(args.model)
+    options = {key: getattr(args, name) for key, name in _PAIR_OPTIONS.items()}
+    rows = batch.run(job, model, progress=not args.quiet, check=not args.no_check, **options)
+    if args.json:
+        print(json.dumps(dict(summary=str(job.summary), pairs=rows), indent=1, default=str))
+    return _pairs_done(rows, job.summary, args.json, time.perf_counter() - clock)
+
+
+def _pairs_done(rows: list[dict], summary, quiet: bool = False, seconds: float | None = None) -> int | None:
+    """Counts on stdout, one stderr line per failed pair (and one for pending ones); 1 if any."""
+    counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "skipped", "failed",
+                                                                                  "pending")}
+    ran = counts["ok"] + counts["failed"]
+    timing = "" if seconds is None or not ran else f" in {seconds:.1f} s ({seconds / ran:.2f} s per pair)"
+    if not quiet:
+        print(f"{len(rows)} pairs: " + ", ".join(f"{n} {status}" for status, n in counts.items() if n)
+              + f"{timing}; summary {summary}")
+    for row in rows:
+        if row["status"] == "failed":
+            print(f"firekit: error: row {row['row']} ({row['moving']} -> {row['fixed']}) failed: {row['error']}",
+                  file=sys.stderr)
+    if counts["pending"]:
+        print(f"firekit: error: {counts['pending']} pairs not registered yet (status pending); rerun their shard",
+              file=sys.stderr)
+    return 1 if counts["failed"] or counts["pending"] else None
+
+
+def _merge_summaries(args: argparse.Namespace) -> int | None:
+    from .batch import merge_summaries
+
+    return _pairs_done(merge_summaries(args.summaries, args.out), args.out)
+
+
+def _shard(value: str) -> tuple[int, int]:
+    try:
+        k, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes K/N (e.g. 2/8: the second of 8 shards), got {value!r}") from None
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"{value}: K must be within 1..N (shards are 1-based)")
+    return k, n
 
 
 def _apply(args: argparse.Namespace) -> None:
@@ -407,19 +487,20 @@ def build_parser() -> argparse.ArgumentParser:
         "register",
         help="register a moving image onto a fixed image with a trained model",
         description="Register --moving onto --fixed and write the warped image on the fixed grid. " + CONVENTIONS
-        + " 2D models register 3D volumes slice by slice (axial).",
+        + " 2D models register 3D volumes slice by slice (axial). --pairs PAIRS.csv registers many pairs in one "
+        "process.",
     )
     register.add_argument("--model", default="default",
                           help="model.pt from firekit train (default: the shipped 2D T1 <-> T2-like model)")
-    register.add_argument("--moving", required=True,
+    register.add_argument("--moving",
                           help="moving image: .nii/.nii.gz, .nrrd/.nhdr, .mha/.mhd (SimpleITK: pip install "
                           "'firekit[itk]') or a folder holding one DICOM series")
-    register.add_argument("--fixed", required=True, help="fixed image (the formats of --moving); outputs use its grid")
+    register.add_argument("--fixed", help="fixed image (the formats of --moving); outputs use its grid")
     register.add_argument("--direction", choices=["a2b", "b2a"], default="a2b",
                           help="a2b: moving is modality A, fixed is B (default); b2a the reverse")
-    register.add_argument("--out", required=True,
+    register.add_argument("--out",
                           help="warped image (.nii.gz, or .nrrd/.nhdr/.mha/.mhd: written in that format), never an "
-                          "input path")
+                          "input path; with --pairs, the output folder (created)")
     register.add_argument("--moving-labels", help="label map on the moving grid to warp along")
     register.add_argument("--out-labels", help="warped labels (integer image on the fixed grid)")
     register.add_argument("--field", help="write the ITK displacement field (mm, LPS) here (.nii.gz, or .nrrd/.mha: "
@@ -470,7 +551,33 @@ def build_parser() -> argparse.ArgumentParser:
                           help="print a JSON summary (outputs, folding, the check's verdict) instead of one line")
     register.add_argument("--spacing", type=float, default=1.28, help="network voxel size in mm (default 1.28)")
     register.add_argument("--device", help="cpu, cuda ... (default cpu)")
-    register.set_defaults(func=_register)
+    register.add_argument("--pairs", metavar="PAIRS.csv",
+                          help="register many pairs in one process (the model loaded once): a CSV with a header row, "
+                          "columns moving, fixed (required), moving_labels (or labels), fixed_labels (the summary "
+                          "then has Dice), initial_affine, fixed_mask, moving_mask, name, out, out_labels, field, "
+                          "inverse_field, affine (one row per pair; inputs relative to the CSV's folder, outputs to "
+                          "--out; empty cells: none, or the default NAME_warped.nii.gz, NAME_labels.nii.gz, "
+                          "NAME_field.nii.gz with NAME = MOVING_to_FIXED stems; inverse_field and affine only where "
+                          "named). The whole CSV is checked first. Writes --out/summary.csv after every pair (row, "
+                          "status ok/failed/skipped/pending, seconds, check, mean_dice, dice_LABEL, error); a rerun "
+                          "skips the pairs a summary in --out marks done whose outputs exist; a failed pair is "
+                          "reported and the others go on (exit 1). The other options apply to every pair")
+    register.add_argument("--shard", type=_shard, metavar="K/N",
+                          help="with --pairs: take the K-th pair and every N-th after it (K = 1..N, e.g. "
+                          "$SLURM_ARRAY_TASK_ID/N), summary in --out/summary-K-of-N.csv; join the N summaries with "
+                          "firekit merge-summaries")
+    register.set_defaults(func=_register, register_parser=register)
+
+    merge = commands.add_parser(
+        "merge-summaries",
+        help="join the summary CSVs of a register --pairs run split by --shard K/N",
+        description="Join the summaries of the N shards of one firekit register --pairs --shard K/N run "
+        "(OUT/summary-K-of-N.csv) into one CSV, rows in the pairs CSV's order. Every shard must be given exactly once. "
+        "Exit status 1 when a pair failed or is still pending (one line each on stderr), 2 for bad input.",
+    )
+    merge.add_argument("summaries", nargs="+", metavar="SUMMARY", help="the shards' summary CSVs")
+    merge.add_argument("--out", required=True, help="the merged summary CSV (e.g. OUT/summary.csv), never an input")
+    merge.set_defaults(func=_merge_summaries)
 
     # ---------------------------------------------------------------- apply
     apply = commands.add_parser(
@@ -584,11 +691,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        args.func(args)
+        status = args.func(args)
     except FirekitError as exc:
         if args.debug:
             raise
-        print(f"firekit: error: {exc}", file=sys.stderr)
+        print("\n".join(f"firekit: error: {line}" for line in str(exc).splitlines()), file=sys.stderr)
         return 2
     except OSError as exc:  # the environment rather than the input: a full disk, a permission, a vanished file
         if args.debug:
@@ -599,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("firekit: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":
