@@ -88,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     batch_out, loop_out = args.work / "out-pairs", args.work / "out-loop"
     for folder in (batch_out, loop_out):
         shutil.rmtree(folder, ignore_errors=True)
-    load = os.getloadavg()[0]
+    loads = [os.getloadavg()[0]]  # at the start, after the --pairs run, after the loop
     command = [*firekit_script(), "register", "--pairs", str(table), "--out", str(batch_out), *OPTIONS]
     batch_seconds = timed(command)
+    loads.append(os.getloadavg()[0])
     with open(batch_out / "summary.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == args.pairs and all(r["status"] == "ok" for r in rows), "a pair failed: see the summary"
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     script.write_text(loop_script(loop, loop_out))
     loop_out.mkdir()
     loop_seconds = timed(["bash", str(script)])
+    loads.append(os.getloadavg()[0])
     names = [f"{p['id'].replace('/', '_')}_{kind}.nii.gz" for p in loop for kind in ("warped", "labels", "field")]
     identical = same_outputs(batch_out, loop_out, names)
     per_batch, per_loop = batch_seconds / len(pairs), loop_seconds / len(loop)
@@ -106,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Many pairs in one process", "",
         f"`python -m bench.many_pairs --pairs {args.pairs} --loop-pairs {args.loop_pairs}` ({date.today()}, "
-        f"{platform.machine()}, {os.cpu_count()} cores shared with other work (load {load:.1f} at start), Python "
+        f"{platform.machine()}, {os.cpu_count()} cores shared with other work (load average "
+        f"{' / '.join(f'{v:.1f}' for v in loads)} at the start / after --pairs / after the loop), Python "
         f"{platform.python_version()}, one thread: OMP_NUM_THREADS=1). 2D protocol pairs (128 x 160 axial slices at "
         "1.28 mm, moving T2-/FLAIR-/PD-like, fixed T1, demo subjects 8-9), firekit's default path (shipped model + "
         "refinement), the same outputs per pair (warped image, labels, field); wall time of the whole command, "
