@@ -1245,9 +1245,9 @@ def refine(
     similarity = config.similarity_fn()
     history: dict = {"seconds": {}}
     moving_pyramid, fixed_pyramid = _Pyramid(moving), _Pyramid(fixed)
-    masks = _regions(moving, fixed, moving_mask, fixed_mask)
     regions = _regions(moving, fixed, moving_mask, fixed_mask, moving_view, config.outside_cost, config.foreground,
                        config.foreground_opening)
+    masks = regions._replace(view=None, cut=None)  # the moments search weighs the masks alone
     # The voxel samples come from a generator of their own: the caller's random state is untouched.
     generator = torch.Generator(device=fixed.device).manual_seed(config.seed)
     clock = time.perf_counter()

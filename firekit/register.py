@@ -85,10 +85,9 @@ def as_mask(mask, image: io.Volume, name: str = "mask") -> io.Volume:
     ``image``'s grid (an array takes ``image``'s affine)."""
     if isinstance(mask, (np.ndarray, torch.Tensor)):
         mask = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask, dtype=np.float32)
-        if mask.shape != image.shape:
-            raise FirekitError(f"{name}: array of shape {mask.shape} differs from {image.name} {image.shape}; "
-                               "pass a mask drawn on that image")
-        mask = io.Volume(mask, image.affine)
+        if mask.ndim not in (2, 3):
+            raise FirekitError(f"{name}: array of shape {mask.shape} is not 2D or 3D")
+        mask = io.Volume(mask, np.eye(mask.ndim + 1) if mask.shape != image.shape else image.affine)
     volume = as_volume(mask, name)
     data = np.asarray(volume.data)
     where = volume.path or name
@@ -609,10 +608,13 @@ def register(
     device = torch.device(device)
     x_fixed = to_network(fixed, shape, grid_affine)
     x_moving = to_network(moving, shape, grid_affine)
+    # Each image's field of view on the grid, only where refinement reads it (outside_cost, or the network's
+    # starts on a cut moving image): a resample of the whole grid is not free in 3D.
+    views = config is not None and (config.outside_cost > 0 or config.cut_network_starts != config.network_starts)
     regions = Regions(*(None if mask is None else resample(mask, shape, grid_affine)
                         for mask in (fixed_masks, moving_masks)),
                       *(resample(image.with_data(np.ones(image.shape, np.float32)), shape, grid_affine)
-                        for image in (fixed, moving)))
+                        if views else None for image in (fixed, moving)))
     if model is not None:
         model.eval()
     if slicewise and config is None:

@@ -322,11 +322,9 @@ def register_files(
                 f"{moving_labels}: shape {labels_volume.shape} differs from {moving} {moving_volume.shape}; "
                 "pass labels drawn on the moving image"
             )
-    masks = [None if path is None else as_mask(io.load_volume(path, name), image, name) for path, image, name in
+    # read and checked before any work; register() refuses masks without refinement
+    masks = [None if path is None else as_mask(path, image, name) for path, image, name in
              ((fixed_mask, fixed_volume, "fixed mask"), (moving_mask, moving_volume, "moving mask"))]
-    if any(mask is not None for mask in masks) and refine_config(refine, n) is None:
-        raise FirekitError("--fixed-mask/--moving-mask weigh the refinement's similarity: turn refinement on "
-                           "(drop --refine 0)")
     result = register(model, moving_volume, fixed_volume, direction=direction, affine_only=affine_only,
                       spacing=spacing, device=device, refine=refine, seed=seed, similarity=similarity,
                       synthesis=synthesis, progress=progress, symmetric=symmetric, orientation=orientation,
