@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from firekit.braindata import build_demo_dataset
+from firekit.data.braindata import build_demo_dataset
 from firekit.workflows import train_on_files
 
 CURRICULUM = 300
@@ -70,7 +70,7 @@ def reference(globs: dict) -> str:
     import torch
 
     from firekit import Fire, FireConfig
-    from firekit.train import _validate
+    from firekit.training.train import _validate
     from firekit.workflows import build_dataset
 
     validation = build_dataset(globs["T1"], globs["T2"], globs["labels"], 2, progress=False).validation(8)

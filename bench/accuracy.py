@@ -4,7 +4,7 @@
                              [--similarities]
 
 Pairs: each test subject's moving image (T2-like, or T1 for the mono-modal case) randomly transformed
-(Section 4.1 ranges), the fixed image the subject's T1, from ``firekit.protocol.make_test_pairs``.
+(Section 4.1 ranges), the fixed image the subject's T1, from ``firekit.data.protocol.make_test_pairs``.
 Rows: unaligned, network affine only, network, network + refinement, refinement alone. Columns: mean
 Dice per label (CSF, GM, WM), mean, % voxels with Jacobian determinant <= 0, end-point error against
 the true field (mm, over brain voxels), median seconds per pair. Prints the table and writes it.
@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from firekit import io, metrics
-from firekit.braindata import LABEL_NAMES, build_demo_dataset
-from firekit.protocol import end_point_error, make_test_pairs
-from firekit.register import load, register
+from firekit.data import io
+from firekit.core import metrics
+from firekit.data.braindata import LABEL_NAMES, build_demo_dataset
+from firekit.data.protocol import end_point_error, make_test_pairs
+from firekit.registration.pipeline import load, register
 
 PATHS = {
     # The moments initialisation alone (refinement with no optimisation step): what the network

@@ -38,8 +38,9 @@ def _short(scores: dict) -> dict:
 
 def run_patient(patient, ants_series: bool, seed: int, log=print) -> dict:
     """Every method on one patient: {method: scores + seconds}."""
-    from firekit import cine, fields, io
-    from firekit.register import field_jacobian
+    from firekit.registration import cine, fields
+    from firekit.data import io
+    from firekit.registration.pipeline import field_jacobian
 
     from bench.vs_ants import run_ants
 
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from firekit import acdc
-    from firekit.cinephantom import build_cine_phantom
+    from firekit.data import acdc
+    from firekit.data.cinephantom import build_cine_phantom
 
     start = time.perf_counter()
     build_cine_phantom(args.data, patients=args.patients, phases=args.phases, seed=args.seed, progress=False)

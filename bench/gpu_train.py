@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from firekit.braindata import build_demo_dataset
+from firekit.data.braindata import build_demo_dataset
 from firekit.workflows import RECIPES, train_on_files
 
 PAPER_STEPS = 144_000

@@ -7,7 +7,7 @@
 Two processes on two cores: ``--shard 0/2 --results A.json`` and ``--shard 1/2 --results B.json``,
 then ``--report --results bench/gross_failures.json --merge A.json B.json``.
 
-Pairs: the paper's test protocol (``firekit.protocol.make_test_pairs``: a random affine within
+Pairs: the paper's test protocol (``firekit.data.protocol.make_test_pairs``: a random affine within
 +-20 deg (2D) / +-15 deg per axis (3D), one axis scaled by 20-50 %, shear, 10 mm shifts, a 9 mm
 smooth field) applied to held-out demo subjects (``braindata.demo_subject``: the test split, 8-9,
 and subjects 10-11 that no model saw), moving contrasts T2-like, FLAIR-like and PD-like
@@ -57,9 +57,9 @@ def _threads(count: int) -> None:
 
 def build_pairs(work: Path, subjects, pairs_2d: int, pairs_3d: int, seed: int = 0) -> list[dict]:
     """Write the subjects (with the PD-like contrast) and the protocol pairs under ``work``."""
-    from firekit import io
-    from firekit.braindata import demo_subject
-    from firekit.protocol import make_test_pairs, read_pairs
+    from firekit.data import io
+    from firekit.data.braindata import demo_subject
+    from firekit.data.protocol import make_test_pairs, read_pairs
 
     records = []
     cases = [(c, s) for c in CONTRASTS for s in subjects]
@@ -89,7 +89,7 @@ def build_pairs(work: Path, subjects, pairs_2d: int, pairs_3d: int, seed: int = 
 
 
 def _firekit_methods(ndim: int, model, direction: str = "b2a") -> dict:
-    from firekit.register import register
+    from firekit.registration.pipeline import register
 
     accepts = set(inspect.signature(register).parameters)
     extra = {k: v for k, v in dict(orientation="header", check=True).items() if k in accepts}
@@ -108,7 +108,8 @@ def _firekit_methods(ndim: int, model, direction: str = "b2a") -> dict:
 def _score(field: np.ndarray, volumes: dict) -> dict:
     import torch
 
-    from firekit import fields, metrics
+    from firekit.registration import fields
+    from firekit.core import metrics
 
     fixed_labels = volumes["fixed_labels"].data
     brain = fixed_labels > 0
@@ -122,7 +123,7 @@ def _score(field: np.ndarray, volumes: dict) -> dict:
 def run(pairs: list[dict], label: str, ants: bool, log=print) -> list[dict]:
     """Every method on every pair -> one row per (pair, method)."""
     from bench.vs_ants import load_pair, run_ants
-    from firekit.register import load
+    from firekit.registration.pipeline import load
 
     model = load()
     commit = _commit()

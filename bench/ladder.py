@@ -28,11 +28,12 @@ from pathlib import Path
 
 import torch
 
-from firekit import Fire, FireConfig, metrics, spatial
-from firekit.augment import AugmentConfig
-from firekit.data import PairDataset
-from firekit.losses import fire_loss, transform_supervision
-from firekit.train import TrainConfig, make_optimizers
+from firekit import Fire, FireConfig
+from firekit.core import metrics, spatial
+from firekit.data.augment import AugmentConfig
+from firekit.data.pairs import PairDataset
+from firekit.fire.losses import fire_loss, transform_supervision
+from firekit.training.train import TrainConfig, make_optimizers
 from firekit.workflows import build_dataset
 
 SPACING = 2.56
@@ -230,7 +231,7 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown rungs {unknown}; see --list")
     if not (args.data / "dataset.json").is_file():
-        from firekit.braindata import build_demo_dataset
+        from firekit.data.braindata import build_demo_dataset
 
         build_demo_dataset(args.data, progress=False)
     for name in names:

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from firekit import explain, metrics, spatial
-from firekit.augment import AugmentConfig, random_transform
-from firekit.register import load
+from firekit.explain import maps as explain
+from firekit.core import metrics, spatial
+from firekit.data.augment import AugmentConfig, random_transform
+from firekit.registration.pipeline import load
 from firekit.workflows import build_dataset
 
 

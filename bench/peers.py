@@ -3,7 +3,7 @@
 ``python -m bench.vs_ants`` runs these rows on its pairs (``pip install firekit[bench]``: picsl_greedy,
 itk-elastix, convexadam). Each peer registers moving to fixed in a worker process (so a crash costs
 that peer its row, not the run: :class:`Worker`) and hands back ONE displacement field in the
-convention of the ANTs rows and of ``firekit.fields`` (on fixed's grid, ``(*S, n)``, mm, LPS signs:
+convention of the ANTs rows and of ``firekit.registration.fields`` (on fixed's grid, ``(*S, n)``, mm, LPS signs:
 the fixed voxel at RAS point ``x`` matches moving's ``x + flip(u(x))``), a field the other way for
 the inverse-consistency error, the tool's own nearest-neighbour warp of moving's labels (to check the
 conversion on every pair) and its wall/CPU seconds.
@@ -72,7 +72,7 @@ class PeerCrashed(RuntimeError):
 def itk_geometry(volume) -> tuple[tuple, tuple, np.ndarray]:
     """``(origin, spacing, direction)`` of a NIfTI volume in ITK's LPS world (mm), for any ITK bridge
     (SimpleITK, itk-elastix, antspyx)."""
-    from firekit.itk_io import itk_geometry as geometry
+    from firekit.data.itk_io import itk_geometry as geometry
 
     origin, spacing, direction = geometry(volume.affine)
     return origin, spacing, np.reshape(direction, (volume.ndim, volume.ndim))
@@ -216,7 +216,7 @@ def _convexadam_solve(moving, fixed, threads: int, seed: int, settings: dict):
     import torch
     from convexAdam.convex_adam_MIND import convex_adam_pt
 
-    from firekit import io
+    from firekit.data import io
 
     g, matrix = greedy_affine(moving, fixed, threads, seed, settings.get("greedy"))
     _greedy_run(g, f"-rf F -rm M R -r A -threads {threads}", R=None)
@@ -284,7 +284,7 @@ def _resolve(adapter: str):
 
 
 def _load(pair: dict) -> dict:
-    from firekit import io
+    from firekit.data import io
 
     return dict(moving=io.load_volume(pair["moving"]), fixed=io.load_volume(pair["fixed"]),
                 moving_labels=io.load_labels(pair["moving_labels"]))
@@ -375,7 +375,7 @@ def shifted_pair(pair: dict, shift_ras, out_dir) -> dict:
     (no resampling): the exact answer is ``u = flip(shift)`` everywhere. Returns the new pair's paths."""
     from pathlib import Path
 
-    from firekit import io
+    from firekit.data import io
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -392,7 +392,7 @@ def shifted_pair(pair: dict, shift_ras, out_dir) -> dict:
 
 def agreement(own_labels: np.ndarray, field: np.ndarray, moving_labels, fixed) -> float:
     """Fraction of fixed voxels where firekit's nearest-neighbour warp by ``field`` equals the tool's own."""
-    from firekit import fields
+    from firekit.registration import fields
 
     ours = fields.apply_field(moving_labels, field, fixed, labels=True)
     return float((ours == own_labels).mean())
@@ -402,7 +402,7 @@ def shift_check(worker: Worker, adapter: str, pair: dict, shift_ras, seed: int, 
                 settings: dict | None = None) -> dict:
     """One peer on the pair's fixed image moved by a known shift: field error against it and the
     field's median vector (LPS mm) beside the expected one, and the label-warp agreement."""
-    from firekit import io
+    from firekit.data import io
 
     shifted = shifted_pair(pair, shift_ras, out_dir)
     out = worker.call(adapter, shifted, seed, settings)

@@ -9,7 +9,7 @@ intensity classes in the head; the four with signal are scored as labels 1-4). T
 ``/usr/share/doc/insighttoolkit5-examples`` when installed (``make test`` installs it), else
 downloaded with ``apt-get download`` and unpacked under ``--work``; nothing is committed.
 
-Pairs: the paper's test protocol (``firekit.protocol.make_test_pairs``) on the head, the moving
+Pairs: the paper's test protocol (``firekit.data.protocol.make_test_pairs``) on the head, the moving
 image either the T1 itself or a T2-like image made from it (each k-means class re-weighted, see
 :data:`T2_WEIGHTS`: dark white matter, bright CSF-like class and fat), the fixed image the T1. 2D pairs are axial slices from 10 % to 95 %
 of the head's extent (2 x 3 mm in plane: the acquisition's 3 mm slices run front to back); 3D pairs
@@ -64,7 +64,7 @@ def head_files(work: Path) -> tuple[Path, Path]:
 def build_subject(work: Path) -> Path:
     """``work/subject/{T1,T2like,labels}.nii.gz`` from the ITK head (the segmentation's background,
     class 1, and its darkest class 2 become 0; classes 3-6 become labels 1-4)."""
-    from firekit import io
+    from firekit.data import io
 
     out = work / "subject"
     if all((out / f"{name}.nii.gz").is_file() for name in (*CONTRASTS, "labels")):
@@ -91,8 +91,8 @@ def build_subject(work: Path) -> Path:
 
 def build_pairs(work: Path, pairs_2d: int, pairs_3d: int) -> list[dict]:
     from bench.gross_failures import slice_heights
-    from firekit import io
-    from firekit.protocol import make_test_pairs, read_pairs
+    from firekit.data import io
+    from firekit.data.protocol import make_test_pairs, read_pairs
 
     subject = build_subject(work)
     labels = io.load_labels(subject / "labels.nii.gz").data

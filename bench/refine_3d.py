@@ -3,7 +3,7 @@
     python bench/refine_3d.py [--data data/demo] [--set NAME:SEED:COUNT ...] [--previous] [--threads 1]
 
 Pairs: each test subject's T2-like image randomly transformed (Section 4.1 ranges, from
-``firekit.protocol.make_test_pairs``) onto the subject's T1, registered by ``register(None, ...,
+``firekit.data.protocol.make_test_pairs``) onto the subject's T1, registered by ``register(None, ...,
 refine=config)`` (refinement alone, from moments). A pair set ``NAME:SEED:COUNT`` makes COUNT pairs
 per test subject, subject ``i`` drawn with seed ``SEED + 100 i``; the preset was tuned on
 ``tuned:1000:3``, its last choice (one affine level at 1/4 instead of 1/8 then 1/4) made on
@@ -28,12 +28,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import firekit.refine
-from firekit import io, metrics
-from firekit.braindata import LABEL_NAMES, build_demo_dataset
-from firekit.protocol import end_point_error, make_test_pairs
-from firekit.refine import RefineConfig
-from firekit.register import register
+import firekit.registration.refine
+from firekit.data import io
+from firekit.core import metrics
+from firekit.data.braindata import LABEL_NAMES, build_demo_dataset
+from firekit.data.protocol import end_point_error, make_test_pairs
+from firekit.registration.refine import RefineConfig
+from firekit.registration.pipeline import register
 
 STAGES = ("moments", "affine", "field")
 # The 3D preset before its full-resolution non-rigid level (commits 90ebe85..ec1adca).
@@ -41,7 +42,7 @@ PREVIOUS = dict(field_levels=(4, 2), field_iterations=(60, 40))
 
 
 class _StageClock:
-    """Wraps :func:`firekit.refine.refine` to keep each call's ``history["seconds"]``.
+    """Wraps :func:`firekit.registration.refine.refine` to keep each call's ``history["seconds"]``.
 
     ``register`` returns no refinement history, and it looks ``refine`` up in its module when
     called, so wrapping the module attribute sees every call.
@@ -49,7 +50,7 @@ class _StageClock:
 
     def __init__(self):
         self.seconds: list[dict] = []
-        self._refine = firekit.refine.refine
+        self._refine = firekit.registration.refine.refine
 
     def __enter__(self):
         def timed(*args, **kwargs):
@@ -57,11 +58,11 @@ class _StageClock:
             self.seconds.append(dict(result.history["seconds"]))
             return result
 
-        firekit.refine.refine = timed
+        firekit.registration.refine.refine = timed
         return self
 
     def __exit__(self, *exc):
-        firekit.refine.refine = self._refine
+        firekit.registration.refine.refine = self._refine
 
 
 def make_pairs(data: Path, out: Path, seed: int, count: int) -> list[dict]:

@@ -8,7 +8,7 @@
 Each configuration runs in its own process (clean peak memory): a few untimed warm-up training
 steps (``train_step``: both directions, Eq. 1, one backward, the three optimisers), then timed
 steps; then network inference (``Fire.register`` under ``torch.inference_mode``, one pair and a
-batch) and ``firekit.register.register`` end to end (arrays in memory, refinement off). CPU peak
+batch) and ``firekit.registration.pipeline.register`` end to end (arrays in memory, refinement off). CPU peak
 memory is the process's maximum resident set; CUDA's is ``torch.cuda.max_memory_allocated``.
 On CUDA the host syncs of a training step are counted (``torch.cuda.set_sync_debug_mode``).
 
@@ -86,9 +86,9 @@ def measure(name: str, device: str, steps: int, amp: bool, channels_last: bool, 
     import numpy as np
     import torch
 
-    from firekit.model import Fire, FireConfig
-    from firekit.register import register
-    from firekit.train import TrainConfig, make_optimizers, train_step
+    from firekit.fire.model import Fire, FireConfig
+    from firekit.registration.pipeline import register
+    from firekit.training.train import TrainConfig, make_optimizers, train_step
 
     preset, shape = CONFIGS[name]
     device = torch.device(device)
@@ -163,8 +163,8 @@ def demo_pair(kind: str):
     import numpy as np
     from scipy import ndimage
 
-    from firekit import io
-    from firekit.braindata import demo_subject
+    from firekit.data import io
+    from firekit.data.braindata import demo_subject
 
     moving, fixed = demo_subject(1)["T2"], demo_subject(0)["T1"]
     if kind == "3d":
@@ -187,7 +187,7 @@ def inference(kind: str, repeats: int = 5, ants_repeats: int = 1) -> dict:
     stage, as in bench/vs_ants) on the same pair, each timed as the median of its repeats."""
     import numpy as np
 
-    from firekit import register as reg
+    from firekit.registration import pipeline as reg
 
     moving, fixed = demo_pair(kind)
     model = reg.load("default" if kind == "2d" else

@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from firekit.braindata import build_demo_dataset
-from firekit.model import load_checkpoint
+from firekit.data.braindata import build_demo_dataset
+from firekit.fire.model import load_checkpoint
 from firekit.workflows import MOMENTS_RECIPE, train_on_files
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "firekit" / "weights" / "fire3d_t1_t2like_small.pt"

@@ -5,7 +5,7 @@
                             [--model-2d default] [--model-3d PATH] [--out bench/results.md]
 
 The paper's test protocol (Section 4.1): each test subject's moving image randomly transformed
-``--transforms`` times (``firekit.protocol.make_test_pairs``; the same transforms for every case),
+``--transforms`` times (``firekit.data.protocol.make_test_pairs``; the same transforms for every case),
 registered to the subject's T1 by every method:
 
 - firekit: the moments start (no optimisation), the network's affine alone, the network, network +
@@ -81,8 +81,8 @@ def _to_ants(volume):
 
 def run_firekit(options: dict, model, moving, fixed, direction: str, seed: int) -> dict:
     """One firekit path both ways: forward field (timed), backward field (for inverse consistency)."""
-    from firekit.model import other_direction
-    from firekit.register import register
+    from firekit.fire.model import other_direction
+    from firekit.registration.pipeline import register
 
     reverse = other_direction(direction)
     net = model if options["network"] else None
@@ -126,8 +126,9 @@ def score(field, backward, pair: dict, volumes: dict, label_ids) -> dict:
     """Every metric of one method on one pair, from its fields (ITK/LPS mm)."""
     import torch
 
-    from firekit import fields, metrics
-    from firekit.register import field_jacobian
+    from firekit.registration import fields
+    from firekit.core import metrics
+    from firekit.registration.pipeline import field_jacobian
 
     fixed, moving, fixed_labels = volumes["fixed"], volumes["moving"], volumes["fixed_labels"].data
     brain = fixed_labels > 0
@@ -150,7 +151,7 @@ def score(field, backward, pair: dict, volumes: dict, label_ids) -> dict:
 
 
 def load_pair(pair: dict) -> dict:
-    from firekit import io
+    from firekit.data import io
 
     volumes = {key: io.load_volume(pair[key]) for key in ("moving", "fixed")}
     volumes.update({key: io.load_labels(pair[key]) for key in ("moving_labels", "fixed_labels")})
@@ -161,8 +162,8 @@ def load_pair(pair: dict) -> dict:
 # ---------------------------------------------------------------------------------------- run
 def model_info(path: str) -> dict:
     """What a checkpoint says about itself: file, ndim, preset, training steps, spacing, how."""
-    from firekit.model import load_checkpoint
-    from firekit.register import DEFAULT_MODEL
+    from firekit.fire.model import load_checkpoint
+    from firekit.registration.pipeline import DEFAULT_MODEL
 
     path = str(DEFAULT_MODEL if path == "default" else path)
     model, extra = load_checkpoint(path)
@@ -190,7 +191,7 @@ def run(data: Path, ndims, cases, transforms: dict, models: dict, methods, seed:
 
     ``threads``: the peers' worker runs with this many (firekit and ANTs take the caller's settings).
     """
-    from firekit.braindata import LABEL_NAMES, build_demo_dataset
+    from firekit.data.braindata import LABEL_NAMES, build_demo_dataset
 
     if not (data / "dataset.json").is_file():
         build_demo_dataset(data, progress=False)
@@ -209,8 +210,8 @@ def run(data: Path, ndims, cases, transforms: dict, models: dict, methods, seed:
 
 def _run_ndim(results, ndim, subjects, cases, transforms, models, methods, seed, work, log, worker, label_ids):
     """Every case of one ndim (see :func:`run`); appends one entry per case to ``results["runs"]``."""
-    from firekit.protocol import make_test_pairs
-    from firekit.register import load
+    from firekit.data.protocol import make_test_pairs
+    from firekit.registration.pipeline import load
 
     methods = [m for m in methods if m not in PEERS or ndim in PEERS[m].ndims]
     model = load(models[ndim]) if any(name in FIREKIT and FIREKIT[name]["network"] for name in methods) else None
@@ -408,7 +409,7 @@ def summary_table(results: dict) -> str:
 
 
 def report(results: dict, plot_name: str | None = None) -> str:
-    from firekit.braindata import LABEL_NAMES
+    from firekit.data.braindata import LABEL_NAMES
 
     meta = results["meta"]
     lines = [

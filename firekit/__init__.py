@@ -2,32 +2,36 @@
 
 The public names below resolve on first use (PEP 562), so ``import firekit`` and the command
 line's ``--help`` import no torch; ``firekit.Fire`` and ``from firekit import Fire`` work as usual.
-Submodules (``firekit.io``, ``firekit.spatial``, ...) resolve the same way.
+Subpackages (``firekit.core``, ``firekit.data``, ``firekit.fire``, ``firekit.registration``,
+``firekit.training``, ``firekit.explain``) resolve the same way; the README's "How the code is laid
+out" says what each holds.
 """
 
 from importlib import import_module
 from importlib.util import find_spec
 
-from .errors import FirekitError
+from firekit.core.errors import FirekitError
 
 __version__ = "0.1.0"
 
 # public name -> the submodule that defines it (imported when the name is first read)
 _LAZY = {
-    "FireLoss": "losses",
-    "fire_loss": "losses",
-    "smooth_lambda": "losses",
-    "Fire": "model",
-    "FireConfig": "model",
-    "FireOutput": "model",
-    "Registration": "model",
-    "Transform": "model",
-    "RegistrationResult": "register",
-    "load": "register",
-    "TrainConfig": "train",
-    "TrainResult": "train",
-    "make_optimizers": "train",
-    "train_step": "train",
+    "FireLoss": "fire.losses",
+    "fire_loss": "fire.losses",
+    "smooth_lambda": "fire.losses",
+    "Fire": "fire.model",
+    "FireConfig": "fire.model",
+    "FireOutput": "fire.model",
+    "Registration": "fire.model",
+    "Transform": "fire.model",
+    "RegistrationResult": "registration.pipeline",
+    "load": "registration.pipeline",
+    "register": "registration.pipeline",
+    "register_pairs": "registration.pipeline",
+    "TrainConfig": "training.train",
+    "TrainResult": "training.train",
+    "make_optimizers": "training.train",
+    "train_step": "training.train",
 }
 
 __all__ = [
@@ -43,6 +47,8 @@ __all__ = [
     "Transform",
     "fire_loss",
     "load",
+    "register",
+    "register_pairs",
     "make_optimizers",
     "smooth_lambda",
     "train_step",

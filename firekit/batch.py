@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from . import io
-from ._atomic import atomic_write_text
-from .errors import FirekitError
+from firekit.data import io
+from firekit.data.atomic import atomic_write_text
+from firekit.core.errors import FirekitError
 
 __all__ = ["Pair", "BatchPlan", "COLUMNS", "BASE_COLUMNS", "read_pairs", "plan", "run", "read_summary",
            "write_summary", "merge_summaries", "summary_path"]
@@ -299,7 +299,7 @@ def _dice(warped_labels: Path, fixed_labels: Path) -> dict[int, float]:
     """Dice per label (every label > 0 of either map) of the written warped labels against the fixed ones."""
     import torch
 
-    from .metrics import dice
+    from firekit.core.metrics import dice
 
     warped = io.load_labels(warped_labels, "warped label map")
     fixed = io.load_labels(fixed_labels, "fixed label map")
@@ -314,7 +314,7 @@ def register_pair(model, pair: Pair, shard: tuple[int, int] = (1, 1), say: Calla
     """Register one pair as ``register_files`` does and return its summary row (``ok`` or ``failed``
     with the error's one line); its outputs are written together or not at all. Lines the
     registration prints on stderr (a check's fallback) go to ``say``."""
-    from .workflows import register_files
+    from firekit.workflows import register_files
 
     row = _row(pair, "failed", shard)
     captured = text_io.StringIO()
@@ -345,7 +345,7 @@ def run(job: BatchPlan, model, progress: bool = True, **options) -> list[dict]:
     """Register the plan's pending pairs with one model, rewriting the summary after each.
 
     Args:
-        model: a :class:`~firekit.model.Fire` or None (refinement alone), loaded once for all pairs.
+        model: a :class:`~firekit.fire.model.Fire` or None (refinement alone), loaded once for all pairs.
         progress: a tqdm bar on stderr.
         options: ``register_files``' registration options (direction, refine, seed, ...).
 

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import FirekitError
+from firekit import __version__
+from firekit.core.errors import FirekitError
 
 # firekit.workflows.RECIPES by name (kept here so that --help imports no torch; a test keeps them equal)
 RECIPE_NAMES = ("learn2d", "learn2d-fine", "learn2d-synth", "learn3d")
@@ -24,7 +24,7 @@ CONVENTIONS = (
 
 
 def _data_demo(args: argparse.Namespace) -> None:
-    from .braindata import build_demo_dataset
+    from firekit.data.braindata import build_demo_dataset
 
     info = build_demo_dataset(Path(args.out), subjects=args.subjects, splits=_splits(args.subjects), seed=args.seed,
                               spacing=args.spacing, shape=tuple(args.shape), progress=not args.quiet,
@@ -41,7 +41,7 @@ def _splits(subjects: int) -> tuple[int, int, int]:
 
 
 def _data_cine_phantom(args: argparse.Namespace) -> None:
-    from .cinephantom import build_cine_phantom
+    from firekit.data.cinephantom import build_cine_phantom
 
     patients = build_cine_phantom(args.out, patients=args.patients, phases=args.phases, seed=args.seed,
                                   shape=tuple(args.shape), progress=not args.quiet, overwrite=args.overwrite)
@@ -53,7 +53,7 @@ def _apply_recipe(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     """Fill the settings of ``--recipe NAME`` that the command line left at their defaults."""
     if args.recipe is None:
         return
-    from .workflows import RECIPES
+    from firekit.workflows import RECIPES
 
     for key, value in RECIPES[args.recipe].items():
         if getattr(args, key) == parser.get_default(key):
@@ -66,7 +66,7 @@ def _train(args: argparse.Namespace) -> None:
         raise FirekitError("--cine trains on phases of cine series: give --cine alone, not with --a/--b")
     if not args.cine and not (args.a and args.b):
         raise FirekitError("train needs --a and --b (two modalities), or --cine (phases of cine series)")
-    from .workflows import train_on_cine, train_on_files
+    from firekit.workflows import train_on_cine, train_on_files
 
     _apply_recipe(args, args.train_parser)
     options = {f"lr_{group}": rate for group in ("affine", "nonrigid", "synthesis")
@@ -109,8 +109,8 @@ def _register(args: argparse.Namespace) -> int | None:
     if args.pairs is not None:
         return _register_pairs(args)
     _one_pair(args)
-    from .register import load
-    from .workflows import register_files
+    from firekit.registration.pipeline import load
+    from firekit.workflows import register_files
 
     model = None if args.no_network else load(args.model)
     result = register_files(
@@ -166,10 +166,10 @@ def _register_pairs(args: argparse.Namespace) -> int | None:
         args.register_parser.error("--pairs needs --out FOLDER (each pair's outputs and summary.csv go there)")
     import time
 
-    from . import batch
+    from firekit import batch
 
     job = batch.plan(args.pairs, args.out, shard=args.shard or (1, 1))  # checked before torch is imported
-    from .register import load
+    from firekit.registration.pipeline import load
 
     clock = time.perf_counter()
     model = None if args.no_network or not job.todo else load(args.model)
@@ -200,7 +200,7 @@ def _pairs_done(rows: list[dict], summary, quiet: bool = False, seconds: float |
 
 
 def _merge_summaries(args: argparse.Namespace) -> int | None:
-    from .batch import merge_summaries
+    from firekit.batch import merge_summaries
 
     return _pairs_done(merge_summaries(args.summaries, args.out), args.out)
 
@@ -216,16 +216,17 @@ def _shard(value: str) -> tuple[int, int]:
 
 
 def _apply(args: argparse.Namespace) -> None:
-    from .apply import apply_files
+    from firekit.registration.apply import apply_files
 
     out = apply_files(args.input, args.reference, args.transform, args.out, interpolation=args.interpolation)
     print(f"wrote {out}")
 
 
 def _register_cine(args: argparse.Namespace) -> None:
-    from . import cine, io
-    from ._atomic import atomic_write_text
-    from .register import load
+    from firekit.registration import cine
+    from firekit.data import io
+    from firekit.data.atomic import atomic_write_text
+    from firekit.registration.pipeline import load
 
     out = Path(args.out)
     inputs = [args.series, args.labels]
@@ -263,8 +264,9 @@ def _register_cine(args: argparse.Namespace) -> None:
 def _evaluate_cine(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from . import acdc, cine
-    from .register import load
+    from firekit.data import acdc
+    from firekit.registration import cine
+    from firekit.registration.pipeline import load
 
     model = None if args.model.lower() == "none" else load(args.model)
     rows = {}
@@ -290,7 +292,7 @@ def _cine_phases(args: argparse.Namespace, series) -> tuple[int | None, int | No
     ed, es = args.ed, args.es
     info_path = Path(args.series).parent / "Info.cfg"
     if (ed is None or es is None) and info_path.is_file():
-        from .acdc import read_info
+        from firekit.data.acdc import read_info
 
         info = read_info(info_path)
         ed = info["ED"] if ed is None else ed
@@ -314,14 +316,14 @@ def _refine_steps(value: str):
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate_files, format_scores
+    from firekit.registration.evaluate import evaluate_files, format_scores
 
     scores = evaluate_files(args.fixed_labels, args.warped_labels, args.field)
     print(json.dumps(scores, indent=2) if args.json else format_scores(scores))
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from firekit.demo import run_demo
 
     run_demo(Path(args.data), Path(args.out), retrain=args.train, iterations=args.iterations,
              pairs=args.pairs, seed=args.seed)

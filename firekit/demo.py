@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import io, metrics
-from .braindata import LABEL_NAMES
-from .errors import FirekitError
+from firekit.data import io
+from firekit.core import metrics
+from firekit.data.braindata import LABEL_NAMES
+from firekit.core.errors import FirekitError
 
 __all__ = ["run_demo", "LABEL_NAMES", "ANTS_REFERENCE"]
 
@@ -60,7 +61,7 @@ def _figure(result, synthesised, path: Path, title: str) -> None:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from .viz import registration_figure
+    from firekit.explain.pictures import registration_figure
 
     view = result.network
     fig = registration_figure(
@@ -79,8 +80,8 @@ def _figure(result, synthesised, path: Path, title: str) -> None:
 @torch.no_grad()
 def _register_pairs(model, records: list[dict], out: Path) -> tuple[list[dict], list[float]]:
     """Register each pair file to file, score it, and draw the first few; returns rows and seconds."""
-    from .register import register
-    from .workflows import register_files
+    from firekit.registration.pipeline import register
+    from firekit.workflows import register_files
 
     rows, seconds = [], []
     for index, pair in enumerate(records):
@@ -127,10 +128,10 @@ def run_demo(
     Returns:
         ``{stage: {label: mean Dice}}`` for every stage of :data:`STAGES`, plus folding and seconds.
     """
-    from .braindata import build_demo_dataset
-    from .protocol import make_test_pairs
-    from .register import load
-    from .workflows import SHIPPED_RECIPE, train_on_files
+    from firekit.data.braindata import build_demo_dataset
+    from firekit.data.protocol import make_test_pairs
+    from firekit.registration.pipeline import load
+    from firekit.workflows import SHIPPED_RECIPE, train_on_files
 
     start = time.perf_counter()
     data, out = Path(data), Path(out)

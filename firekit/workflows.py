@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import io
-from .data import DEFAULT_SPACING, PairDataset, find_pairs, load_subject
-from .errors import FirekitError
-from .model import Fire, FireConfig
+from firekit.data import io
+from firekit.data.pairs import DEFAULT_SPACING, PairDataset, find_pairs, load_subject
+from firekit.core.errors import FirekitError
+from firekit.fire.model import Fire, FireConfig
 
 __all__ = ["build_dataset", "train_on_files", "register_files", "SHIPPED_RECIPE", "RECIPES", "MOMENTS_RECIPE"]
 
@@ -79,7 +79,7 @@ def build_dataset(
     """
     from tqdm.auto import tqdm
 
-    from .augment import AugmentConfig
+    from firekit.data.augment import AugmentConfig
 
     subjects = find_pairs(a, b, labels, flags=flags)
     # A 2D model on 3D volumes trains on axial slices: keep the native through-plane spacing.
@@ -156,11 +156,11 @@ def train_on_files(
 def _train_new_model(source, out, preset: str, ndim: int, seed: int, iterations: int, batch_size: int,
                      train_options: dict, model_options: dict, validation, extra: dict, init=None, **run):
     """A new ``preset`` model, its weights initialised from ``seed`` (or copied from the model file
-    ``init``), trained on ``source`` (``run``: :func:`firekit.train.train`'s resume, overwrite,
+    ``init``), trained on ``source`` (``run``: :func:`firekit.training.train.train`'s resume, overwrite,
     device, progress, callback)."""
     import torch
 
-    from .train import TrainConfig, train
+    from firekit.training.train import TrainConfig, train
 
     config = TrainConfig.from_preset(preset, iterations=iterations, batch_size=batch_size, seed=seed, **train_options)
     torch.manual_seed(seed)  # the weights' initialisation is part of the run's seed
@@ -173,7 +173,7 @@ def _train_new_model(source, out, preset: str, ndim: int, seed: int, iterations:
 
 def _start_from(model: Fire, path) -> None:
     """Copy the weights of the model file ``path`` into ``model``; one line when they do not fit."""
-    from .model import architecture_differences, load_checkpoint
+    from firekit.fire.model import architecture_differences, load_checkpoint
 
     source, _ = load_checkpoint(path)
     differ = architecture_differences(model.config, source.config)
@@ -188,7 +188,8 @@ def load_cine_series(pattern: str, flag: str = "--cine") -> tuple[list, list[dic
     (an ``Info.cfg`` beside the series): (series, [{phase: labels}], names)."""
     import glob as globbing
 
-    from . import acdc, cine
+    from firekit.data import acdc
+    from firekit.registration import cine
 
     paths = sorted(Path(p) for p in globbing.glob(pattern, recursive=True))
     if not paths:
@@ -229,7 +230,7 @@ def train_on_cine(
     Dice is ED <-> ES on the labelled phases of ``val`` (or of the training series when ``val`` is
     None and they have labels). ``spacing`` None keeps each series' own voxel size.
     """
-    from .cine import CinePairs
+    from firekit.registration.cine import CinePairs
 
     series, labels, names = load_cine_series(pattern)
     pairs = CinePairs(series, ndim, spacing, seed, labels, names=names)
@@ -249,7 +250,7 @@ def train_on_cine(
 
 
 def _pad_batch(x, shape, key: str):
-    from .data import _pad_to
+    from firekit.data.pairs import _pad_to
 
     return _pad_to(x.float(), shape, 0.0 if key.startswith("labels") else -1.0).to(x.dtype)
 
@@ -290,7 +291,7 @@ def register_files(
     Every output path and every input is checked before any work (none may be an input or another
     output; an empty label map is refused), and the outputs are written together or not at all.
     """
-    from .register import as_mask, refine_config, register
+    from firekit.registration.pipeline import as_mask, refine_config, register
 
     inputs = [moving, fixed, moving_labels, initial_affine, fixed_mask, moving_mask]
     outputs = [p for p in (out, out_labels, field, inverse_field) if p is not None]

@@ -23,7 +23,7 @@ TINY_DEMO = dict(subjects=3, splits=(1, 1, 1), spacing=4.0, shape=(44, 52, 44), 
 def demo_data(tmp_path_factory):
     """``demo_data(**settings)``: the folder of a demo dataset built with :data:`TINY_DEMO` updated
     by ``settings``, once per session for each settings; shared, so read it and never write."""
-    from firekit import braindata
+    from firekit.data import braindata
 
     built = {}
 

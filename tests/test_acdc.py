@@ -6,7 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from firekit import FirekitError, acdc, cinephantom, io
+from firekit import FirekitError
+from firekit.data import acdc, cinephantom, io
 
 TINY = dict(shape=(64, 64, 8), spacing=(1.5, 1.5, 8.0), phases=10)
 PATIENTS = 2

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from firekit import io
-from firekit.apply import apply_files, read_affine
+from firekit.data import io
+from firekit.registration.apply import apply_files, read_affine
 from firekit.cli import main as cli_main
-from firekit.register import write_itk_affine
+from firekit.registration.pipeline import write_itk_affine
 
 SHAPE = (48, 56)
 
@@ -225,8 +225,8 @@ def turned_pair(tmp_path, degrees=60.0):
 
 
 def test_initial_affine_starts_beyond_the_header_bound(tmp_path, capsys):
-    from firekit.errors import FirekitError
-    from firekit.register import load, register
+    from firekit.core.errors import FirekitError
+    from firekit.registration.pipeline import load, register
 
     moving, fixed, turn, truth, mask = turned_pair(tmp_path)
     start = write_itk_affine(turn, tmp_path / "start.tfm")

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from firekit import FirekitError, augment, spatial
+from firekit import FirekitError
+from firekit.data import augment
+from firekit.core import spatial
 
 # Tiny grids with a realistic field of view (about 15 x 17 cm), non-square, anisotropic in 3D.
 GRIDS = {2: ((24, 28), 6.0), 3: ((12, 14, 16), (13.0, 12.0, 10.0))}

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from bench import vs_ants
-from firekit import fields, metrics
-from firekit.protocol import make_test_pairs
+from firekit.registration import fields
+from firekit.core import metrics
+from firekit.data.protocol import make_test_pairs
 
 ants = pytest.importorskip("ants")
 

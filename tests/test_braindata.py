@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from firekit import FirekitError, braindata, spatial
-from firekit.io import NIFTI_INTENT_VECTOR
+from firekit import FirekitError
+from firekit.data import braindata
+from firekit.core import spatial
+from firekit.data.io import NIFTI_INTENT_VECTOR
 
 pytest.importorskip("nilearn")
 

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from firekit import cine, io
-from firekit.errors import FirekitError
+from firekit.registration import cine
+from firekit.data import io
+from firekit.core.errors import FirekitError
 
 
 def beating_disk(shape=(80, 80), phases=8, spacing=1.5, slices=0, seed=0):
@@ -104,7 +105,7 @@ def test_register_cine_follows_the_contraction_both_ways(tmp_path):
 
 
 def test_register_cine_in_3d_with_a_2d_model_refines_in_3d():
-    from firekit.model import Fire, FireConfig
+    from firekit.fire.model import Fire, FireConfig
 
     series, labels, _ = beating_disk(shape=(48, 48), phases=4, slices=5)
     torch.manual_seed(0)
@@ -179,7 +180,7 @@ def test_cli_train_cine_writes_a_model_that_register_cine_uses(tmp_path):
 
 
 def test_ed_to_es_on_a_tiny_phantom_beats_unaligned(tmp_path):
-    from firekit import acdc
+    from firekit.data import acdc
 
     result = run("data", "cine-phantom", "--out", tmp_path / "phantom", "--patients", 1, "--phases", 10,
                  "--shape", 64, 64, 8, "--seed", 3, "--quiet")
@@ -195,7 +196,7 @@ def test_ed_to_es_on_a_tiny_phantom_beats_unaligned(tmp_path):
 
 
 def test_cli_evaluate_cine_scores_ed_to_es_per_patient(tmp_path):
-    from firekit import cinephantom
+    from firekit.data import cinephantom
 
     cinephantom.build_cine_phantom(tmp_path / "acdc" / "training", patients=2, phases=8, shape=(48, 48, 6), seed=4)
     result = run("evaluate-cine", "--data", tmp_path / "acdc", "--json")

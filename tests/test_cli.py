@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from firekit import io
+from firekit.data import io
 
 SMALL = ["--spacing", "4", "--shape", "44", "52", "44"]
 

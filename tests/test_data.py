@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from firekit import io
-from firekit.data import PairDataset, find_pairs, load_subject, network_grid
-from firekit.errors import FirekitError
+from firekit.data import io
+from firekit.data.pairs import PairDataset, find_pairs, load_subject, network_grid
+from firekit.core.errors import FirekitError
 
 
 def write(path, shape=(20, 24, 16), affine=None, value=None):
@@ -64,7 +64,7 @@ def test_network_grid_is_canonical_resampled_and_padded():
 
 @pytest.mark.parametrize("model_ndim", [2, 3])
 def test_pair_dataset_is_deterministic_per_step(tmp_path, model_ndim):
-    from firekit.augment import AugmentConfig
+    from firekit.data.augment import AugmentConfig
 
     for subject in ("s1", "s2"):
         image = np.zeros((40, 44, 36), np.float32)
@@ -96,8 +96,8 @@ def test_pair_dataset_is_deterministic_per_step(tmp_path, model_ndim):
 @pytest.mark.parametrize("model_ndim", [2, 3])
 def test_known_answer_of_each_augmented_pair(tmp_path, model_ndim):
     """u_a2b warps the augmented A onto the augmented B (A and B co-registered), and back."""
-    from firekit import spatial
-    from firekit.augment import AugmentConfig
+    from firekit.core import spatial
+    from firekit.data.augment import AugmentConfig
 
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in (40, 44, 36)], indexing="ij"))
     image = (np.exp(-((grid[0] - 0.2) ** 2 / 0.1 + grid[1] ** 2 / 0.3 + grid[2] ** 2 / 0.2))
@@ -120,8 +120,8 @@ def test_known_answer_of_each_augmented_pair(tmp_path, model_ndim):
 
 
 def test_curriculum_ramps_the_augmentation():
-    from firekit.augment import AugmentConfig
-    from firekit.data import SubjectData
+    from firekit.data.augment import AugmentConfig
+    from firekit.data.pairs import SubjectData
 
     subject = SubjectData("s", torch.zeros(1, 1, 32, 32), torch.zeros(1, 1, 32, 32), None, np.eye(3))
     dataset = PairDataset([subject], 2, AugmentConfig(), curriculum_steps=100, curriculum_start=0.2,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from firekit.model import Fire, FireConfig, load_checkpoint
+from firekit.fire.model import Fire, FireConfig, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(data, tmp_p
 
 
 def test_prefetched_batches_are_the_batches_drawn_in_turn():
-    from firekit.train import _Prefetch
+    from firekit.training.train import _Prefetch
 
     class Pairs:
         def sample(self, step, batch_size):

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from firekit import explain, spatial
-from firekit.model import Fire, FireConfig
+from firekit.explain import maps as explain
+from firekit.core import spatial
+from firekit.fire.model import Fire, FireConfig
 
 
 def small_model(ndim: int = 2) -> Fire:
@@ -64,8 +65,8 @@ def test_invariance_map_is_zero_for_one_image_and_follows_a_given_transform():
 
 @pytest.fixture(scope="module")
 def shipped_pair():
-    from firekit.phantom import phantom_pair
-    from firekit.register import load
+    from firekit.data.phantom import phantom_pair
+    from firekit.registration.pipeline import load
 
     pair = phantom_pair((64, 64), spatial.affine_matrix(2, rotation=10, translation=(0.1, 0.0)), seed=1,
                         contrasts=("t1", "t2"))

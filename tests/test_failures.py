@@ -22,8 +22,8 @@ import torch
 
 import firekit
 from firekit import Fire, FireConfig
-from firekit.acdc import write_patient
-from firekit.errors import FirekitError
+from firekit.data.acdc import write_patient
+from firekit.core.errors import FirekitError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 WORKERS = 2
@@ -359,7 +359,7 @@ def test_the_malicious_payloads_are_live(tmp_path):
 
 # ------------------------------------------------------------------------------- outputs together or not at all
 def test_a_failure_part_way_through_the_outputs_leaves_none_of_them(tmp_path):
-    from firekit import io
+    from firekit.data import io
 
     kept = tmp_path / "kept.nii.gz"
     kept.write_bytes(b"an earlier result")

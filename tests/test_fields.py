@@ -3,8 +3,9 @@
 import numpy as np
 import torch
 
-from firekit import fields, io
-from firekit.register import register
+from firekit.registration import fields
+from firekit.data import io
+from firekit.registration.pipeline import register
 
 # An oblique, anisotropic 2D grid (RAS mm), so axis order, signs and spacing all matter.
 AFFINE = np.array([[0.0, -1.3, 40.0], [1.1, 0.0, -30.0], [0.0, 0.0, 1.0]])
@@ -20,7 +21,7 @@ def affine_field(matrix: np.ndarray, grid: io.Volume) -> np.ndarray:
 
 
 def labels_volume() -> io.Volume:
-    from firekit.phantom import head_labels
+    from firekit.data.phantom import head_labels
 
     return io.Volume(head_labels(SHAPE, seed=3).numpy().astype(np.int16), AFFINE)
 
@@ -41,7 +42,7 @@ def test_shift_by_whole_voxels_moves_the_labels():
 
 
 def test_apply_field_matches_register_own_warp():
-    from firekit.phantom import contrast
+    from firekit.data.phantom import contrast
 
     labels = labels_volume()
     fixed = labels.with_data(contrast(torch.as_tensor(labels.data).long(), "t1", seed=1).numpy())

@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from firekit import fields, io, metrics, spatial
-from firekit.apply import FieldTransform
+from firekit.registration import fields
+from firekit.data import io
+from firekit.core import metrics, spatial
+from firekit.registration.apply import FieldTransform
 from firekit.cli import main as cli_main
-from firekit.data import map_points
-from firekit.protocol import axial_slice
+from firekit.data.pairs import map_points
+from firekit.data.protocol import axial_slice
 
 TOLERANCE = 0.01  # mm, invert_field's default
 

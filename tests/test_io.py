@@ -4,8 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from firekit import io
-from firekit.errors import FirekitError
+from firekit.data import io
+from firekit.core.errors import FirekitError
 
 LPS = np.array([[-1.2, 0, 0, 40.0], [0, -0.9, 0, 30.0], [0, 0, 2.5, -15.0], [0, 0, 0, 1]])
 

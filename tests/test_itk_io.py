@@ -13,8 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from firekit import io, itk_io
-from firekit.errors import FirekitError
+from firekit.data import io, itk_io
+from firekit.core.errors import FirekitError
 
 import SimpleITK as sitk  # noqa: E402  (the dev extra installs it: a missing install fails, never skips)
 
@@ -138,7 +138,7 @@ def test_dicom_series_folder_loads_with_its_geometry(tmp_path):
 
 
 def test_registering_nrrd_files_gives_the_nifti_field(tmp_path):
-    from firekit.register import register
+    from firekit.registration.pipeline import register
 
     # anisotropic, axes swapped and flipped, with values float32 holds exactly: SimpleITK's conversion
     # (NIfTI stores float32; ITK rebuilds spacing x direction) is then exact. With an oblique affine it

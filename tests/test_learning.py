@@ -5,10 +5,11 @@ import csv
 import pytest
 import torch
 
-from firekit import Fire, FireConfig, FirekitError, metrics, spatial
-from firekit.phantom import phantom_pair
-from firekit.refine import moments_init
-from firekit.train import TrainConfig, make_optimizers, train, train_step
+from firekit import Fire, FireConfig, FirekitError
+from firekit.core import metrics, spatial
+from firekit.data.phantom import phantom_pair
+from firekit.registration.refine import moments_init
+from firekit.training.train import TrainConfig, make_optimizers, train, train_step
 
 
 class AffineSource:
@@ -89,7 +90,7 @@ def test_moments_prealignment_starts_both_directions_from_the_moments_affine():
 
 
 def test_similarity_and_distillation_terms_enter_the_total_only_when_weighted():
-    from firekit.similarity import get_similarity
+    from firekit.core.similarity import get_similarity
 
     batch = AffineSource().sample(0, 1)
     x_a, x_b = batch["x_a"], batch["x_b"]
@@ -154,7 +155,7 @@ def test_a_short_training_run_improves_validation_dice_over_unaligned(tmp_path):
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_moments_pooling_sees_where_a_feature_is(ndim):
-    from firekit.nets import AffineHead
+    from firekit.fire.nets import AffineHead
 
     head = AffineHead(ndim, 4, (4, 4, 3), hidden=8, pooling="moments")
     shape = (9, 11, 7)[:ndim]
@@ -201,7 +202,7 @@ def phantom_subjects(count=3, size=48):
     """Phantom subjects whose T1 and T2 are aligned voxel for voxel (as in a real scan session)."""
     import numpy as np
 
-    from firekit.data import SubjectData
+    from firekit.data.pairs import SubjectData
 
     subjects = []
     for seed in range(count):
@@ -211,8 +212,8 @@ def phantom_subjects(count=3, size=48):
 
 
 def test_counterparts_are_the_other_contrast_under_the_same_transform_and_change_no_draw():
-    from firekit.augment import AugmentConfig
-    from firekit.data import PairDataset
+    from firekit.data.augment import AugmentConfig
+    from firekit.data.pairs import PairDataset
 
     subjects = phantom_subjects()
     plain = PairDataset(subjects, 2, AugmentConfig(), seed=3, spacing=2.0).sample(5, 2)
@@ -256,8 +257,8 @@ def test_exact_synthesis_targets_teach_the_decoders_where_the_paper_terms_do_not
     synthesis term reach a far better F_BA(G(T2)) of a held-out phantom than the paper's terms alone,
     whose targets are misaligned by the untrained network's error (measured 0.36 vs 0.18;
     bench/training.md, "Synthesis and invariance")."""
-    from firekit.augment import AugmentConfig
-    from firekit.data import PairDataset
+    from firekit.data.augment import AugmentConfig
+    from firekit.data.pairs import PairDataset
 
     held_out = phantom_subjects(count=2, size=48)[1:]
     x_b, x_a = held_out[0].b, held_out[0].a

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import firekit
-from firekit import Fire, FireConfig, FirekitError, metrics, spatial
-from firekit.losses import transform_supervision
-from firekit.nets import KeypointAffineHead, fit_affine, soft_centroids
-from firekit.train import TrainConfig, make_optimizers, make_schedulers, train
+from firekit import Fire, FireConfig, FirekitError
+from firekit.core import metrics, spatial
+from firekit.fire.losses import transform_supervision
+from firekit.fire.nets import KeypointAffineHead, fit_affine, soft_centroids
+from firekit.training.train import TrainConfig, make_optimizers, make_schedulers, train
 from firekit.workflows import RECIPES
 
 
@@ -174,8 +175,8 @@ class WarpedPhantoms:
         self.seed = seed
 
     def pair(self, index):
-        from firekit.augment import AugmentConfig, random_transform
-        from firekit.phantom import contrast, head_labels
+        from firekit.data.augment import AugmentConfig, random_transform
+        from firekit.data.phantom import contrast, head_labels
 
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         config = AugmentConfig(scale_change=(0.0, 0.06), scale_jitter=0.03, rotation_deg=8.0, shear=0.02,
@@ -284,7 +285,7 @@ def test_gpu_training_script_fills_its_budget_and_writes_every_output_on_the_cpu
 
 
 def test_grad_cam_explains_the_keypoint_affine_head():
-    from firekit.explain import grad_cam
+    from firekit.explain.maps import grad_cam
 
     torch.manual_seed(0)
     model = Fire(FireConfig.from_preset("small", 2, affine_pooling="keypoints")).eval()

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from firekit import FireConfig, Fire, losses, spatial
+from firekit import FireConfig, Fire
+from firekit.fire import losses
+from firekit.core import spatial
 
 TINY = dict(widths=(4, 6, 8), encoder_blocks=1, decoder_blocks=1, affine_channels=(4, 4, 4), affine_hidden=8,
             flow_channels=4)

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from firekit import io
+from firekit.data import io
 from firekit.cli import main as cli_main
-from firekit.errors import FirekitError
-from firekit.refine import RefineConfig, refine
-from firekit.register import as_mask, load, register
+from firekit.core.errors import FirekitError
+from firekit.registration.refine import RefineConfig, refine
+from firekit.registration.pipeline import as_mask, load, register
 from test_orientation import SPACING, _dice, _slice, _true_epe, _turned, subject  # noqa: F401 (fixture)
 
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from firekit import Fire, FireConfig, FirekitError, TrainConfig, load, make_optimizers, spatial, train_step
-from firekit.losses import fire_loss
+from firekit import Fire, FireConfig, FirekitError, TrainConfig, load, make_optimizers, train_step
+from firekit.core import spatial
+from firekit.fire.losses import fire_loss
 
 TINY = dict(widths=(4, 6, 8), encoder_blocks=1, decoder_blocks=1, affine_channels=(4, 4, 4), affine_hidden=8,
             flow_channels=4)

@@ -1,4 +1,4 @@
-"""The napari plugin: its library half (firekit.layers, without Qt) and the plugin itself in a real,
+"""The napari plugin: its library half (firekit.explain.layers, without Qt) and the plugin itself in a real,
 rendered viewer (Xvfb + Mesa: make_napari_viewer(show=True))."""
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from firekit import explain, io, layers
-from firekit.errors import FirekitError
-from firekit.model import Fire, FireConfig
+from firekit.explain import maps as explain, layers
+from firekit.data import io
+from firekit.core.errors import FirekitError
+from firekit.fire.model import Fire, FireConfig
 from firekit.napari._reader import napari_get_reader
-from firekit.register import load, register
+from firekit.registration.pipeline import load, register
 
 COARSE = dict(spacing=2.56, shape=(64, 80, 64))  # the demo brains at a quarter of the voxels
 

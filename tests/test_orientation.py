@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from firekit import io, metrics
-from firekit.check import AffineBounds, affine_geometry, check, Candidate, default_bounds, implausible
-from firekit.errors import FirekitError
-from firekit.refine import RefineConfig, _moment_candidates, _Pyramid
-from firekit.register import register
-from firekit import spatial
+from firekit.data import io
+from firekit.core import metrics
+from firekit.registration.check import AffineBounds, affine_geometry, check, Candidate, default_bounds, implausible
+from firekit.core.errors import FirekitError
+from firekit.registration.refine import RefineConfig, _moment_candidates, _Pyramid
+from firekit.registration.pipeline import register
+from firekit.core import spatial
 
 SPACING = 2.0
 
@@ -136,7 +137,7 @@ def test_bounds_name_what_is_implausible():
 
 def test_header_start_never_proposes_a_turn_beyond_the_bound(subject):
     moving, fixed, _, _ = _pair(subject, 0.93, 10.0)
-    from firekit.data import network_grid, to_network
+    from firekit.data.pairs import network_grid, to_network
 
     shape, grid = network_grid(fixed, SPACING, 16, 32)
     x_moving, x_fixed = to_network(moving, shape, grid), to_network(fixed, shape, grid)
@@ -166,7 +167,7 @@ def test_header_start_never_proposes_a_turn_beyond_the_bound(subject):
 @pytest.mark.parametrize("height, degrees", [(0.94, 20.0), (0.96, 0.0), (0.96, 20.0)])
 @pytest.mark.parametrize("network", [False, True], ids=["no-network", "default"])
 def test_a_near_symmetric_vertex_slice_is_not_turned(subject, network, height, degrees):
-    from firekit.register import load
+    from firekit.registration.pipeline import load
 
     moving, fixed, moving_labels, fixed_labels = _pair(subject, height, degrees)
     result = register(load() if network else None, moving, fixed, direction="b2a", refine="auto", spacing=SPACING)
@@ -178,8 +179,8 @@ def test_a_near_symmetric_vertex_slice_is_not_turned(subject, network, height, d
 def test_refinement_from_the_network_matches_the_whole_schedule_from_moments(subject, monkeypatch):
     # The network earns its place: from its start, the shorter schedule (RefineConfig.preset(2,
     # start="network")) reaches the Dice of the whole schedule from moments on mid-brain pairs.
-    from firekit import refine as refine_module
-    from firekit.register import load
+    from firekit.registration import refine as refine_module
+    from firekit.registration.pipeline import load
 
     model = load()
     calls = []
@@ -280,8 +281,8 @@ def test_the_fft_shift_search_finds_a_known_shift():
     """``RefineConfig.shift_reach`` (off by default): a candidate off by a known shift is moved back,
     and its score is the plain similarity at the moved candidate up to the features at the border
     (the padded grid gives MIND its context there)."""
-    from firekit.refine import _best_shifts, _score_affines
-    from firekit.similarity import get_similarity
+    from firekit.registration.refine import _best_shifts, _score_affines
+    from firekit.core.similarity import get_similarity
 
     grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 40), indexing="ij"))
     blob = torch.exp(-((grid[0] - 0.1) ** 2 / 0.1 + (grid[1] + 0.2) ** 2 / 0.05))
@@ -303,7 +304,7 @@ def test_the_moments_ignore_specks_of_background_noise():
     """``RefineConfig.foreground_opening``: noise above the foreground threshold, spread over the
     field of view, no longer pulls the centre of mass to the grid's centre nor swells the
     covariance (it made a 50 x 60 voxel vertex slice look 126 x 152)."""
-    from firekit.refine import _foreground_moments
+    from firekit.registration.refine import _foreground_moments
 
     generator = torch.Generator().manual_seed(0)
     image = torch.full((1, 1, 96, 120), -1.0)
@@ -331,8 +332,8 @@ def test_the_moments_ignore_specks_of_background_noise():
 def test_protocol_pairs_whose_start_the_centres_of_mass_misplace(tmp_path):
     from bench.gross_failures import SLICE_BAND, _score
     from bench.vs_ants import load_pair
-    from firekit.braindata import demo_subject
-    from firekit.protocol import make_test_pairs
+    from firekit.data.braindata import demo_subject
+    from firekit.data.protocol import make_test_pairs
 
     subject_dir = tmp_path / "subj011"
     for name, volume in demo_subject(11).items():

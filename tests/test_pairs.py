@@ -9,9 +9,9 @@ import shutil
 import numpy as np
 import pytest
 
-from firekit import io
-from firekit.evaluate import evaluate_files
-from firekit.protocol import axial_slice
+from firekit.data import io
+from firekit.registration.evaluate import evaluate_files
+from firekit.data.protocol import axial_slice
 from tests.test_cli import assert_one_line_error, run
 
 OPTIONS = ["--direction", "b2a", "--spacing", 4, "--refine", 3, "--quiet"]

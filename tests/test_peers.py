@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bench import peers, vs_ants
-from firekit.protocol import make_test_pairs
+from firekit.data.protocol import make_test_pairs
 
 pytest.importorskip("picsl_greedy")
 pytest.importorskip("itk")

@@ -1,4 +1,4 @@
-"""Properties of firekit.spatial on random inputs (hypothesis): 2D and 3D, float32 and float64, batches 1-3.
+"""Properties of firekit.core.spatial on random inputs (hypothesis): 2D and 3D, float32 and float64, batches 1-3.
 
 Tolerances are stated per dtype: "exact" means up to the rounding of grid coordinates (a few ulps
 of the coordinate times the image's range; bitwise in float64 more often than not), and the
@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from firekit import spatial
+from firekit.core import spatial
 
 EXAMPLES = settings(max_examples=50, deadline=None, database=None)
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}

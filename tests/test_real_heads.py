@@ -8,8 +8,8 @@ import pytest
 from bench import real_heads
 from bench.gross_failures import EPE_LIMIT_MM, _score
 from bench.vs_ants import load_pair
-from firekit.protocol import make_test_pairs
-from firekit.register import load, register
+from firekit.data.protocol import make_test_pairs
+from firekit.registration.pipeline import load, register
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def head(tmp_path_factory):
 
 
 def test_the_head_keeps_its_geometry_and_labels(head):
-    from firekit import io
+    from firekit.data import io
 
     t1, labels = io.load_volume(head / "T1.nii.gz"), io.load_labels(head / "labels.nii.gz")
     assert t1.shape == (128, 62, 128) and np.allclose(sorted(t1.spacing), [2.0, 2.0, 3.0])
@@ -48,7 +48,7 @@ def test_a_head_stretched_past_the_field_of_view_registers(head, tmp_path):
     # field of view at top and bottom; the same seed and draw as the bench): with the border replicated
     # beyond the cut edge, refinement shrinks the head to keep it in view (12.8 mm); counting only what
     # moving shows (RefineConfig.outside_cost, on where its foreground is cut) registers it (3.6 mm).
-    from firekit.refine import RefineConfig
+    from firekit.registration.refine import RefineConfig
 
     pair = make_test_pairs(head, tmp_path, 19, ndim=2, moving="T2like", fixed="T1", seed=201,
                            slice_band=(0.10, 0.95))[18]

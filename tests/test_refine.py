@@ -1,13 +1,15 @@
-"""Instance optimisation (firekit.refine) and its similarity losses: 2D and 3D, small inputs."""
+"""Instance optimisation (firekit.registration.refine) and its similarity losses: 2D and 3D, small inputs."""
 
 from functools import partial
 
 import pytest
 import torch
 
-from firekit import augment, losses, metrics, phantom, similarity, spatial
-from firekit.errors import FirekitError
-from firekit.refine import (
+from firekit.data import augment, phantom
+from firekit.fire import losses
+from firekit.core import metrics, similarity, spatial
+from firekit.core.errors import FirekitError
+from firekit.registration.refine import (
     RefineConfig,
     RefineResult,
     _field_motion,
@@ -178,7 +180,7 @@ def test_moments_init_recovers_a_large_affine(ndim):
     assert voxel_error(spatial.affine_to_displacement(estimate, shape), truth, inside) < 1.0
     assert voxel_error(torch.zeros_like(truth), truth, inside) > 4.0
     if ndim == 3:  # trusting the header, the quarter turn is never proposed
-        from firekit.check import affine_geometry
+        from firekit.registration.check import affine_geometry
 
         trusted = moments_init(moving, fixed)
         assert float(affine_geometry(trusted, shape)["rotation_deg"]) <= 45.0
@@ -373,7 +375,7 @@ def test_refine_config_round_trips_and_rejects_bad_values():
 
 
 def test_the_network_start_has_a_shorter_schedule_of_its_own():
-    from firekit.register import refine_config
+    from firekit.registration.pipeline import refine_config
 
     for ndim in (2, 3):
         moments, network = RefineConfig.preset(ndim), RefineConfig.preset(ndim, start="network")
@@ -403,7 +405,7 @@ def test_refine_rejects_bad_input():
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_a_foreground_is_cut_by_its_view_only_where_it_reaches_the_edge(ndim):
-    from firekit.refine import cut_by_view
+    from firekit.registration.refine import cut_by_view
 
     shape = (24,) * ndim
     grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")

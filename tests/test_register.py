@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from firekit import io, spatial
-from firekit.errors import FirekitError
-from firekit.model import Fire, FireConfig
-from firekit.register import register
+from firekit.data import io
+from firekit.core import spatial
+from firekit.core.errors import FirekitError
+from firekit.fire.model import Fire, FireConfig
+from firekit.registration.pipeline import register
 
 sitk = pytest.importorskip("SimpleITK")
 
@@ -133,7 +134,7 @@ def test_small_images_are_padded_not_refused():
 
 def test_refinement_alone_recovers_a_shift_and_is_deterministic():
     """--no-network: refinement from moments, no weights; same seed, same field."""
-    from firekit.phantom import phantom_pair
+    from firekit.data.phantom import phantom_pair
 
     theta = spatial.affine_matrix(2, rotation=15, scale=(1.2, 0.95), translation=(0.08, -0.05))
     pair = phantom_pair((96, 96), theta, seed=1, contrasts=("t2", "t1"))
@@ -141,7 +142,7 @@ def test_refinement_alone_recovers_a_shift_and_is_deterministic():
     first = register(None, moving, fixed, refine="auto")
     again = register(None, moving, fixed, refine="auto")
     np.testing.assert_array_equal(first.displacement, again.displacement)
-    from firekit import metrics
+    from firekit.core import metrics
 
     labels_moving, labels_fixed = pair.labels_a[0, 0].numpy(), pair.labels_b[0, 0].numpy()
     before = np.mean(list(metrics.dice(torch.as_tensor(labels_moving), torch.as_tensor(labels_fixed), [1, 2, 3]).values()))
@@ -160,8 +161,8 @@ def test_refinement_alone_recovers_a_shift_and_is_deterministic():
 
 def test_refinement_similarity_and_synthesis_path(monkeypatch):
     """--similarity picks refinement's similarity; --synthesis refines F(G(moving)) and warps moving itself."""
-    import firekit.refine as refine_module
-    from firekit.phantom import phantom_pair
+    import firekit.registration.refine as refine_module
+    from firekit.data.phantom import phantom_pair
 
     theta = spatial.affine_matrix(2, rotation=10, translation=(0.06, -0.04))
     pair = phantom_pair((64, 64), theta, seed=2, contrasts=("t1", "t1"))
@@ -185,7 +186,7 @@ def test_refinement_similarity_and_synthesis_path(monkeypatch):
     torch.testing.assert_close(network.warped, spatial.warp(network.moving, network.displacement), atol=1e-5, rtol=0)
     plain = register(None, moving, fixed, refine="auto", similarity="lncc", spacing=None)
     assert seen["similarity"] == "lncc"
-    from firekit import metrics
+    from firekit.core import metrics
 
     labels_moving, labels_fixed = pair.labels_a[0, 0], pair.labels_b[0, 0]
     before = np.mean(list(metrics.dice(labels_moving, labels_fixed, [1, 2, 3]).values()))
@@ -229,9 +230,9 @@ def test_a_coarser_model_runs_on_a_coarser_copy_and_its_transform_carries_over()
 
 def test_symmetric_registration_is_inverse_consistent_with_the_reverse_one():
     """--symmetric: forward and backward results are each other's inverse; plain ones are not as much."""
-    from firekit import fields
-    from firekit.phantom import phantom_pair
-    from firekit.register import symmetrise
+    from firekit.registration import fields
+    from firekit.data.phantom import phantom_pair
+    from firekit.registration.pipeline import symmetrise
 
     theta = spatial.affine_matrix(2, rotation=12, scale=(1.15, 0.95), translation=(0.05, -0.04))
     pair = phantom_pair((80, 80), theta, seed=4, contrasts=("t2", "t1"))
@@ -257,7 +258,7 @@ def test_symmetric_registration_is_inverse_consistent_with_the_reverse_one():
 def test_shipped_3d_model_loads_with_its_training_spacing_and_registers_a_volume():
     from pathlib import Path
 
-    from firekit.register import load
+    from firekit.registration.pipeline import load
 
     path = Path(__file__).resolve().parents[1] / "firekit" / "weights" / "fire3d_t1_t2like_small.pt"
     model = load(path)
@@ -268,7 +269,7 @@ def test_shipped_3d_model_loads_with_its_training_spacing_and_registers_a_volume
 
 
 def test_register_pairs_batches_and_matches_one_by_one():
-    from firekit.register import load, register, register_pairs
+    from firekit.registration.pipeline import load, register, register_pairs
 
     model = load("default")
     rng = np.random.default_rng(0)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from firekit import spatial
+from firekit.core import spatial
 
 SHAPES = {2: (20, 24), 3: (12, 14, 16)}
 

@@ -73,7 +73,7 @@ def test_lazy_names_are_the_submodules_objects_and_listed():
             "same = {n: getattr(firekit, n) is getattr(getattr(firekit, firekit._LAZY[n]) if n in firekit._LAZY"
             " else errors, n) for n in names}\n"
             "print(json.dumps({'missing': sorted(set(names) - listed), 'same': same, 'fire': Fire is model.Fire,"
-            " 'load': load is register.load, 'register_module': firekit.register is register}))")
+            " 'load': load is register.load, 'register_module': firekit.registration.pipeline is register}))")
     seen = run_python(code)
     assert seen["missing"] == [] and all(seen["same"].values()), seen
     assert seen["fire"] and seen["load"] and seen["register_module"]
@@ -82,9 +82,9 @@ def test_lazy_names_are_the_submodules_objects_and_listed():
 
 def test_submodules_resolve_as_attributes_and_unknown_names_raise():
     seen = run_python("import json, firekit\n"
-                      "volume = firekit.io.Volume\n"
+                      "volume = firekit.data.io.Volume\n"
                       "try:\n    firekit.no_such_thing\n    raised = False\n"
                       "except AttributeError:\n    raised = True\n"
                       "print(json.dumps({'io': volume.__module__, 'raised': raised,"
                       " 'listed': 'io' in dir(firekit)}))")
-    assert seen == {"io": "firekit.io", "raised": True, "listed": True}
+    assert seen == {"io": "firekit.data.io", "raised": True, "listed": True}

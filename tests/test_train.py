@@ -2,8 +2,9 @@
 
 import torch
 
-from firekit import Fire, FireConfig, TrainConfig, make_optimizers, metrics, spatial, train_step
-from firekit.phantom import phantom_pair
+from firekit import Fire, FireConfig, TrainConfig, make_optimizers, train_step
+from firekit.core import metrics, spatial
+from firekit.data.phantom import phantom_pair
 
 STEPS = 100
 

@@ -9,11 +9,12 @@ import torch
 import yaml
 
 import firekit
-from firekit import Fire, FireConfig, FireLoss, FirekitError, spatial
-from firekit import train as train_module
-from firekit.model import load_checkpoint
-from firekit.phantom import phantom_pair
-from firekit.train import RUN_FILES, TrainConfig, TrainResult, train, train_step
+from firekit import Fire, FireConfig, FireLoss, FirekitError
+from firekit.core import spatial
+from firekit.training import train as train_module
+from firekit.fire.model import load_checkpoint
+from firekit.data.phantom import phantom_pair
+from firekit.training.train import RUN_FILES, TrainConfig, TrainResult, train, train_step
 
 SIZE = 32
 
@@ -285,7 +286,7 @@ def test_3d_smoke(tmp_path):
 
 
 def test_auxiliary_loss_enters_the_total_only_when_weighted():
-    from firekit.train import make_optimizers
+    from firekit.training.train import make_optimizers
 
     batch = PhantomSource().sample(0, 1)
     x_a, x_b = batch["x_a"], batch["x_b"]

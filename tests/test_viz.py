@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from firekit import spatial, viz
-from firekit.register import NetworkView
-from firekit.viz import affine_parameters
+from firekit.core import spatial
+from firekit.explain import pictures as viz
+from firekit.registration.pipeline import NetworkView
+from firekit.explain.pictures import affine_parameters
 
 
 def rotation_2d(degrees):
@@ -154,7 +155,7 @@ def test_interactive_figure_redraws_on_every_control_change():
 
 
 def test_explorers_draw_each_choice():
-    from firekit.model import Fire, FireConfig
+    from firekit.fire.model import Fire, FireConfig
 
     box = viz.explore_registration(_shifted_view(batch=3))
     assert set(box.controls) == {"view", "index"}
@@ -233,7 +234,7 @@ def test_view3d_falls_back_to_slices_offline_and_uses_itkwidgets_when_it_can(mon
     monkeypatch.setenv("FIREKIT_VIEW3D", "slices")
     assert hasattr(viz.view3d(volume), "controls")
     monkeypatch.delenv("FIREKIT_VIEW3D")
-    from firekit import io
+    from firekit.data import io
 
     anisotropic = io.Volume(volume, np.diag([1.0, 1.0, 5.0, 1.0]))
     assert hasattr(viz.view3d(anisotropic), "controls")  # drawn at its aspect by the slice viewer
@@ -242,8 +243,8 @@ def test_view3d_falls_back_to_slices_offline_and_uses_itkwidgets_when_it_can(mon
 
 
 def test_loss_plot_collects_every_step_and_validation_from_training(tmp_path):
-    from firekit.model import Fire, FireConfig
-    from firekit.train import TrainConfig, train
+    from firekit.fire.model import Fire, FireConfig
+    from firekit.training.train import TrainConfig, train
 
     class Pairs:
         ndim = 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..layers import read_nifti
+from firekit.explain.layers import read_nifti
 
 SUFFIXES = (".nii", ".nii.gz")
 

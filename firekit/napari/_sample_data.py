@@ -3,7 +3,7 @@ built in memory from the MNI152 template nilearn ships (first call: a few second
 
 from __future__ import annotations
 
-from ..layers import cine_sample, demo_pair
+from firekit.explain.layers import cine_sample, demo_pair
 
 
 def demo_pair_2d() -> list:

@@ -1,5 +1,5 @@
 """Dock widgets: Register, Synthesis & features, Grad-CAM. Thin: they read layers, call one function of
-:mod:`firekit.layers` in a worker thread (the viewer stays responsive, with a progress indicator) and
+:mod:`firekit.explain.layers` in a worker thread (the viewer stays responsive, with a progress indicator) and
 add its layers; errors show as one line in the widget and as a notification."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
 from napari.utils.transforms import Affine
 
-from .. import explain, layers
-from ..errors import FirekitError
+from firekit.explain import maps as explain, layers
+from firekit.core.errors import FirekitError
 
 DIRECTIONS = [("b2a: moving is modality B (e.g. T2-like onto T1)", "b2a"),
               ("a2b: moving is modality A (e.g. T1 onto T2-like)", "a2b")]
@@ -42,7 +42,7 @@ def _guarded(function, **kwargs):
 
 
 def _load_model(path) -> "object":
-    from ..register import load
+    from firekit.registration.pipeline import load
 
     path = str(path or "").strip()
     return load(path if path and path != "." else "default")

@@ -19,8 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ._atomic import atomic_files, atomic_path
-from .errors import FirekitError
+from firekit.data.atomic import atomic_files, atomic_path
+from firekit.core.errors import FirekitError
 
 __all__ = ["ITK_SUFFIXES", "is_itk", "data_file", "require", "read", "write", "affine_from_itk", "itk_geometry"]
 

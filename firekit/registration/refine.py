@@ -1,7 +1,7 @@
 """Instance optimisation: register one batch of pairs by optimising explicit parameters.
 
 No network is trained here. Each pair's transform ``phi(x) = theta(x + u_nr(x))`` (the same
-form as the network's, see :func:`firekit.spatial.compose_affine_displacement`) is fitted
+form as the network's, see :func:`firekit.core.spatial.compose_affine_displacement`) is fitted
 directly to the images, in three steps:
 
 1. :func:`moments_init`: centre of mass and principal axes of each image's foreground give the
@@ -17,7 +17,7 @@ directly to the images, in three steps:
 
 Everything is written once for 2D and 3D and works on a batch of ``B`` pairs at once (their
 losses are summed, so each pair's parameters see only its own loss). Tensors follow
-:mod:`firekit.spatial`: images ``(B, C, *S)``, displacements ``(B, n, *S)`` normalised,
+:mod:`firekit.core.spatial`: images ``(B, C, *S)``, displacements ``(B, n, *S)`` normalised,
 affines ``(B, n, n + 1)`` normalised, ``warp(moving, displacement)`` aligns moving to fixed.
 """
 
@@ -35,11 +35,11 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 import torch.nn.functional as nnf
 
-from . import spatial
-from ._config import PlainConfig
-from .check import ORIENTATIONS, AffineBounds, plausible_mask, default_bounds
-from .errors import FirekitError
-from .similarity import SIMILARITIES, Similarity, box_filter, get_similarity
+from firekit.core import spatial
+from firekit.core.config import PlainConfig
+from firekit.registration.check import ORIENTATIONS, AffineBounds, plausible_mask, default_bounds
+from firekit.core.errors import FirekitError
+from firekit.core.similarity import SIMILARITIES, Similarity, box_filter, get_similarity
 
 __all__ = [
     "RefineConfig",
@@ -208,7 +208,7 @@ class RefineConfig(PlainConfig):
         seed: seed of the voxel samples (and of any other random draw) while optimising, for
             reproducibility.
         orientation: ``"header"`` (default): trust the files' orientation; the moments start and
-            the affine keep within :func:`firekit.check.default_bounds` (no turn beyond 45 deg, no
+            the affine keep within :func:`firekit.registration.check.default_bounds` (no turn beyond 45 deg, no
             reflection, scales within a factor 3). ``"search-axes"``: also try every 90/180-degree
             turn and axis permutation (for files whose headers are wrong).
     """
@@ -308,11 +308,11 @@ class RefineConfig(PlainConfig):
 
 
     def bounds(self, ndim: int) -> AffineBounds:
-        """The :class:`~firekit.check.AffineBounds` every affine of this refinement keeps within."""
+        """The :class:`~firekit.registration.check.AffineBounds` every affine of this refinement keeps within."""
         return default_bounds(ndim, self.orientation)
 
     def similarity_fn(self) -> Similarity:
-        """The configured :class:`~firekit.similarity.Similarity`."""
+        """The configured :class:`~firekit.core.similarity.Similarity`."""
         return get_similarity(self.similarity, radius=self.mind_radius, dilation=self.mind_dilation,
                               eps=self.ngf_eps, window=self.lncc_window)
 
@@ -331,7 +331,7 @@ class RefineResult(NamedTuple):
             ``field_sampling`` < 1); ``"seconds"`` a dict of wall time per stage.
         nonrigid: ``(B, n, *S_fixed)`` the non-rigid part ``u_nr`` alone, normalised.
         start: ``(B, n, n + 1)`` the affine the optimisation started from (``theta0``, or the best
-            moments candidate), normalised; what :func:`firekit.check.check` weighs the answer against.
+            moments candidate), normalised; what :func:`firekit.registration.check.check` weighs the answer against.
     """
 
     theta: torch.Tensor
@@ -475,7 +475,7 @@ def diffusion_energy(displacement: torch.Tensor) -> torch.Tensor:
 
 
 def bending_energy_per_sample(displacement: torch.Tensor) -> torch.Tensor:
-    """Mean over interior points of the bending energy, per sample (see :func:`firekit.losses.bending_energy`).
+    """Mean over interior points of the bending energy, per sample (see :func:`firekit.fire.losses.bending_energy`).
 
     Args:
         displacement: ``(B, n, *S)`` normalised, every size >= 3; second derivatives are taken
@@ -934,13 +934,13 @@ def moments_init(
     Args:
         moving: ``(B, 1, *S_m)`` images in [-1, 1] (background near -1).
         fixed: ``(B, 1, *S_f)``.
-        similarity: a key of :data:`firekit.similarity.SIMILARITIES`.
+        similarity: a key of :data:`firekit.core.similarity.SIMILARITIES`.
         angles: degrees scanned in each plane (default: :meth:`RefineConfig.preset`'s: in 2D every
             10 deg from -40 to 40, which with the 90-degree turns covers the circle; in 3D
             -10 and 10 deg, on top of the 24 axis permutations).
         foreground: intensity above which a voxel is foreground.
         scan_size: candidates are scored on fixed downsampled by ``min(S_f) // scan_size`` (>= 1).
-        orientation: ``"header"`` keeps to candidates within :func:`firekit.check.default_bounds`
+        orientation: ``"header"`` keeps to candidates within :func:`firekit.registration.check.default_bounds`
             (judged on fixed's grid: exact when both images share a grid of isotropic voxels, as
             ``register`` gives them); ``"search-axes"`` also tries 90/180-degree turns.
 
@@ -1032,7 +1032,7 @@ class _Level:
 
         Returns:
             their normalised points ``(1, n, *P)`` and flat indices ``(prod(P),)``. The points are
-            laid out as a grid ``P = (m, 2, ..., 2)`` so that :func:`firekit.spatial.warp` and the
+            laid out as a grid ``P = (m, 2, ..., 2)`` so that :func:`firekit.core.spatial.warp` and the
             similarity's ``compare`` take them like any image (see :func:`_points_offset`).
         """
         ndim = len(self.shape)
@@ -1050,7 +1050,7 @@ class _Level:
         """Similarity ``(B,)`` to fixed of moving warped by a transform.
 
         Args:
-            motion: ``motion(where)`` is the displacement with which :func:`firekit.spatial.warp`
+            motion: ``motion(where)`` is the displacement with which :func:`firekit.core.spatial.warp`
                 samples the transformed points. ``where`` is a grid shape (every voxel of the
                 level's grid, or of the twice finer one), for which it is the transform's
                 displacement ``(B, n, *shape)``; or, when sampling, normalised points
@@ -1107,7 +1107,7 @@ class _Level:
 
 
 def _points_offset(points: torch.Tensor) -> torch.Tensor:
-    """The displacement with which :func:`firekit.spatial.warp` samples at ``points`` ``(B, n, *P)``.
+    """The displacement with which :func:`firekit.core.spatial.warp` samples at ``points`` ``(B, n, *P)``.
 
     ``warp`` samples at the identity grid of the displacement's layout plus the displacement, so
     normalised points laid out as any grid are sampled exactly through it.

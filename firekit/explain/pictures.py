@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from . import spatial
+from firekit.core import spatial
 
 __all__ = ["show_image", "checkerboard", "overlay", "difference", "draw_grid", "draw_point_grid", "draw_jacobian", "network_slice",
            "registration_figure", "affine_parameters", "figure_png", "interactive_figure",
@@ -383,7 +383,7 @@ def explore_features(model, image_a: torch.Tensor, image_b: torch.Tensor, direct
     """
     import ipywidgets as widgets
 
-    from . import explain
+    from firekit.explain import maps as explain
 
     features = {"A": explain.latent_features(model, image_a), "B": explain.latent_features(model, image_b)}
     rgb = {key: explain.features_to_rgb(value) for key, value in features.items()}
@@ -433,7 +433,7 @@ def explore_grad_cam(model, image_a: torch.Tensor, image_b: torch.Tensor, roi: t
     """
     import ipywidgets as widgets
 
-    from . import explain
+    from firekit.explain import maps as explain
 
     components = list(components or explain.TARGETS)
     cache: dict = {}

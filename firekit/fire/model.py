@@ -11,11 +11,11 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from . import spatial
-from ._atomic import atomic_path
-from ._config import PlainConfig
-from .errors import FirekitError
-from .nets import AffineHead, Decoder, Encoder, FlowHead, KeypointAffineHead
+from firekit.core import spatial
+from firekit.data.atomic import atomic_path
+from firekit.core.config import PlainConfig
+from firekit.core.errors import FirekitError
+from firekit.fire.nets import AffineHead, Decoder, Encoder, FlowHead, KeypointAffineHead
 
 __all__ = ["FireConfig", "TransformNet", "Transform", "Fire", "FireOutput", "load", "PRESETS"]
 
@@ -40,11 +40,11 @@ class FireConfig(PlainConfig):
         leaky: LeakyReLU slope in T_af and T_nr.
         affine_pooling: how T_af pools its last conv: ``"mean"`` (the paper's global average
             pooling) or ``"moments"`` (mean plus each channel's spatial-softmax centroid and
-            second moments; see :class:`~firekit.nets.AffineHead`), or ``"keypoints"``: soft
+            second moments; see :class:`~firekit.fire.nets.AffineHead`), or ``"keypoints"``: soft
             keypoints found in each image alone and a least-squares affine between them
-            (:class:`~firekit.nets.KeypointAffineHead`). Not in the paper.
+            (:class:`~firekit.fire.nets.KeypointAffineHead`). Not in the paper.
         prealign: ``"none"`` (the paper) or ``"moments"``: each T starts from the moments affine of
-            the pair (:func:`firekit.refine.moments_init`, centre of mass + principal axes, rotation
+            the pair (:func:`firekit.registration.refine.moments_init`, centre of mass + principal axes, rotation
             candidates scored by MIND; no gradient) and T_af predicts a residual on the moving
             features pre-aligned by it. Not in the paper; a switch for learning on a small budget.
         residual_bound: with ``prealign``, each entry of T_af's residual affine (its output minus
@@ -340,7 +340,7 @@ class Fire(nn.Module):
         """
         if self.config.prealign == "none":
             return None
-        from .refine import RefineConfig, moments_init
+        from firekit.registration.refine import RefineConfig, moments_init
 
         dtype = moving.dtype
         moving, fixed = moving[:, :1].float().detach(), fixed[:, :1].float().detach()
@@ -389,7 +389,7 @@ class Fire(nn.Module):
 
         Args:
             moving: ``(B, C, *S)`` normalised tensor, modality A for ``"a2b"``, B for ``"b2a"``; or a
-                path, nibabel image or 2D/3D array (then see :func:`firekit.register.register`,
+                path, nibabel image or 2D/3D array (then see :func:`firekit.registration.pipeline.register`,
                 which handles resampling and millimetres, and returns a ``RegistrationResult``).
             fixed: the other modality, same form (tensors: same shape).
             direction: ``"a2b"`` (T_AB) or ``"b2a"`` (T_BA).
@@ -400,7 +400,7 @@ class Fire(nn.Module):
         """
         batched = isinstance(moving, torch.Tensor) and isinstance(fixed, torch.Tensor) and moving.ndim >= 4
         if not batched:
-            from .register import register  # files and millimetres live outside the model
+            from firekit.registration.pipeline import register  # files and millimetres live outside the model
 
             return register(self, moving, fixed, direction=direction, affine_only=affine_only, **options)
         self.check_input(moving, "moving")
@@ -426,7 +426,7 @@ class Fire(nn.Module):
         Calls of the same network are batched together; instance norm is per sample,
         so batching does not change any output. ``affine_only``: both T skip the non-rigid
         subnet (zero flow), for affine-first training. Off the CPU the values are not checked for
-        NaN here (that would wait for the GPU every step): :func:`firekit.train.train` checks its
+        NaN here (that would wait for the GPU every step): :func:`firekit.training.train.train` checks its
         batches on the host, and ``train_step`` the loss.
         """
         on_cpu = x_a.device.type == "cpu"

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 
-from . import io, spatial
-from .errors import FirekitError
+from firekit.data import io
+from firekit.core import spatial
+from firekit.core.errors import FirekitError
 
 if TYPE_CHECKING:
-    from .augment import AugmentConfig
+    from firekit.data.augment import AugmentConfig
 
 __all__ = [
     "Subject",
@@ -408,7 +409,7 @@ class PairDataset:
         """Warp ``x`` (and labels) by a random transform; also returns its displacement (or None)."""
         if self.augment is None:
             return x, labels, None
-        from .augment import random_transform
+        from firekit.data.augment import random_transform
 
         config = self.augment.with_strength(self.augment.strength * self.strength(step))
         moved = random_transform(self.shape, self.spacing, generator, config)

@@ -17,10 +17,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import explain, io, metrics
-from .data import DEFAULT_SPACING, network_grid, resample, to_network
-from .errors import FirekitError
-from .model import Fire
+from firekit.explain import maps as explain
+from firekit.data import io
+from firekit.core import metrics
+from firekit.data.pairs import DEFAULT_SPACING, network_grid, resample, to_network
+from firekit.core.errors import FirekitError
+from firekit.fire.model import Fire
 
 __all__ = ["LayerData", "volume_layer", "layer_volume", "read_nifti", "is_label_file", "demo_pair", "cine_sample",
            "registration_layers", "register_layers", "synthesis_layers", "grad_cam_layers", "REFINE_CHOICES"]
@@ -76,7 +78,7 @@ def read_nifti(path: str | os.PathLike) -> list[LayerData]:
 
 @functools.lru_cache(maxsize=2)
 def _demo_subjects(spacing: float, shape: tuple[int, ...], subjects: tuple[int, ...], seed: int) -> dict:
-    from .braindata import demo_subject
+    from firekit.data.braindata import demo_subject
 
     return {index: demo_subject(index, spacing=spacing, shape=shape, seed=seed) for index in subjects}
 
@@ -106,7 +108,7 @@ def demo_pair(ndim: int = 2, spacing: float = 1.28, shape: Sequence[int] = (128,
 def cine_sample(index: int = 0, seed: int = 0) -> list[LayerData]:
     """A cine phantom patient (``firekit data cine-phantom``'s patient ``index + 1``) as a 3D + time
     image layer and its labels at every phase (phases on the last axis: napari gives it a slider)."""
-    from .cinephantom import cine_patient
+    from firekit.data.cinephantom import cine_patient
 
     patient = cine_patient(index, seed=seed)
     affine = np.eye(5)  # (x, y, z, phase): the spatial affine, phases unscaled
@@ -121,7 +123,7 @@ def cine_sample(index: int = 0, seed: int = 0) -> list[LayerData]:
 
 def _axial_slice(volume: io.Volume, k: int) -> io.Volume:
     """Slice ``k`` of axis 2 as a 2D Volume (in-plane affine)."""
-    from .protocol import axial_slice
+    from firekit.data.protocol import axial_slice
 
     data, affine = axial_slice(volume, k)
     return io.Volume(np.ascontiguousarray(data), io.nd_affine(affine, 2))
@@ -292,7 +294,7 @@ def register_layers(model: Fire | None, moving: io.Volume, fixed: io.Volume, mov
                     **options) -> tuple[list[LayerData], dict]:
     """``register(model, moving, fixed, **options)`` then :func:`registration_layers` (layer names
     end with ``name``); the report adds ``seconds`` (registration only)."""
-    from .register import register
+    from firekit.registration.pipeline import register
 
     tick = time.perf_counter()
     result = register(model, moving, fixed, **options)

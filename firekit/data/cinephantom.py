@@ -1,4 +1,4 @@
-"""A synthetic short-axis cardiac cine phantom, written in the ACDC layout (:mod:`firekit.acdc`).
+"""A synthetic short-axis cardiac cine phantom, written in the ACDC layout (:mod:`firekit.data.acdc`).
 
 Real ACDC data cannot be downloaded here, so this builds look-alike patients: a beating left
 ventricle (truncated prolate ellipsoid, base wider than apex) whose cavity shrinks from
@@ -24,10 +24,10 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from . import acdc, augment
-from ._atomic import atomic_write_text
-from ._dataset_folder import read_index, same_or_refuse
-from .errors import FirekitError
+from firekit.data import acdc, augment
+from firekit.data.atomic import atomic_write_text
+from firekit.data.dataset_folder import read_index, same_or_refuse
+from firekit.core.errors import FirekitError
 
 __all__ = ["VERSION", "INDEX_FILE", "INTENSITY_SCALE", "CinePatient", "cine_patient", "volume_curve",
            "build_cine_phantom"]
@@ -378,7 +378,7 @@ def _readme(index: dict) -> str:
     low, high = (100 * v for v in p["ef_range"])
     return f"""# firekit synthetic cardiac cine phantom (ACDC layout)
 
-Built by `firekit.cinephantom.build_cine_phantom` (version {p['version']}, seed {p['seed']}): {p['patients']}
+Built by `firekit.data.cinephantom.build_cine_phantom` (version {p['version']}, seed {p['seed']}): {p['patients']}
 patients, {p['phases']} phases over one cardiac cycle, {' x '.join(map(str, p['shape']))} voxels of
 {' x '.join(f'{s:g}' for s in p['spacing'])} mm (short-axis slices, contiguous).
 
@@ -450,7 +450,7 @@ def build_cine_phantom(
         overwrite: rebuild into a non-empty folder.
 
     Returns:
-        The patients, read back with :func:`firekit.acdc.read_patient`.
+        The patients, read back with :func:`firekit.data.acdc.read_patient`.
     """
     shape, spacing, phases, ef_range = _check(shape, spacing, phases, ef_range)
     if int(patients) < 1:

@@ -17,95 +17,13 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from . import io, spatial
-from .errors import FirekitError
+from firekit.data import io
+from firekit.data.series import Series, load_series, save_series
+from firekit.core import spatial
+from firekit.core.errors import FirekitError
 
 __all__ = ["Series", "load_series", "save_series", "reference_phase", "register_cine", "CineResult", "CinePairs", "evaluate_ed_es",
            "score_labels"]
-
-
-@dataclass
-class Series:
-    """A cine series: ``data`` ``(*S, T)`` (n = 2 or 3 spatial axes, phases last) and the frames'
-    ``(n + 1, n + 1)`` affine (RAS mm); ``header`` and ``path`` as in :class:`io.Volume`."""
-
-    data: np.ndarray
-    affine: np.ndarray
-    header: nib.Nifti1Header | None = field(default=None, repr=False)
-    path: Path | None = None
-
-    def __post_init__(self):
-        if self.data.ndim not in (3, 4):
-            raise FirekitError(f"{self.name}: a cine series is (*spatial, phases) with 2 or 3 spatial axes, "
-                               f"got shape {self.data.shape}")
-        n = self.data.ndim - 1
-        self.affine = np.asarray(self.affine, dtype=np.float64)
-        if self.affine.shape != (n + 1, n + 1):
-            raise FirekitError(f"{self.name}: affine must be {(n + 1, n + 1)} for {n}D frames, got {self.affine.shape}")
-
-    @property
-    def name(self) -> str:
-        return str(self.path) if self.path is not None else "series"
-
-    @property
-    def ndim(self) -> int:
-        """Spatial dimensions of a frame."""
-        return self.data.ndim - 1
-
-    @property
-    def phases(self) -> int:
-        return self.data.shape[-1]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """Spatial shape of a frame."""
-        return tuple(self.data.shape[:-1])
-
-    def phase(self, index: int) -> io.Volume:
-        """Frame ``index`` (0-based) as a Volume."""
-        if not -self.phases <= index < self.phases:
-            raise FirekitError(f"{self.name}: phase {index} does not exist (0..{self.phases - 1})")
-        return io.Volume(np.ascontiguousarray(self.data[..., index]), self.affine.copy(), self.header)
-
-
-def load_series(path: str | os.PathLike, what: str = "cine series") -> Series:
-    """Load a 4D NIfTI ``(X, Y, Z, T)`` (a single-slice series ``(X, Y, 1, T)`` becomes 2D + time).
-
-    Raises :class:`FirekitError` (one line naming the file) when it is not 4D, unreadable, has
-    NaN/Inf voxels or a constant phase.
-    """
-    path = Path(path)
-    image = io._load_image(path, what)
-    data = io._read_array(image, path, np.float32)
-    if data.ndim != 4:
-        raise FirekitError(f"{path}: {what} has shape {data.shape}; expected a 4D (X, Y, Z, phases) NIfTI; "
-                           "for one frame use register")
-    if data.shape[3] < 2:
-        raise FirekitError(f"{path}: {what} has {data.shape[3]} phase; a cine series needs at least 2")
-    if not np.isfinite(data).all():
-        raise FirekitError(f"{path}: {int((~np.isfinite(data)).sum())} NaN/Inf voxels; replace them first")
-    flat = data.reshape(-1, data.shape[3])
-    constant = np.flatnonzero(flat.min(axis=0) == flat.max(axis=0))
-    if constant.size:
-        which = "every phase is" if constant.size == data.shape[3] else f"phase {int(constant[0])} (0-based) is"
-        raise FirekitError(f"{path}: {which} constant; nothing to register (check it is the right file)")
-    ndim = 2 if data.shape[2] == 1 else 3
-    if ndim == 2:
-        data = data[:, :, 0, :]
-    return Series(data, io.nd_affine(image.affine, ndim), image.header.copy(), path)
-
-
-def save_series(data: np.ndarray, affine: np.ndarray, path: str | os.PathLike, header=None, dtype=None,
-                intent: int | None = None, protect=()) -> Path:
-    """Write ``(*S, T)`` (or ``(*S, T, n)`` for a series of vector fields) as one NIfTI, atomically.
-
-    2D frames are written as ``(X, Y, 1, T)``; a field series as ``(X, Y, Z, T, n)``.
-    """
-    data = np.asarray(data)
-    spatial = affine.shape[0] - 1
-    if spatial == 2:
-        data = data[:, :, None]
-    return io.save_nifti(data, affine, path, header=header, dtype=dtype, intent=intent, protect=protect)
 
 
 def reference_phase(reference, phases: int, ed: int | None = None, es: int | None = None) -> int:
@@ -152,7 +70,7 @@ class CineResult:
     def reference_points(self) -> torch.Tensor:
         """``(T, n, *S)`` reference voxel of each phase-t voxel, through the inverted fields (computed
         on first use: only :meth:`propagate` needs it)."""
-        from .register import world_mapping
+        from firekit.registration.pipeline import world_mapping
 
         inverse = spatial.invert_displacement(self.grid_displacement)
         frame = self.series.phase(self.reference)
@@ -172,7 +90,7 @@ class CineResult:
     def jacobian_determinant(self, phase: int | None = None) -> np.ndarray:
         """``(*S, T)`` Jacobian determinant of each phase's mapping (1 at the reference), or ``(*S)``
         of one ``phase``."""
-        from .register import field_jacobian
+        from firekit.registration.pipeline import field_jacobian
 
         if phase is not None:
             return field_jacobian(self.displacement[..., phase, :], self.series.affine)
@@ -236,8 +154,8 @@ CINE_REFINE = {2: dict(_CINE, field_levels=(4, 2, 1), field_iterations=(80, 40, 
 def cine_refine_config(refine, ndim: int, seed: int = 0):
     """``refine`` for cine: ``"auto"`` is :data:`CINE_REFINE` over the ndim preset; K > 0 the same with
     K steps per non-rigid level; 0/None off; a ``RefineConfig`` as it is."""
-    from .refine import RefineConfig
-    from .register import refine_config
+    from firekit.registration.refine import RefineConfig
+    from firekit.registration.pipeline import refine_config
 
     if isinstance(refine, str) and refine == "auto" or refine is True:
         return RefineConfig.preset(ndim, **CINE_REFINE[ndim], seed=seed)
@@ -254,8 +172,8 @@ def _solve_phases(model, x_moving: torch.Tensor, x_fixed: torch.Tensor, config, 
 
     Refinement starts from the network's affine and flow, or from the identity (not from moments:
     the phases of one acquisition are already aligned but for the motion)."""
-    from .refine import refine
-    from .register import _network
+    from firekit.registration.refine import refine
+    from firekit.registration.pipeline import _network
 
     theta = flow = None
     if model is not None:
@@ -299,8 +217,8 @@ def register_cine(
             ``RefineConfig``.
         batch_size: phases per batch (network and refinement run on a batch at once).
     """
-    from .data import network_grid, to_network
-    from .register import network_factor, world_mapping
+    from firekit.data.pairs import network_grid, to_network
+    from firekit.registration.pipeline import network_factor, world_mapping
 
     n, phases = series.ndim, series.phases
     ref = reference_phase(reference, phases, ed, es)
@@ -356,8 +274,8 @@ def register_cine(
 
 def score_labels(warped: np.ndarray, fixed: np.ndarray, spacing, jacobian: np.ndarray | None = None) -> dict:
     """Dice and HD95 (mm) per ACDC label (``acdc.LABEL_NAMES``) and % |J| <= 0 of ``jacobian``."""
-    from . import metrics
-    from .acdc import LABEL_NAMES
+    from firekit.core import metrics
+    from firekit.data.acdc import LABEL_NAMES
 
     ids = list(LABEL_NAMES)
     dice = metrics.dice(torch.as_tensor(np.asarray(warped, np.int64)), torch.as_tensor(np.asarray(fixed, np.int64)),
@@ -410,7 +328,7 @@ class CinePairs:
 
     def __init__(self, series: list[Series], ndim: int, spacing: float | None = None, seed: int = 0,
                  labels: list[dict] | None = None, min_foreground: float = 0.15, names: list[str] | None = None):
-        from .data import _pad_to, field_of_view, foreground_fraction, network_grid, resample, to_network
+        from firekit.data.pairs import _pad_to, field_of_view, foreground_fraction, network_grid, resample, to_network
 
         if not series:
             raise FirekitError("no cine series to train on")
@@ -463,8 +381,8 @@ class CinePairs:
     def sample(self, step: int, batch_size: int = 1, first: int = 0) -> dict[str, torch.Tensor]:
         """``{"x_a", "x_b"}``: ``(B, 1, *shape)``, two different phases of one series per pair;
         pairs ``first`` to ``first + batch_size - 1`` of the batch of ``step`` (as
-        :meth:`firekit.data.PairDataset.sample`)."""
-        from .data import pair_generator
+        :meth:`firekit.data.pairs.PairDataset.sample`)."""
+        from firekit.data.pairs import pair_generator
 
         a, b = [], []
         for pair in range(first, first + batch_size):

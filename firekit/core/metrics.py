@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import spatial
+from firekit.core import spatial
 
 __all__ = ["dice", "hd95", "folding_fraction", "mean_inverse_consistency", "ssim"]
 

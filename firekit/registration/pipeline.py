@@ -27,14 +27,15 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from . import io, spatial
-from .data import DEFAULT_SPACING, map_points, network_grid, resample, to_network
-from ._atomic import atomic_write_text
-from .check import Candidate, CheckReport, check, default_bounds, plausible_mask
-from .errors import FirekitError
-from .fields import FieldInverse, invert_field
-from .io import itk_field_array, lps_flip
-from .model import Fire, load_checkpoint, other_direction
+from firekit.data import io
+from firekit.core import spatial
+from firekit.data.pairs import DEFAULT_SPACING, map_points, network_grid, resample, to_network
+from firekit.data.atomic import atomic_write_text
+from firekit.registration.check import Candidate, CheckReport, check, default_bounds, plausible_mask
+from firekit.core.errors import FirekitError
+from firekit.registration.fields import FieldInverse, invert_field
+from firekit.data.io import itk_field_array, lps_flip
+from firekit.fire.model import Fire, load_checkpoint, other_direction
 
 __all__ = [
     "RegistrationResult",
@@ -47,7 +48,7 @@ __all__ = [
     "itk_field_array",
 ]
 
-DEFAULT_MODEL = Path(__file__).parent / "weights" / "fire2d_t1_t2like_small.pt"
+DEFAULT_MODEL = Path(__file__).parent.parent / "weights" / "fire2d_t1_t2like_small.pt"
 
 
 def load(path: str | os.PathLike | None = None, map_location: str | torch.device = "cpu") -> Fire:
@@ -60,7 +61,7 @@ def load(path: str | os.PathLike | None = None, map_location: str | torch.device
 
 
 def as_volume(image, name: str = "image") -> io.Volume:
-    """A :class:`~firekit.io.Volume` from a path, nibabel image, Volume or 2D/3D array (1 mm voxels)."""
+    """A :class:`~firekit.data.io.Volume` from a path, nibabel image, Volume or 2D/3D array (1 mm voxels)."""
     if isinstance(image, io.Volume):
         return image
     if isinstance(image, (str, os.PathLike)):
@@ -137,7 +138,7 @@ class RegistrationResult:
         fixed, moving: the inputs.
         direction: ``"a2b"`` or ``"b2a"``.
         network: the network-grid view (:class:`NetworkView`).
-        check: the check's verdict (:class:`~firekit.check.CheckReport`: ``"ok"``, or ``"fallback"``
+        check: the check's verdict (:class:`~firekit.registration.check.CheckReport`: ``"ok"``, or ``"fallback"``
             with the reason and the candidate kept); None when the check was off.
         inverted: the field's inverse on the moving grid, once :meth:`inverse` has run (else None).
     """
@@ -178,7 +179,7 @@ class RegistrationResult:
         ``v`` ``(*moving.shape, n)`` mm, ITK/LPS signs: the moving point ``y`` maps to the fixed point
         ``y + v(y)``, so it carries images drawn on the fixed grid (labels) onto the moving one. Found by
         fixed-point iteration from the affine part's inverse until every point is within ``tolerance`` mm
-        or ``iterations`` ran; the residual comes with it (:func:`firekit.fields.invert_field`).
+        or ``iterations`` ran; the residual comes with it (:func:`firekit.registration.fields.invert_field`).
         """
         self.inverted = invert_field(self.displacement, self.fixed.affine, self.moving.shape, self.moving.affine,
                                      self.affine, iterations, tolerance)
@@ -264,7 +265,7 @@ def _initial_affine(initial_affine, n: int) -> np.ndarray | None:
     if initial_affine is None:
         return None
     if isinstance(initial_affine, (str, os.PathLike)):
-        from .apply import read_affine
+        from firekit.registration.apply import read_affine
 
         matrix, name = read_affine(initial_affine), str(initial_affine)
     else:
@@ -312,9 +313,9 @@ def refine_config(refine, ndim: int, seed: int = 0, start: str = "moments"):
     initialisation alone (no optimisation step); an int K: the preset with K Adam steps at every
     affine and non-rigid level; or a ``RefineConfig``. ``start``: ``"network"`` when a network's
     affine and flow start the refinement too (the preset's shorter schedule, see
-    :meth:`~firekit.refine.RefineConfig.preset`), else ``"moments"``.
+    :meth:`~firekit.registration.refine.RefineConfig.preset`), else ``"moments"``.
     """
-    from .refine import RefineConfig
+    from firekit.registration.refine import RefineConfig
 
     if refine is None or refine is False or (isinstance(refine, int) and not isinstance(refine, bool) and refine == 0):
         return None
@@ -349,7 +350,7 @@ def _network(model: Fire, x_moving: torch.Tensor, x_fixed: torch.Tensor, directi
     unchanged (the flow is linearly resampled). ``flow`` is the non-rigid part on G's grid (None when
     affine-only).
     """
-    from .refine import downsample
+    from firekit.registration.refine import downsample
 
     net_moving, net_fixed = x_moving, x_fixed
     if factor > 1:
@@ -391,14 +392,14 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
     the model's decoder (``F(G(moving))``) with fixed, instead of moving itself.
     ``network_factor``: the model runs on a grid this many times coarser (see :func:`_network`).
     ``orientation``: ``"header"`` keeps every affine (the start, the network's, the refinement's)
-    within :func:`firekit.check.default_bounds`; ``"search-axes"`` lifts the rotation bound.
-    ``check``: weigh the answer against its start and the headers' identity (:func:`firekit.check.check`)
-    and keep the best; ``reports`` is then one :class:`~firekit.check.CheckReport` per pair (else None).
+    within :func:`firekit.registration.check.default_bounds`; ``"search-axes"`` lifts the rotation bound.
+    ``check``: weigh the answer against its start and the headers' identity (:func:`firekit.registration.check.check`)
+    and keep the best; ``reports`` is then one :class:`~firekit.registration.check.CheckReport` per pair (else None).
     ``start``: ``(B, n, n + 1)`` normalised affine (e.g. a saved transform) to start the refinement from
     in place of the moments candidates; beside the network's affine when there is a model.
     ``regions``: where the similarity counts (:class:`Regions`; the masks need refinement).
     """
-    from .refine import cut_by_view, moment_candidates, refine
+    from firekit.registration.refine import cut_by_view, moment_candidates, refine
 
     ndim = x_fixed.ndim - 2
     shape = x_fixed.shape[2:]
@@ -468,7 +469,7 @@ def _header_candidate(fixed: torch.Tensor) -> Candidate:
 def _checked(x_moving: torch.Tensor, x_fixed: torch.Tensor, candidates: list[Candidate], bounds,
              warped: torch.Tensor, regions: Regions = Regions(),
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[CheckReport]]:
-    """:func:`firekit.check.check` on CPU tensors (the user's masks weigh it; the fields of view do
+    """:func:`firekit.registration.check.check` on CPU tensors (the user's masks weigh it; the fields of view do
     not, so an answer that maps fixed's anatomy out of moving's view is not excused); ``warped`` is
     redone only for pairs that fell back."""
     masks = [None if m is None else m.cpu() for m in (regions.fixed, regions.moving)]
@@ -550,10 +551,10 @@ def register(
             inverse of this result. Twice the time.
         orientation: ``"header"`` (default) trusts the files' orientation: every affine (the start,
             the network's, the refinement's) turns by at most 45 deg, never reflects and scales each
-            axis by a factor within 1/3-3 (:func:`firekit.check.default_bounds`). ``"search-axes"``
+            axis by a factor within 1/3-3 (:func:`firekit.registration.check.default_bounds`). ``"search-axes"``
             also tries every 90/180-degree turn and axis permutation, for files whose headers are wrong.
         check: weigh the answer against its start and the headers' alignment by MIND-SSC and keep
-            the best plausible one (:func:`firekit.check.check`); a fallback is printed on stderr in
+            the best plausible one (:func:`firekit.registration.check.check`); a fallback is printed on stderr in
             one line and recorded in ``result.check``.
         initial_affine: start the refinement from this affine instead of the moments search: a path
             (ITK ``.tfm``/``.txt``, ANTs ``.mat``) or an ``(n + 1, n + 1)`` world matrix (RAS mm, fixed ->

@@ -1,7 +1,7 @@
 """Plausible affines and the check of a registration's answer against its start.
 
-Two jobs, both on normalised tensors (:mod:`firekit.spatial`) of images that share one grid of
-isotropic voxels (as :func:`firekit.register.register` gives them):
+Two jobs, both on normalised tensors (:mod:`firekit.core.spatial`) of images that share one grid of
+isotropic voxels (as :func:`firekit.registration.pipeline.register` gives them):
 
 * :class:`AffineBounds` / :func:`implausible`: is an affine one that a scanner and a protocol can
   produce? Its fixed -> moving linear part, split by the polar decomposition into a rotation and a
@@ -24,9 +24,9 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as nnf
 
-from . import spatial
-from .errors import FirekitError
-from .similarity import get_similarity
+from firekit.core import spatial
+from firekit.core.errors import FirekitError
+from firekit.core.similarity import get_similarity
 
 __all__ = ["AffineBounds", "default_bounds", "affine_geometry", "implausible", "plausible_mask", "Candidate",
            "CheckReport", "check", "ORIENTATIONS"]
@@ -35,7 +35,7 @@ __all__ = ["AffineBounds", "default_bounds", "affine_geometry", "implausible", "
 # try every 90/180-degree turn and axis permutation, for files whose headers are wrong.
 ORIENTATIONS = ("header", "search-axes")
 
-# The test protocol (firekit.augment, the paper's Section 4.1) rotates by up to 20 deg in 2D and by
+# The test protocol (firekit.data.augment, the paper's Section 4.1) rotates by up to 20 deg in 2D and by
 # up to 15 deg about each axis in 3D (~26 deg in all); scans of heads tilt by less. Each bound
 # leaves a margin of ~20 deg above the protocol's largest turn.
 _MAX_ROTATION_DEG = {2: 45.0, 3: 45.0}

@@ -13,7 +13,7 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn.functional as nnf
 
-from . import spatial
+from firekit.core import spatial
 
 __all__ = ["CONTRASTS", "LABEL_NAMES", "head_labels", "contrast", "PhantomPair", "phantom_pair"]
 
@@ -147,7 +147,7 @@ def phantom_pair(
 
     Args:
         shape: spatial shape, 2D or 3D.
-        theta: ``(1, ndim, ndim + 1)`` normalised affine (see :func:`firekit.spatial.affine_matrix`).
+        theta: ``(1, ndim, ndim + 1)`` normalised affine (see :func:`firekit.core.spatial.affine_matrix`).
         seed: anatomy and noise seed.
         contrasts: modality names for A and B (``("t1", "t1")`` for a mono-modal pair).
     """

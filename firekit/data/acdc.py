@@ -9,7 +9,7 @@ One folder per patient, found at depth one or two below a root (``ROOT/patient00
     patientNNN/patientNNN_frameNN_gt.nii.gz their labels: 0 background, 1 RV cavity, 2 myocardium, 3 LV cavity
 
 ``Info.cfg``'s ED and ES are 1-based frame numbers; a :class:`Patient` holds them as 0-based phases,
-the indices of :class:`firekit.cine.Series`.
+the indices of :class:`firekit.data.series.Series`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from . import cine, io
-from ._atomic import atomic_write_text
-from .errors import FirekitError
+from firekit.data.series import Series, load_series, save_series
+from firekit.data import io
+from firekit.data.atomic import atomic_write_text
+from firekit.core.errors import FirekitError
 
 __all__ = ["LABEL_NAMES", "INFO_KEYS", "Patient", "read_info", "read_patient", "find_patients", "write_patient"]
 
@@ -60,9 +61,9 @@ class Patient:
     shape: tuple = ()
     phases: int = 0
 
-    def series(self) -> cine.Series:
+    def series(self) -> Series:
         """The whole cine series ``(*S, T)`` (float32) with its spatial affine."""
-        return cine.load_series(self.series_path)
+        return load_series(self.series_path)
 
     def frame(self, phase: int) -> io.Volume:
         """The frame of 0-based ``phase``: its ``_frameNN`` file, else that phase of the 4D series."""
@@ -288,7 +289,7 @@ def write_patient(root: str | os.PathLike, name: str, series: np.ndarray, affine
         stem = folder / _frame_name(name, phase)
         io.save_nifti(series[..., phase], affine, f"{stem}.nii.gz")
         io.save_nifti(label.astype(np.uint8), affine, f"{stem}_gt.nii.gz")
-    cine.save_series(series, affine, folder / f"{name}_4d.nii.gz", header=header)
+    save_series(series, affine, folder / f"{name}_4d.nii.gz", header=header)
     values = {**(info or {}), "ED": ed + 1, "ES": es + 1, "NbFrame": phases}
     atomic_write_text(folder / "Info.cfg", _info_text(values))
     return read_patient(folder)

@@ -6,7 +6,7 @@ once for 2D and 3D, and draws all its randomness from the ``torch.Generator`` it
 seed fixes the result.
 
 Transforms are drawn in physical units (mm, degrees) about the centre of the grid and returned in
-firekit's normalised convention (see :mod:`firekit.spatial`): a transform maps a point ``x`` of the
+firekit's normalised convention (see :mod:`firekit.core.spatial`): a transform maps a point ``x`` of the
 output grid to the point ``phi(x)`` of the input image that is sampled there,
 ``apply(image, t)(x) = image(phi(x))``. ``phi = affine o elastic``: ``x -> theta(x + u_el(x))``.
 """
@@ -20,9 +20,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from . import spatial
-from ._config import PlainConfig
-from .errors import FirekitError
+from firekit.core import spatial
+from firekit.core.config import PlainConfig
+from firekit.core.errors import FirekitError
 
 __all__ = [
     "AugmentConfig",
@@ -282,7 +282,7 @@ def apply(image: torch.Tensor, transform: RandomTransform, mode: str = "linear",
         image: ``(B, C, *S_in)``; the transform's grid sets the output shape.
         transform: from :func:`random_transform`.
         mode: ``"linear"`` or ``"nearest"``.
-        padding_mode: value outside the input, as :func:`firekit.spatial.warp`.
+        padding_mode: value outside the input, as :func:`firekit.core.spatial.warp`.
 
     Returns:
         ``(B, C, *S)`` with ``S`` the transform's grid.

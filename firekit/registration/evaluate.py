@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import io, metrics
-from .errors import FirekitError
-from .register import field_jacobian
+from firekit.data import io
+from firekit.core import metrics
+from firekit.core.errors import FirekitError
+from firekit.registration.pipeline import field_jacobian
 
 __all__ = ["evaluate_files", "format_scores"]
 

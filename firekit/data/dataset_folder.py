@@ -1,6 +1,6 @@
 """The folder a generated dataset is written to: its JSON index, and whether it can be reused.
 
-Shared by :mod:`firekit.braindata` (demo brains) and :mod:`firekit.cinephantom` (cine phantom).
+Shared by :mod:`firekit.data.braindata` (demo brains) and :mod:`firekit.data.cinephantom` (cine phantom).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from .errors import FirekitError
+from firekit.core.errors import FirekitError
 
 
 def read_index(path: Path) -> dict | None:

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from . import spatial
-from .model import Fire
+from firekit.core import spatial
+from firekit.fire.model import Fire
 
 __all__ = ["latent_features", "features_to_rgb", "invariance_map", "grad_cam", "target_scalar", "TARGETS"]
 

@@ -232,7 +232,7 @@ def feature_invariance(feat_a, feat_b_on_a, feat_b, feat_a_on_b) -> torch.Tensor
 
 
 def fire_loss(out, x_a: torch.Tensor, x_b: torch.Tensor, smooth_weight: float | None = None) -> FireLoss:
-    """Eq. 1 from a :class:`firekit.model.FireOutput` and the inputs.
+    """Eq. 1 from a :class:`firekit.fire.model.FireOutput` and the inputs.
 
     Args:
         out: the model's training output.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .errors import FirekitError
+from firekit.core.errors import FirekitError
 
 
 class PlainConfig:

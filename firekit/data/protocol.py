@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import io, spatial
-from ._atomic import atomic_write_text
-from .errors import FirekitError
+from firekit.data import io
+from firekit.core import spatial
+from firekit.data.atomic import atomic_write_text
+from firekit.core.errors import FirekitError
 
 __all__ = ["make_test_pairs", "read_pairs", "end_point_error", "axial_slice"]
 
@@ -52,7 +53,7 @@ def make_test_pairs(
     Returns:
         one dict of paths per pair (keys moving, fixed, moving_labels, fixed_labels, true_field).
     """
-    from .augment import AugmentConfig, random_transform
+    from firekit.data.augment import AugmentConfig, random_transform
 
     subject_dir, out_dir = Path(subject_dir), Path(out_dir)
     vol_m = io.load_volume(subject_dir / f"{moving}.nii.gz")

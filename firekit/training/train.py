@@ -6,7 +6,7 @@ A run folder holds everything one training run writes; :func:`train` fills it an
 * ``model.pt``: the model alone, for :func:`firekit.load`.
 * ``model_best.pt``: the model at the best validation Dice (only with validation data).
 * ``config.yaml``: model, training and data settings.
-* ``losses.csv``: one row per step, every term of :class:`~firekit.losses.FireLoss`.
+* ``losses.csv``: one row per step, every term of :class:`~firekit.fire.losses.FireLoss`.
 * ``validation.csv``: Dice of each validation (only with validation data).
 
 Steps are counted from 1 in these files: row ``step = k`` is the k-th optimisation step, trained on
@@ -33,12 +33,12 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from . import metrics, spatial
-from ._atomic import atomic_write_text
-from ._config import PlainConfig
-from .errors import FirekitError
-from .losses import FireLoss, feature_invariance, fire_loss, synthesis_supervision, transform_supervision
-from .model import Fire, architecture_differences, load_checkpoint
+from firekit.core import metrics, spatial
+from firekit.data.atomic import atomic_write_text
+from firekit.core.config import PlainConfig
+from firekit.core.errors import FirekitError
+from firekit.fire.losses import FireLoss, feature_invariance, fire_loss, synthesis_supervision, transform_supervision
+from firekit.fire.model import Fire, architecture_differences, load_checkpoint
 
 __all__ = [
     "TrainConfig",
@@ -100,14 +100,14 @@ class TrainConfig(PlainConfig):
         similarity_weight: weight of a direct similarity between each warped image and the
             other input (``similarity``, modality independent) on the registration path; not in
             the paper, 0 = off.
-        similarity: ``"mind"`` or ``"ngf"`` (any key of :data:`firekit.similarity.SIMILARITIES`).
+        similarity: ``"mind"`` or ``"ngf"`` (any key of :data:`firekit.core.similarity.SIMILARITIES`).
         distill_weight: weight of the supervision of both displacements by what
-            :func:`firekit.refine.refine` finds for the same pair (distillation; costs one
+            :func:`firekit.registration.refine.refine` finds for the same pair (distillation; costs one
             refinement per pair and direction per step); not in the paper, 0 = off.
-        synthesis_weight: weight of :func:`~firekit.losses.synthesis_supervision`, each synthesis
+        synthesis_weight: weight of :func:`~firekit.fire.losses.synthesis_supervision`, each synthesis
             against the other contrast aligned with its input (batches carrying ``x_b_on_a`` /
             ``x_a_on_b``: augmented pairs of one subject); not in the paper, 0 = off.
-        invariance_weight: weight of :func:`~firekit.losses.feature_invariance`, G's codes of
+        invariance_weight: weight of :func:`~firekit.fire.losses.feature_invariance`, G's codes of
             those aligned counterparts against the inputs' (one more pass of G); not in the paper,
             0 = off.
         train_only: ``"all"`` (the paper) or ``"decoders"``: only F_AB and F_BA learn (G and both T
@@ -161,7 +161,7 @@ class TrainConfig(PlainConfig):
     ema_decay: float = 0.0
 
     def __post_init__(self):
-        from .similarity import SIMILARITIES
+        from firekit.core.similarity import SIMILARITIES
 
         self.betas = tuple(float(b) for b in self.betas)
         if len(self.betas) != 2:
@@ -205,7 +205,7 @@ TRAIN_PRESETS: dict[str, dict] = {
 
 
 class PairSource(Protocol):
-    """What :func:`train` draws its training pairs from (e.g. the datasets of :mod:`firekit.data`)."""
+    """What :func:`train` draws its training pairs from (e.g. the datasets of :mod:`firekit.data.pairs`)."""
 
     ndim: int
 
@@ -213,7 +213,7 @@ class PairSource(Protocol):
         """Batch for 0-based ``step``, a deterministic function of the source's seed and ``step``.
 
         A source whose ``sample`` also takes ``first`` (pairs ``first`` to ``first + batch_size
-        - 1`` of the step's batch, as :class:`firekit.data.PairDataset`'s) lets each of several
+        - 1`` of the step's batch, as :class:`firekit.data.pairs.PairDataset`'s) lets each of several
         processes draw only its slice of the global batch; any other is drawn whole by every
         process, which keeps its own slice.
 
@@ -303,15 +303,15 @@ def train_step(
             float32 either way.
         targets: ``(u_a2b, u_b2a)`` known displacements ``(B, ndim, *S)`` (normalised) for the
             auxiliary loss; used when ``aux_weight`` > 0.
-        aux_weight: weight of :func:`~firekit.losses.transform_supervision` in the total.
-        similarity: a :class:`~firekit.similarity.Similarity` compared between each warped image
+        aux_weight: weight of :func:`~firekit.fire.losses.transform_supervision` in the total.
+        similarity: a :class:`~firekit.core.similarity.Similarity` compared between each warped image
             and the other input, weighted by ``similarity_weight`` (0: off).
         distill_targets: ``(u_a2b, u_b2a)`` displacements found by refinement, supervising the
             network's with weight ``distill_weight`` (0: off).
         affine_only: zero non-rigid flow (affine-first training).
         counterparts: ``(x_b_on_a, x_a_on_b)``, modality B aligned with ``x_a`` and A aligned with
-            ``x_b``, for :func:`~firekit.losses.synthesis_supervision` (weight ``synthesis_weight``)
-            and :func:`~firekit.losses.feature_invariance` (``invariance_weight``; 0: off).
+            ``x_b``, for :func:`~firekit.fire.losses.synthesis_supervision` (weight ``synthesis_weight``)
+            and :func:`~firekit.fire.losses.feature_invariance` (``invariance_weight``; 0: off).
         check_finite: refuse a non-finite loss before any optimiser steps. Off, the step reads
             nothing back from the device (no host sync on a GPU); the caller checks the returned
             loss later (:func:`train` does, every ``sync_every`` steps).
@@ -495,7 +495,7 @@ def train(
 
     similarity = None
     if config.similarity_weight:
-        from .similarity import get_similarity
+        from firekit.core.similarity import get_similarity
 
         similarity = get_similarity(config.similarity, radius=1, dilation=1)
     bar = tqdm(
@@ -825,7 +825,7 @@ def _plain(value: Any, where: str) -> Any:
 
 
 def _write_config_yaml(run_dir: Path, model: Fire, config: TrainConfig, data: dict) -> None:
-    from . import __version__  # the package is fully imported by the time train() runs
+    from firekit import __version__  # the package is fully imported by the time train() runs
 
     document = {
         "model": model.config.to_dict(),
@@ -1077,10 +1077,10 @@ def _mean_label_dice(warped: torch.Tensor, fixed: torch.Tensor) -> list[float]:
 def _half_resolution(x_a: torch.Tensor, x_b: torch.Tensor, targets, model: Fire):
     """Images (and target displacements) on a grid half as fine, when the network accepts it.
 
-    :func:`firekit.refine.downsample` keeps the normalised extent, so normalised displacements
+    :func:`firekit.registration.refine.downsample` keeps the normalised extent, so normalised displacements
     stay valid as they are.
     """
-    from .refine import downsample
+    from firekit.registration.refine import downsample
 
     shape = tuple(s // 2 for s in x_a.shape[2:])
     if any(s % model.size_multiple or s < model.min_size for s in shape):
@@ -1091,8 +1091,8 @@ def _half_resolution(x_a: torch.Tensor, x_b: torch.Tensor, targets, model: Fire)
 
 
 def _refinement_targets(x_a: torch.Tensor, x_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Displacements A->B and B->A found by :func:`firekit.refine.refine` (its preset), both directions batched."""
-    from .refine import refine
+    """Displacements A->B and B->A found by :func:`firekit.registration.refine.refine` (its preset), both directions batched."""
+    from firekit.registration.refine import refine
 
     batch = x_a.shape[0]
     result = refine(torch.cat([x_a, x_b])[:, :1].float(), torch.cat([x_b, x_a])[:, :1].float())

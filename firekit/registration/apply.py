@@ -26,9 +26,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import fields, io, spatial
-from .data import map_points
-from .errors import FirekitError
+from firekit.registration import fields
+from firekit.data import io
+from firekit.core import spatial
+from firekit.data.pairs import map_points
+from firekit.core.errors import FirekitError
 
 __all__ = ["AffineTransform", "FieldTransform", "read_transform", "read_affine", "apply_transforms", "apply_files",
            "INTERPOLATIONS"]

@@ -15,8 +15,9 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from . import io, spatial
-from .data import map_points
+from firekit.data import io
+from firekit.core import spatial
+from firekit.data.pairs import map_points
 
 __all__ = ["world_points", "world_to_voxels", "ras_displacement", "sample_volume", "moving_points", "apply_field",
            "inverse_consistency", "FieldInverse", "invert_field"]

@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as nnf
 
-from .errors import FirekitError
+from firekit.core.errors import FirekitError
 
 __all__ = [
     "mind_offsets",

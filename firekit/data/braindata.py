@@ -29,12 +29,13 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from . import augment, io, spatial
-from .data import map_points
-from ._atomic import atomic_write_text
-from ._dataset_folder import read_index, same_or_refuse
-from .errors import FirekitError
-from .io import NIFTI_INTENT_VECTOR, itk_field_array, lps_flip, save_nifti
+from firekit.data import augment, io
+from firekit.core import spatial
+from firekit.data.pairs import map_points
+from firekit.data.atomic import atomic_write_text
+from firekit.data.dataset_folder import read_index, same_or_refuse
+from firekit.core.errors import FirekitError
+from firekit.data.io import NIFTI_INTENT_VECTOR, itk_field_array, lps_flip, save_nifti
 
 __all__ = [
     "VERSION",
@@ -272,7 +273,7 @@ def _readme(info: dict) -> str:
     sizes = ", ".join(f"{len(info['splits'][s])} {s}" for s in SPLITS)
     return f"""# firekit demo brain dataset (MNI152-derived)
 
-Built by `firekit.braindata.build_demo_dataset` (version {info['version']}, seed {info['seed']}):
+Built by `firekit.data.braindata.build_demo_dataset` (version {info['version']}, seed {info['seed']}):
 {info['subjects']} subjects ({sizes}) on a {' x '.join(map(str, info['shape']))} grid of {info['spacing']:g} mm voxels.
 
 ## What is real

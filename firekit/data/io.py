@@ -1,10 +1,10 @@
 """Images in and out, keeping affines and headers; one-line errors; atomic writes.
 
 NIfTI (``.nii``, ``.nii.gz``) goes through nibabel; NRRD (``.nrrd``, ``.nhdr``), MetaImage
-(``.mha``, ``.mhd``) and DICOM series folders through SimpleITK (:mod:`firekit.itk_io`, the
+(``.mha``, ``.mhd``) and DICOM series folders through SimpleITK (:mod:`firekit.data.itk_io`, the
 ``firekit[itk]`` extra), chosen by the path: its suffix, or a folder for DICOM.
 
-This module (with :mod:`firekit.data` and :mod:`firekit.register`) is where millimetres and
+This module (with :mod:`firekit.data.pairs` and :mod:`firekit.registration.pipeline`) is where millimetres and
 voxel-to-world affines live. Inside, an n-D image is a :class:`Volume`: its array in NIfTI voxel
 order, and its ``(n + 1, n + 1)`` voxel-to-world affine (RAS+ mm, nibabel's convention). A 2D image
 may be stored as ``(X, Y)`` or ``(X, Y, 1)``; both load as 2D, and 2D uses the in-plane block of the
@@ -24,9 +24,9 @@ from typing import Iterable, Iterator, Sequence
 import nibabel as nib
 import numpy as np
 
-from . import itk_io
-from ._atomic import atomic_path
-from .errors import FirekitError
+from firekit.data import itk_io
+from firekit.data.atomic import atomic_path
+from firekit.core.errors import FirekitError
 
 __all__ = [
     "Volume",

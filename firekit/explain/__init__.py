@@ -1,0 +1,1 @@
+"""Explaining a model: Grad-CAM, latent features and invariance maps, pictures and widgets, napari layer data."""
