@@ -33,6 +33,7 @@ from firekit.core import metrics, spatial
 from firekit.data.augment import AugmentConfig
 from firekit.data.pairs import PairDataset
 from firekit.fire.losses import fire_loss, transform_supervision
+from firekit.registration.start import network_start
 from firekit.training.train import TrainConfig, make_optimizers
 from firekit.workflows import build_dataset
 
@@ -90,13 +91,13 @@ def score(model: Fire, batches: list[dict], affine_only: bool) -> dict[str, floa
     epe, start, dice, ssim = [], [], [], []
     for batch in batches:
         x_a, x_b = batch["x_a"], batch["x_b"]
-        result = model.register(x_a, x_b, "a2b", affine_only=affine_only)
+        theta0 = network_start(model.config, x_a, x_b, "a2b")
+        result = model.register(x_a, x_b, "a2b", affine_only=affine_only, theta0=theta0)
         dice.append(_mean_dice(spatial.warp_labels(batch["labels_a"], result.displacement), batch["labels_b"]))
         synthesis = model.synthesise(x_b, "b2a")
         ssim.append(metrics.ssim(synthesis, x_a, mask=x_a > -0.9))
         if "u_a2b" in batch:
             epe.append(squared_error_voxels(result.displacement, batch["u_a2b"]))
-            theta0 = model.start_affine(x_a, x_b, "a2b")
             zero = torch.zeros_like(batch["u_a2b"])
             begin = zero if theta0 is None else spatial.affine_to_displacement(theta0, x_a.shape[2:])
             start.append(squared_error_voxels(begin, batch["u_a2b"]))

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from firekit.data.braindata import build_demo_dataset
-from firekit.fire.model import load_checkpoint
+from firekit.fire.checkpoint import load_checkpoint, save_model
 from firekit.workflows import MOMENTS_RECIPE, train_on_files
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "firekit" / "weights" / "fire3d_t1_t2like_small.pt"
@@ -68,7 +68,7 @@ def ship(run: Path) -> None:
     extra = {**extra, "recipe": {**MOMENTS_RECIPE, "kept": "model_best.pt (best validation Dice)"},
              "trained_by": f"python bench/train_3d.py (demo data, seed 0, 1 CPU thread; run {run.name})",
              "train_seconds": seconds.get(extra.get("step"))}
-    model.save(WEIGHTS, extra=extra)
+    save_model(model, WEIGHTS, extra=extra)
     print(f"shipped {WEIGHTS} (step {extra.get('step')}, {extra['train_seconds']:.0f} s of training)")
 
 

@@ -162,7 +162,7 @@ def load_pair(pair: dict) -> dict:
 # ---------------------------------------------------------------------------------------- run
 def model_info(path: str) -> dict:
     """What a checkpoint says about itself: file, ndim, preset, training steps, spacing, how."""
-    from firekit.fire.model import load_checkpoint
+    from firekit.fire.checkpoint import load_checkpoint
     from firekit.registration.pipeline import DEFAULT_MODEL
 
     path = str(DEFAULT_MODEL if path == "default" else path)

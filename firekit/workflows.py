@@ -173,7 +173,8 @@ def _train_new_model(source, out, preset: str, ndim: int, seed: int, iterations:
 
 def _start_from(model: Fire, path) -> None:
     """Copy the weights of the model file ``path`` into ``model``; one line when they do not fit."""
-    from firekit.fire.model import architecture_differences, load_checkpoint
+    from firekit.fire.checkpoint import load_checkpoint
+    from firekit.fire.model import architecture_differences
 
     source, _ = load_checkpoint(path)
     differ = architecture_differences(model.config, source.config)

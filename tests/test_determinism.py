@@ -5,7 +5,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from firekit.fire.model import load_checkpoint
+from firekit.fire.checkpoint import load_checkpoint
 from firekit.workflows import train_on_files
 
 STEPS = 3

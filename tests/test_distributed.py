@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from firekit.fire.model import Fire, FireConfig, load_checkpoint
+from firekit.fire.checkpoint import load_checkpoint
+from firekit.fire.model import Fire, FireConfig
 
 
 @pytest.fixture(scope="module")

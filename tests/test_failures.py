@@ -23,6 +23,7 @@ import torch
 import firekit
 from firekit import Fire, FireConfig
 from firekit.data.acdc import write_patient
+from firekit.fire.checkpoint import save_model
 from firekit.core.errors import FirekitError
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -121,8 +122,8 @@ def inputs(tmp_path_factory):
     (root / "acdc_none").mkdir()
     # models: untrained small 2D and 3D, one whose config does not fit its weights, a truncated one
     torch.manual_seed(0)
-    Fire(FireConfig.from_preset("small", ndim=2)).save(root / "model_2d.pt")
-    Fire(FireConfig.from_preset("small", ndim=3)).save(root / "model_3d.pt")
+    save_model(Fire(FireConfig.from_preset("small", ndim=2)), root / "model_2d.pt")
+    save_model(Fire(FireConfig.from_preset("small", ndim=3)), root / "model_3d.pt")
     payload = torch.load(root / "model_2d.pt", weights_only=True)
     payload["config"]["widths"] = [64, 128, 256]
     torch.save(payload, root / "model_mixed.pt")

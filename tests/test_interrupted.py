@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from firekit.fire.model import load_checkpoint
+from firekit.fire.checkpoint import load_checkpoint
 
 ITERATIONS = 12
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in every process: bitwise-equal sums

@@ -9,6 +9,7 @@ from firekit import Fire, FireConfig, FirekitError
 from firekit.core import metrics, spatial
 from firekit.data.phantom import phantom_pair
 from firekit.registration.refine import moments_init
+from firekit.registration.start import network_start, prealign
 from firekit.training.train import TrainConfig, make_optimizers, train, train_step
 
 
@@ -69,9 +70,9 @@ def test_moments_prealignment_starts_both_directions_from_the_moments_affine():
     model = small_model(prealign="moments").eval()
     start = moments_init(x_a, x_b)
     with torch.no_grad():
-        a2b = model.register(x_a, x_b, "a2b", affine_only=True)
-        b2a = model.register(x_b, x_a, "b2a", affine_only=True)
-        out = model(x_a, x_b)
+        a2b = model.register(x_a, x_b, "a2b", affine_only=True, theta0=network_start(model.config, x_a, x_b, "a2b"))
+        b2a = model.register(x_b, x_a, "b2a", affine_only=True, theta0=network_start(model.config, x_b, x_a, "b2a"))
+        out = model(x_a, x_b, theta0=prealign(model.config, x_a, x_b))
     # The untrained T_af outputs the identity: each direction is its start, B->A the inverted A->B.
     assert torch.allclose(a2b.theta, start, atol=1e-5)
     assert torch.allclose(b2a.theta, spatial.invert_affine(start), atol=1e-5)
@@ -175,7 +176,7 @@ def test_moments_prealignment_starts_an_empty_slice_from_the_identity():
     batch = AffineSource(size=48).sample(0, 2)
     x_a, x_b = batch["x_a"].clone(), batch["x_b"].clone()
     x_b[1] = -1.0  # a slice above the head: background only
-    theta = small_model(prealign="moments").initial_affine(x_a, x_b)
+    theta = prealign(small_model(prealign="moments").config, x_a, x_b)
     torch.testing.assert_close(theta[1], torch.eye(2, 3))
     torch.testing.assert_close(theta[:1], moments_init(x_a[:1], x_b[:1]))
 
@@ -189,8 +190,8 @@ def test_residual_bound_keeps_the_learned_residual_near_the_start():
             model.transform_ab.affine.out.bias.add_(-1.5)
     start = moments_init(x_a, x_b)
     with torch.no_grad():
-        theta_bounded = bounded.register(x_a, x_b, affine_only=True).theta
-        theta_free = free.register(x_a, x_b, affine_only=True).theta
+        theta_bounded = bounded.register(x_a, x_b, affine_only=True, theta0=start).theta
+        theta_free = free.register(x_a, x_b, affine_only=True, theta0=start).theta
     residual = torch.linalg.solve(spatial._homogeneous(start), spatial._homogeneous(theta_bounded))[:, :2]
     assert (residual - torch.eye(2, 3)).abs().max() <= 0.2 + 1e-5
     assert not torch.allclose(theta_free, theta_bounded, atol=0.1)

@@ -5,6 +5,7 @@ import torch
 
 from firekit import Fire, FireConfig, FirekitError, TrainConfig, load, make_optimizers, train_step
 from firekit.core import spatial
+from firekit.fire.checkpoint import save_model
 from firekit.fire.losses import fire_loss
 
 TINY = dict(widths=(4, 6, 8), encoder_blocks=1, decoder_blocks=1, affine_channels=(4, 4, 4), affine_hidden=8,
@@ -104,7 +105,7 @@ def test_register_runs_only_the_encoder_and_one_transform_net(ndim):
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_save_and_load_rebuild_the_model(tmp_path, ndim):
     model = tiny(ndim).eval()
-    path = model.save(tmp_path / "run" / "model.pt", extra={"step": 3})
+    path = save_model(model, tmp_path / "run" / "model.pt", extra={"step": 3})
     loaded = load(path).eval()
     assert loaded.config == model.config
     x_a, x_b = pair(ndim)

@@ -111,7 +111,7 @@ def test_numpy_and_nibabel_inputs_and_apply_labels():
     image = blobs((48, 52))
     labels = (image > 0.5).astype(np.int32) + (image > 0.8)
     model = model_with_affine(torch.eye(2, 3), 2)
-    result = model.register(image, nib.Nifti1Image(image[:, :, None], np.eye(4)), direction="b2a")
+    result = register(model, image, nib.Nifti1Image(image[:, :, None], np.eye(4)), direction="b2a")
     warped_labels = result.apply(labels)
     assert warped_labels.data.dtype == np.int32
     np.testing.assert_array_equal(warped_labels.data, labels)

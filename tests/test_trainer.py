@@ -12,7 +12,7 @@ import firekit
 from firekit import Fire, FireConfig, FireLoss, FirekitError
 from firekit.core import spatial
 from firekit.training import train as train_module
-from firekit.fire.model import load_checkpoint
+from firekit.fire.checkpoint import load_checkpoint
 from firekit.data.phantom import phantom_pair
 from firekit.training.train import RUN_FILES, TrainConfig, TrainResult, train, train_step
 

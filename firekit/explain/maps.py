@@ -20,6 +20,7 @@ import torch
 
 from firekit.core import spatial
 from firekit.fire.model import Fire
+from firekit.registration.start import network_start
 
 __all__ = ["latent_features", "features_to_rgb", "invariance_map", "grad_cam", "target_scalar", "TARGETS"]
 
@@ -92,7 +93,8 @@ def invariance_map(model: Fire, moving: torch.Tensor, fixed: torch.Tensor, direc
     model.check_input(fixed, "fixed")
     with torch.no_grad():
         if displacement is None:
-            displacement = model.register(moving, fixed, direction).displacement
+            displacement = model.register(moving, fixed, direction,
+                                          theta0=network_start(model.config, moving, fixed, direction)).displacement
         difference = _squared_feature_difference(model.encoder(moving), model.encoder(fixed), displacement)
         return difference.mean(dim=1).sqrt().float()
 
@@ -133,7 +135,7 @@ def target_scalar(model: Fire, component: str, direction: str, fixed: torch.Tens
         feat_moving = model.encoder(moving)
         if component == "decoder":
             return _roi_mean(decoder(feat_moving), roi)
-        theta0 = model.start_affine(moving, fixed, direction)
+        theta0 = network_start(model.config, moving, fixed, direction)
         if component == "affine":
             residual = net.affine_residual(feat_moving, feat_fixed, theta0)
             residual = residual - spatial.identity_affine(model.ndim, residual.shape[0], like=residual)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -12,15 +10,11 @@ import torch
 import torch.nn as nn
 
 from firekit.core import spatial
-from firekit.data.atomic import atomic_path
 from firekit.core.config import PlainConfig
 from firekit.core.errors import FirekitError
 from firekit.fire.nets import AffineHead, Decoder, Encoder, FlowHead, KeypointAffineHead
 
-__all__ = ["FireConfig", "TransformNet", "Transform", "Fire", "FireOutput", "load", "PRESETS"]
-
-CHECKPOINT_FORMAT = "firekit-checkpoint"
-CHECKPOINT_VERSION = 1
+__all__ = ["FireConfig", "TransformNet", "Transform", "Fire", "FireOutput", "PRESETS"]
 
 
 @dataclass
@@ -331,42 +325,17 @@ class Fire(nn.Module):
             ],
         }
 
-    def initial_affine(self, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor | None:
-        """The pre-alignment ``theta0`` ``(B, ndim, ndim + 1)`` of moving onto fixed, or None (``prealign="none"``).
-
-        Computed without gradient from the first channel of each image (intensities in [-1, 1]).
-        A pair where either image has (almost) no foreground (e.g. a slice above the head) starts
-        from the identity.
-        """
-        if self.config.prealign == "none":
-            return None
-        from firekit.registration.refine import RefineConfig, moments_init
-
-        dtype = moving.dtype
-        moving, fixed = moving[:, :1].float().detach(), fixed[:, :1].float().detach()
-        theta = spatial.identity_affine(self.ndim, moving.shape[0], like=moving)
-
-        def foreground_voxels(image: torch.Tensor) -> torch.Tensor:
-            return (image > RefineConfig.foreground).flatten(1).sum(dim=1)
-
-        # A stable covariance needs a few foreground voxels per dimension at least.
-        minimum = 4 * (self.ndim + 1)
-        rows = ((foreground_voxels(moving) >= minimum) & (foreground_voxels(fixed) >= minimum)).nonzero()[:, 0]
-        if len(rows):
-            # The refinement preset's candidate scan: in 3D it is 3x cheaper than the full one (0.3 vs
-            # 1.0 s of a 2 s registration at 128x160x128) and gave the same network Dice on 4 pairs.
-            scan = RefineConfig.preset(self.ndim)
-            with torch.no_grad():
-                theta[rows] = moments_init(moving[rows], fixed[rows], angles=scan.scan_angles, scan_size=scan.scan_size)
-        return theta.to(dtype)
-
-    def start_affine(self, moving: torch.Tensor, fixed: torch.Tensor, direction: str) -> torch.Tensor | None:
-        """:meth:`initial_affine` for one direction: as in training, the B->A start is the A->B one
-        (of the A image onto the B image) inverted, so the two starts are each other's inverse."""
-        if direction == "a2b":
-            return self.initial_affine(moving, fixed)
-        theta0 = self.initial_affine(fixed, moving)
-        return None if theta0 is None else spatial.invert_affine(theta0)
+    def _check_start(self, theta0: torch.Tensor | None, moving: torch.Tensor) -> None:
+        """Refuse a missing start for a model trained from one (``prealign="moments"``) and a start of the wrong shape."""
+        if theta0 is None:
+            if self.config.prealign != "none":
+                raise FirekitError(
+                    f"this model starts each T from a {self.config.prealign} pre-alignment: pass theta0="
+                    "firekit.registration.start.prealign(model.config, moving, fixed) (or register with firekit.register)")
+            return
+        expected = (moving.shape[0], self.ndim, self.ndim + 1)
+        if tuple(theta0.shape) != expected:
+            raise FirekitError(f"theta0 must be (B, n, n + 1) = {expected} normalised affines, got {tuple(theta0.shape)}")
 
     def _transform_net(self, direction: str) -> TransformNet:
         if direction == "a2b":
@@ -384,44 +353,48 @@ class Fire(nn.Module):
         self.check_input(image)
         return self._decoder(direction)(self.encoder(image))
 
-    def register(self, moving, fixed, direction: str = "a2b", affine_only: bool = False, **options):
+    def register(self, moving: torch.Tensor, fixed: torch.Tensor, direction: str = "a2b", affine_only: bool = False,
+                 theta0: torch.Tensor | None = None) -> Registration:
         """Register ``moving`` onto ``fixed`` running only G and one T (Section 3.4).
 
         Args:
-            moving: ``(B, C, *S)`` normalised tensor, modality A for ``"a2b"``, B for ``"b2a"``; or a
-                path, nibabel image or 2D/3D array (then see :func:`firekit.registration.pipeline.register`,
-                which handles resampling and millimetres, and returns a ``RegistrationResult``).
-            fixed: the other modality, same form (tensors: same shape).
+            moving: ``(B, C, *S)`` normalised tensor, modality A for ``"a2b"``, B for ``"b2a"`` (for
+                files, arrays and millimetres use :func:`firekit.register`).
+            fixed: the other modality, same shape.
             direction: ``"a2b"`` (T_AB) or ``"b2a"`` (T_BA).
             affine_only: skip the non-rigid subnet.
+            theta0: ``(B, n, n + 1)`` normalised start of T for this direction (fixed point -> moving
+                point): needed by a model with ``prealign="moments"``
+                (:func:`firekit.registration.start.network_start` computes it); None for the paper's.
 
         Returns:
-            :class:`Registration` (normalised units) for tensors.
+            :class:`Registration` (normalised units).
         """
-        batched = isinstance(moving, torch.Tensor) and isinstance(fixed, torch.Tensor) and moving.ndim >= 4
-        if not batched:
-            from firekit.registration.pipeline import register  # files and millimetres live outside the model
-
-            return register(self, moving, fixed, direction=direction, affine_only=affine_only, **options)
+        if not (isinstance(moving, torch.Tensor) and isinstance(fixed, torch.Tensor)):
+            raise FirekitError("Fire.register takes normalised tensors (B, C, *spatial); for files, arrays or "
+                               "nibabel images use firekit.register(model, moving, fixed)")
         self.check_input(moving, "moving")
         self.check_input(fixed, "fixed")
         if moving.shape != fixed.shape:
             raise FirekitError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} shapes differ")
         net = self._transform_net(direction)
+        self._check_start(theta0, moving)
         features = self.encoder(torch.cat([moving, fixed], dim=0))
         feat_moving, feat_fixed = _split(features, 2)
-        transform = net(feat_moving, feat_fixed, affine_only=affine_only,
-                        theta0=self.start_affine(moving, fixed, direction))
+        transform = net(feat_moving, feat_fixed, affine_only=affine_only, theta0=theta0)
         displacement = transform.displacement(moving.shape[2:])
         return Registration(transform.theta, displacement, spatial.warp(moving, displacement), transform.flow)
 
     def forward(self, x_a: torch.Tensor, x_b: torch.Tensor, affine_only: bool = False,
-                counterparts: tuple[torch.Tensor, torch.Tensor] | None = None) -> FireOutput:
+                counterparts: tuple[torch.Tensor, torch.Tensor] | None = None,
+                theta0: torch.Tensor | None = None) -> FireOutput:
         """Full training graph for a pair ``x_a``, ``x_b`` of shape ``(B, C, *S)``.
 
         ``counterparts``: ``(x_b_on_a, x_a_on_b)``, the B image aligned with ``x_a`` and the A image
         aligned with ``x_b`` (known for augmented pairs of one subject); G encodes them in the same
-        call, for the trainer's feature-invariance term.
+        call, for the trainer's feature-invariance term. ``theta0``: ``(B, n, n + 1)`` normalised
+        A->B start of T_AB (:func:`firekit.registration.start.prealign`; T_BA starts from its inverse),
+        needed by a model with ``prealign="moments"``.
 
         Calls of the same network are batched together; instance norm is per sample,
         so batching does not change any output. ``affine_only``: both T skip the non-rigid
@@ -439,7 +412,7 @@ class Fire(nn.Module):
         inputs = [x_a, x_b, *(counterparts or ())]
         feat_a, feat_b, *feat_counterparts = _split(self.encoder(torch.cat(inputs)), len(inputs))
         feat_shape = feat_a.shape[2:]
-        theta0 = self.initial_affine(x_a, x_b)
+        self._check_start(theta0, x_a)
         # The B->A start is the A->B one inverted, so the two starts are each other's inverse.
         t_ab = self.transform_ab(feat_a, feat_b, affine_only, theta0)
         t_ba = self.transform_ba(feat_b, feat_a, affine_only, None if theta0 is None else spatial.invert_affine(theta0))
@@ -491,99 +464,3 @@ class Fire(nn.Module):
             cycled_a=cycled_a, cycled_b=cycled_b,
             **dict(zip(("feat_b_on_a", "feat_a_on_b"), feat_counterparts)),
         )
-
-    # ------------------------------------------------------------------ checkpoints
-    def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
-        """Write weights + config atomically (temp file + rename); ``extra`` must be plain data."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "version": CHECKPOINT_VERSION,
-            "config": self.config.to_dict(),
-            "state_dict": self.state_dict(),
-            "extra": extra or {},
-        }
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> "Fire":
-        """Rebuild a model from a checkpoint written by :meth:`save` (never unpickles code)."""
-        model, _ = load_checkpoint(path, map_location)
-        return model
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[Fire, dict]:
-    """Load ``(model, extra)`` from ``path`` with ``weights_only=True``; one-line errors on bad files.
-
-    Only tensors and plain data are unpickled: a file that would import anything else (code, a
-    pickled object) is refused before any of it runs. The model remembers ``path`` (``model.path``)
-    so later errors can name it.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise FirekitError(f"{path}: is a directory; pass the model.pt file written by training")
-    if not path.is_file():
-        raise FirekitError(f"{path}: checkpoint not found; pass the model.pt written by training")
-    try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file
-            warnings.simplefilter("ignore")
-            payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # pickle errors, truncated zips, disallowed globals
-        raise FirekitError(f"{path}: {_load_failure(exc)}") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise FirekitError(f"{path}: not a firekit checkpoint; use a model.pt written by firekit")
-    try:
-        config = FireConfig.from_dict(payload["config"])
-    except (FirekitError, KeyError, TypeError, ValueError) as exc:
-        raise FirekitError(
-            f"{path}: unusable model config ({_first_line(exc)}); use a model.pt written by firekit"
-        ) from None
-    model = Fire(config)
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except (KeyError, TypeError, AttributeError, RuntimeError) as exc:
-        raise FirekitError(
-            f"{path}: weights do not match the stored {config.ndim}D {config.preset} config ({_first_detail(exc)}); "
-            "the file was edited or mixed from two models: use a model.pt written by firekit"
-        ) from None
-    extra = payload.get("extra", {})
-    extra = extra if isinstance(extra, dict) else {}
-    if isinstance(extra.get("spacing"), (int, float)):
-        model.spacing = float(extra["spacing"])
-    model.path = path
-    return model, extra
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
-
-
-def _first_detail(exc: BaseException) -> str:
-    """The first specific line of a multi-line error (load_state_dict lists every mismatch)."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:200]
-
-
-def _load_failure(exc: BaseException) -> str:
-    """Why torch.load(weights_only=True) refused a file, in one line with the fix."""
-    import pickle
-    import re
-
-    text = str(exc)
-    blocked = re.search(r"unsupported GLOBAL (\S+)", text, re.IGNORECASE)
-    if blocked:
-        why = f"it would import {blocked.group(1)}: pickled code, not only tensors and plain data; refused, nothing ran"
-    elif isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text:
-        why = "not a weights-only torch file: a plain pickle or another format; refused, nothing ran"
-    else:
-        why = f"truncated or corrupt: {_first_line(exc)}"
-    return f"not a loadable firekit checkpoint ({why}); use a model.pt written by firekit"
-
-
-def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Fire:
-    """Load a saved :class:`Fire` model (``firekit.load``)."""
-    return Fire.load(path, map_location)

@@ -35,7 +35,9 @@ from firekit.registration.check import Candidate, CheckReport, check, default_bo
 from firekit.core.errors import FirekitError
 from firekit.registration.fields import FieldInverse, invert_field
 from firekit.data.io import itk_field_array, lps_flip
-from firekit.fire.model import Fire, load_checkpoint, other_direction
+from firekit.fire.checkpoint import load_checkpoint
+from firekit.fire.model import Fire, other_direction
+from firekit.registration.start import header_candidate, network_start
 
 __all__ = [
     "RegistrationResult",
@@ -357,7 +359,9 @@ def _network(model: Fire, x_moving: torch.Tensor, x_fixed: torch.Tensor, directi
         shape = _coarse_shape(x_fixed.shape[2:], factor, model.size_multiple, model.min_size)
         net_moving, net_fixed = downsample(x_moving, factor, shape), downsample(x_fixed, factor, shape)
     with torch.inference_mode():
-        reg = model.register(net_moving.to(device), net_fixed.to(device), direction, affine_only)
+        net_moving, net_fixed = net_moving.to(device), net_fixed.to(device)
+        reg = model.register(net_moving, net_fixed, direction, affine_only,
+                             theta0=network_start(model.config, net_moving, net_fixed, direction))
     # clone() outside inference mode: refinement may use these in autograd
     theta, disp, warped = reg.theta.cpu().clone(), reg.displacement.cpu().clone(), reg.warped.cpu().clone()
     flow = None if reg.flow is None or affine_only else reg.flow.cpu().clone()
@@ -404,7 +408,7 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
     ndim = x_fixed.ndim - 2
     shape = x_fixed.shape[2:]
     bounds = default_bounds(ndim, orientation)
-    header = _header_candidate(x_fixed)
+    header = header_candidate(x_fixed)
     theta = flow = None
     if model is not None:
         theta, disp, warped, flow = _network(model, x_moving, x_fixed, direction, affine_only, device, network_factor)
@@ -457,13 +461,6 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
         start_disp = torch.where(from_network, with_flow, start_disp)
     candidates = [Candidate("result", theta, disp), Candidate("start", start, start_disp), header]
     return _checked(x_moving.cpu(), x_fixed.cpu(), candidates, bounds, warped.detach().cpu(), regions)
-
-
-def _header_candidate(fixed: torch.Tensor) -> Candidate:
-    """The headers' alignment of ``(B, 1, *S)`` images on one grid: identity affine, no displacement."""
-    ndim = fixed.ndim - 2
-    return Candidate("header", spatial.identity_affine(ndim, fixed.shape[0]),
-                     torch.zeros(fixed.shape[0], ndim, *fixed.shape[2:]))
 
 
 def _checked(x_moving: torch.Tensor, x_fixed: torch.Tensor, candidates: list[Candidate], bounds,
@@ -621,14 +618,14 @@ def register(
     if slicewise and config is None:
         with torch.inference_mode():
             xm, xf = x_moving[0, 0].movedim(-1, 0)[:, None], x_fixed[0, 0].movedim(-1, 0)[:, None]
-            parts = [model.register(m.to(device), f.to(device), direction, affine_only)
-                     for m, f in zip(xm.split(slice_batch), xf.split(slice_batch))]
+            parts = [model.register(m, f, direction, affine_only, theta0=network_start(model.config, m, f, direction))
+                     for m, f in ((m.to(device), f.to(device)) for m, f in zip(xm.split(slice_batch), xf.split(slice_batch)))]
         theta = torch.cat([p.theta for p in parts]).cpu()
         disp = torch.cat([p.displacement for p in parts]).cpu()
         warped_net = torch.cat([p.warped for p in parts]).cpu()
         report = None
         if check:
-            candidates = [Candidate("result", theta, disp), _header_candidate(xf)]
+            candidates = [Candidate("result", theta, disp), header_candidate(xf)]
             theta, disp, warped_net, reports = _checked(xm, xf, candidates, default_bounds(2, orientation), warped_net)
             report = _slices_report(reports)
         in_plane = spatial.normalised_to_voxel(disp)  # (Z, 2, X, Y)

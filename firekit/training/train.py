@@ -38,7 +38,9 @@ from firekit.data.atomic import atomic_write_text
 from firekit.core.config import PlainConfig
 from firekit.core.errors import FirekitError
 from firekit.fire.losses import FireLoss, feature_invariance, fire_loss, synthesis_supervision, transform_supervision
-from firekit.fire.model import Fire, architecture_differences, load_checkpoint
+from firekit.fire.checkpoint import load_checkpoint, save_model
+from firekit.fire.model import Fire, architecture_differences
+from firekit.registration.start import network_start, prealign
 
 __all__ = [
     "TrainConfig",
@@ -331,14 +333,16 @@ def train_step(
     if counterparts is None:
         synthesis_weight = invariance_weight = 0.0
     encoded = counterparts if invariance_weight else None
+    config_of_model = getattr(model, "module", model).config  # DistributedDataParallel wraps the Fire
     if autocast:
         with torch.autocast(x_a.device.type, dtype=torch.bfloat16):
-            out = model(x_a, x_b, affine_only=affine_only, counterparts=encoded)
+            out = model(x_a, x_b, affine_only=affine_only, counterparts=encoded,
+                        theta0=prealign(config_of_model, x_a, x_b))
         # bf16 keeps 8 bits of mantissa: too few for RMS of small residuals or for the second
         # differences of the bending energy.
         out = _to_float32(out)
     else:
-        out = model(x_a, x_b, affine_only=affine_only, counterparts=encoded)
+        out = model(x_a, x_b, affine_only=affine_only, counterparts=encoded, theta0=prealign(config_of_model, x_a, x_b))
     loss = fire_loss(out, x_a, x_b)
     if synthesis_weight:
         syn_sup = synthesis_supervision(out.synth_b, counterparts[0], out.synth_a, counterparts[1])
@@ -574,7 +578,7 @@ def train(
                         state.best_val_dice is None or scores["dice_mean"] > state.best_val_dice
                     ):
                         state.best_val_dice, state.best_step = scores["dice_mean"], state.step
-                        scored.save(run_dir / "model_best.pt", extra=_model_extra(config, data, extra, state))
+                        save_model(scored, run_dir / "model_best.pt", extra=_model_extra(config, data, extra, state))
                 if main and checkpointed:
                     save()
                 if callback is not None:
@@ -853,17 +857,18 @@ def _save_run(
     average=None,
 ) -> None:
     """Write model.pt (and model_ema.pt), then checkpoint.pt (each atomically) for ``state.step``."""
-    model.save(run_dir / "model.pt", extra=_model_extra(config, data, extra, state))
+    save_model(model, run_dir / "model.pt", extra=_model_extra(config, data, extra, state))
     more = {}
     if schedulers:
         more["schedulers"] = {name: scheduler.state_dict() for name, scheduler in schedulers.items()}
     if average is not None:
-        average.module.save(run_dir / "model_ema.pt", extra={**_model_extra(config, data, extra, state), "ema": True})
+        save_model(average.module, run_dir / "model_ema.pt", extra={**_model_extra(config, data, extra, state), "ema": True})
         more["ema"] = {"weights": average.module.state_dict(), "count": int(average.n_averaged)}
     rng = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    model.save(
+    save_model(
+        model,
         run_dir / "checkpoint.pt",
         extra={
             "step": state.step,
@@ -1112,7 +1117,8 @@ def _validate(model: Fire, batches: list[dict], device: torch.device) -> dict[st
             ("a2b", x_a, x_b, labels_a, labels_b),
             ("b2a", x_b, x_a, labels_b, labels_a),
         ):
-            displacement = model.register(moving, fixed, direction).displacement
+            start = network_start(model.config, moving, fixed, direction)
+            displacement = model.register(moving, fixed, direction, theta0=start).displacement
             scores[direction] += _mean_label_dice(spatial.warp_labels(moving_labels, displacement), fixed_labels)
     model.train()
     mean = {k: sum(v) / len(v) if v else math.nan for k, v in scores.items()}
