@@ -2,11 +2,8 @@
 # The 2D fine stage (issue 18, coarse-to-fine): the learn2d-fine recipe at 1.28 mm, 2,000 steps, from the
 # shipped 2.56 mm model (the coarse stage's EMA after its synthesis stages), keeping the synthesis and
 # invariance terms. Detached, one thread; resume with the same command (checkpoint.pt in $R).
-# Stopped by SIGTERM at step 707 of 2,000 on 2026-12-06, resumed, stopped again at the step the last
-# line of losses.csv gives (validation Dice 0.583, 0.606, 0.624, 0.636, 0.645, 0.651 at steps 250-1,500;
-# the 2.56 mm model's was 0.638); to continue on another machine:
-#   mkdir -p /work/runs/learn2d-fine && cp bench/runs/learn2d-fine/{checkpoint.pt,config.yaml,losses.csv,validation.csv} \
-#     /work/runs/learn2d-fine/ && setsid nohup bash bench/runs/learn2d-fine/launch.sh > /work/runs/learn2d-fine.log 2>&1 &
+# Stopped by SIGTERM at steps 707 and 1,597 on 2026-12-06, resumed each time, finished at 2,000 (validation
+# Dice 0.658; the 2.56 mm model's was 0.638). Results and why it is not shipped: bench/training.md section 6.
 cd /work/main
 R=${RUN:-/work/runs/learn2d-fine}
 RES=""; [ -f $R/checkpoint.pt ] && RES="--resume"
