@@ -42,7 +42,7 @@ def run_patient(patient, ants_series: bool, seed: int, log=print) -> dict:
     from firekit.data import io
     from firekit.registration.pipeline import field_jacobian
 
-    from bench.vs_ants import run_ants
+    from bench.ants_runs import run_ants
 
     series = patient.series()
     ed, es = patient.ed, patient.es

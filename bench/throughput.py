@@ -215,7 +215,7 @@ def inference(kind: str, repeats: int = 5, ants_repeats: int = 1) -> dict:
     os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(torch.get_num_threads()))
     if importlib.util.find_spec("ants") is None:
         return out  # antspyx is in the bench extra: no SyN column without it
-    from bench.vs_ants import run_ants
+    from bench.ants_runs import run_ants
 
     out["syn_ms"] = float(np.median([run_ants("SyN", moving, fixed, seed=0)["wall"] for _ in range(ants_repeats)])) * 1000
     return out

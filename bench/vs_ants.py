@@ -41,6 +41,9 @@ from pathlib import Path
 import numpy as np
 
 from bench import peers
+# ants_fields and _to_ants: tests/test_bench.py reads them here, as notebook 05 and gross_failures read run_ants.
+from bench.ants_runs import ants_fields, run_ants  # noqa: F401
+from bench.ants_runs import to_ants as _to_ants  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
 CASES = {  # case -> (moving contrast, fixed contrast, model direction, label)
@@ -71,14 +74,6 @@ NETWORK_SPEEDUP_GOAL = 20.0  # network alone vs SyN, per pair
 
 
 # ---------------------------------------------------------------------------------------- methods
-def _to_ants(volume):
-    """An ANTs image with the NIfTI volume's geometry (ITK's LPS world)."""
-    import ants
-
-    origin, spacing, direction = peers.itk_geometry(volume)
-    return ants.from_numpy(np.asarray(volume.data, np.float32), origin=origin, spacing=spacing, direction=direction)
-
-
 def run_firekit(options: dict, model, moving, fixed, direction: str, seed: int) -> dict:
     """One firekit path both ways: forward field (timed), backward field (for inverse consistency)."""
     from firekit.fire.model import other_direction
@@ -91,34 +86,6 @@ def run_firekit(options: dict, model, moving, fixed, direction: str, seed: int) 
     result, wall, cpu = peers.timed(lambda: register(net, moving, fixed, direction=direction, **kwargs))
     backward = register(net, fixed, moving, direction=reverse, **kwargs)
     return dict(field=result.displacement, backward=backward.displacement, wall=wall, cpu=cpu)
-
-
-def ants_fields(reg: dict, moving_image, fixed_image) -> tuple[np.ndarray, np.ndarray]:
-    """An ANTs registration's forward transforms composed into one field on fixed's grid, and its
-    inverse transforms into one on moving's grid (ITK/LPS mm, ``(*S, n)`` each)."""
-    import ants
-
-    with tempfile.TemporaryDirectory() as tmp:
-        forward = ants.apply_transforms(fixed_image, moving_image, reg["fwdtransforms"], compose=f"{tmp}/fwd_")
-        inverse_list = reg["invtransforms"]
-        invert = [name.endswith(".mat") for name in inverse_list]  # affines are inverted, inverse warps are not
-        backward = ants.apply_transforms(moving_image, fixed_image, inverse_list, whichtoinvert=invert,
-                                         compose=f"{tmp}/inv_")
-        return ants.image_read(forward).numpy(), ants.image_read(backward).numpy()
-
-
-def run_ants(kind: str, moving, fixed, seed: int) -> dict:
-    """ANTs ``kind`` from moving to fixed (timed), its fields (see :func:`ants_fields`)."""
-    import ants
-
-    def solve():
-        moving_image, fixed_image = _to_ants(moving), _to_ants(fixed)
-        return moving_image, fixed_image, ants.registration(fixed_image, moving_image, type_of_transform=kind,
-                                                            aff_metric="mattes", random_seed=seed)
-
-    (moving_image, fixed_image, reg), wall, cpu = peers.timed(solve)
-    field, backward = ants_fields(reg, moving_image, fixed_image)
-    return dict(field=field, backward=backward, wall=wall, cpu=cpu)
 
 
 # ---------------------------------------------------------------------------------------- scoring

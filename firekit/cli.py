@@ -344,6 +344,7 @@ def _add_build_options(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The firekit command line: one builder per subcommand, in --help's order."""
     parser = _Parser(
         prog="firekit",
         description="FIRE image registration: affine + non-rigid, 2D/3D, one network for both directions.",
@@ -352,8 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"firekit {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_data_parser(commands)
+    _add_train_parser(commands)
+    _add_register_parser(commands)
+    _add_merge_parser(commands)
+    _add_apply_parser(commands)
+    _add_register_cine_parser(commands)
+    _add_evaluate_cine_parser(commands)
+    _add_evaluate_parser(commands)
+    _add_demo_parser(commands)
+    return parser
 
-    # ---------------------------------------------------------------- data
+
+def _add_data_parser(commands: argparse._SubParsersAction) -> None:
+    """firekit data demo | cine-phantom."""
     data = commands.add_parser("data", help="build datasets (demo brain data, cine phantom)")
     data_commands = data.add_subparsers(dest="data_command", metavar="DATASET", required=True)
     demo_data = data_commands.add_parser(
@@ -390,7 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_build_options(phantom, "phantom")
     phantom.set_defaults(func=_data_cine_phantom)
 
-    # ---------------------------------------------------------------- train
+
+def _add_train_parser(commands: argparse._SubParsersAction) -> None:
+    """firekit train."""
     train = commands.add_parser(
         "train",
         help="train a FIRE model on paired images matched per subject",
@@ -400,6 +415,15 @@ def build_parser() -> argparse.ArgumentParser:
             "validation.csv. An existing non-empty RUN_DIR needs --resume or --overwrite."
         ),
     )
+    _add_train_inputs(train)
+    _add_train_model_options(train)
+    _add_train_loss_options(train)
+    _add_train_run_options(train)
+    train.set_defaults(func=_train, train_parser=train)
+
+
+def _add_train_inputs(train: argparse.ArgumentParser) -> None:
+    """train's images: --a/--b or --cine, labels, held-out sets."""
     train.add_argument("--a", help="glob of modality A images, e.g. 'data/train/*/T1.nii.gz'")
     train.add_argument("--b", help="glob of modality B images, e.g. 'data/train/*/T2.nii.gz'")
     train.add_argument("--cine", help="instead of --a/--b: glob of 4D cine series, e.g. 'data/cine/*/*_4d.nii.gz'; "
@@ -411,6 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-a", help="glob of held-out modality A images for validation")
     train.add_argument("--val-b", help="glob of held-out modality B images")
     train.add_argument("--val-labels", help="glob of held-out label maps")
+
+
+def _add_train_model_options(train: argparse.ArgumentParser) -> None:
+    """train's model, length, optimisers, grid and seed."""
     train.add_argument("--ndim", type=int, choices=[2, 3], default=2,
                        help="2: the model trains on axial slices; 3: on volumes (default 2)")
     train.add_argument("--iterations", type=int, default=1000, help="training steps (default 1000)")
@@ -423,6 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help=f"learning rate of the Adam optimiser of {subnet} (default: the preset's)")
     train.add_argument("--spacing", type=float, default=1.28, help="resample to this voxel size in mm (default 1.28)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _add_train_loss_options(train: argparse.ArgumentParser) -> None:
+    """train's augmentation, extra losses, stages and schedule."""
     train.add_argument("--no-augment", action="store_true", help="turn off the paper's random affine + elastic augmentation")
     train.add_argument("--aux-weight", type=float, default=0.0,
                        help="weight of the auxiliary loss on the augmentation's known transform (not in the paper; "
@@ -463,6 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from this model.pt's weights (same model options), e.g. a coarser stage")
     train.add_argument("--recipe", choices=sorted(RECIPE_NAMES),
                        help="a documented long-training recipe (README, bench/training.md); flags given beside it win")
+
+
+def _add_train_run_options(train: argparse.ArgumentParser) -> None:
+    """train's validation, checkpoints, device, speed and run folder."""
     train.add_argument("--val-every", type=int, default=100, help="validation every N steps (default 100)")
     train.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every N steps (default 100)")
     train.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -482,9 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--overwrite", action="store_true", help="start again in a non-empty --out")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.set_defaults(func=_train, train_parser=train)
 
-    # ---------------------------------------------------------------- register
+
+def _add_register_parser(commands: argparse._SubParsersAction) -> None:
+    """firekit register."""
     register = commands.add_parser(
         "register",
         help="register a moving image onto a fixed image with a trained model",
@@ -492,6 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
         + " 2D models register 3D volumes slice by slice (axial). --pairs PAIRS.csv registers many pairs in one "
         "process.",
     )
+    _add_register_files(register)
+    _add_register_method_options(register)
+    _add_register_batch_options(register)
+    register.set_defaults(func=_register, register_parser=register)
+
+
+def _add_register_files(register: argparse.ArgumentParser) -> None:
+    """register's model, inputs and outputs."""
     register.add_argument("--model", default="default",
                           help="model.pt from firekit train (default: the shipped 2D T1 <-> T2-like model)")
     register.add_argument("--moving",
@@ -514,6 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "fixed-point iteration until every point is within 0.01 mm (at most 100 iterations), its "
                           "residual |u(y + v(y)) + v(y)| reported over the points that land inside the fixed image")
     register.add_argument("--affine", help="write the affine part as an ITK transform file (.tfm/.txt) here")
+
+
+def _add_register_method_options(register: argparse.ArgumentParser) -> None:
+    """register's network, refinement, start, masks and check."""
     register.add_argument("--affine-only", action="store_true", help="use only the affine subnet (network alone)")
     register.add_argument("--refine", type=_refine_steps, default="auto", metavar="K",
                           help="per-pair refinement after the network: 'auto' (default, the tuned schedule), "
@@ -549,6 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--no-check", action="store_true",
                           help="keep the registration's answer even when its start or the headers' alignment matches "
                           "better (by default the better one is kept and a line on stderr says so)")
+
+
+def _add_register_batch_options(register: argparse.ArgumentParser) -> None:
+    """register's report, grid, device and many pairs (--pairs, --shard)."""
     register.add_argument("--json", action="store_true",
                           help="print a JSON summary (outputs, folding, the check's verdict) instead of one line")
     register.add_argument("--spacing", type=float, default=1.28, help="network voxel size in mm (default 1.28)")
@@ -568,8 +621,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="with --pairs: take the K-th pair and every N-th after it (K = 1..N, e.g. "
                           "$SLURM_ARRAY_TASK_ID/N), summary in --out/summary-K-of-N.csv; join the N summaries with "
                           "firekit merge-summaries")
-    register.set_defaults(func=_register, register_parser=register)
 
+
+def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
+    """firekit merge-summaries."""
     merge = commands.add_parser(
         "merge-summaries",
         help="join the summary CSVs of a register --pairs run split by --shard K/N",
@@ -581,7 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="the merged summary CSV (e.g. OUT/summary.csv), never an input")
     merge.set_defaults(func=_merge_summaries)
 
-    # ---------------------------------------------------------------- apply
+
+def _add_apply_parser(commands: argparse._SubParsersAction) -> None:
+    """firekit apply."""
     apply = commands.add_parser(
         "apply",
         help="apply saved transforms (firekit's, ANTs', ITK's) to an image or label map, like antsApplyTransforms",
@@ -606,7 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "label (label-aware: each label's indicator linearly, then the argmax, background 0 included)")
     apply.set_defaults(func=_apply)
 
-    # ---------------------------------------------------------------- register-cine
+
+def _add_register_cine_parser(commands: argparse._SubParsersAction) -> None:
+    """firekit register-cine."""
     register_cine = commands.add_parser(
         "register-cine",
         help="register every phase of a 2D+t or 3D+t cine series to a reference phase",
@@ -637,6 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_cine.add_argument("--quiet", action="store_true", help="no per-level progress lines")
     register_cine.set_defaults(func=_register_cine)
 
+
+def _add_evaluate_cine_parser(commands: argparse._SubParsersAction) -> None:
+    """firekit evaluate-cine."""
     evaluate_cine = commands.add_parser(
         "evaluate-cine",
         help="ED -> ES on ACDC-layout patients: Dice LV / myocardium / RV, HD95, folding (the paper's Table 3)",
@@ -652,7 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cine.add_argument("--json", action="store_true", help="print JSON instead of a table")
     evaluate_cine.set_defaults(func=_evaluate_cine)
 
-    # ---------------------------------------------------------------- evaluate
+
+def _add_evaluate_parser(commands: argparse._SubParsersAction) -> None:
+    """firekit evaluate."""
     evaluate = commands.add_parser(
         "evaluate",
         help="Dice and HD95 per label, and folding of a displacement field",
@@ -665,7 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
     evaluate.set_defaults(func=_evaluate)
 
-    # ---------------------------------------------------------------- demo
+
+def _add_demo_parser(commands: argparse._SubParsersAction) -> None:
+    """firekit demo."""
     demo = commands.add_parser(
         "demo",
         help="register held-out demo brain pairs with the shipped model; write NIfTI outputs and figures",
@@ -683,7 +749,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--pairs", type=int, default=8, help="test pairs to register (default 8)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,6 +114,84 @@ def _register_pairs(model, records: list[dict], out: Path) -> tuple[list[dict], 
     return rows, seconds
 
 
+def _demo_model(data: Path, out: Path, retrain: bool, iterations: int, seed: int, progress: bool):
+    """The model the demo registers with, and its name: the shipped one, or one retrained in OUT/train."""
+    from firekit.registration.pipeline import load
+    from firekit.workflows import SHIPPED_RECIPE, train_on_files
+
+    if not retrain:
+        return load("default"), "the shipped model"
+    run_dir = out / "train"
+    train_on_files(str(data / "train/*/T1.nii.gz"), str(data / "train/*/T2.nii.gz"), run_dir,
+                   labels=str(data / "train/*/labels.nii.gz"), val_a=str(data / "val/*/T1.nii.gz"),
+                   val_b=str(data / "val/*/T2.nii.gz"), val_labels=str(data / "val/*/labels.nii.gz"),
+                   ndim=2, iterations=iterations, seed=seed, overwrite=True, progress=progress,
+                   **SHIPPED_RECIPE)
+    # Early stopping by validation, as for the shipped model.
+    best = run_dir / "model_best.pt"
+    model_path = best if best.is_file() else run_dir / "model.pt"
+    return load(model_path), str(model_path)
+
+
+def _demo_pairs(data: Path, out: Path, pairs: int, seed: int) -> list[dict]:
+    """``pairs`` held-out test pairs (T2-like moving, T1 fixed), spread over the test subjects."""
+    from firekit.data.protocol import make_test_pairs
+
+    test_subjects = sorted(p for p in (data / "test").iterdir() if p.is_dir())
+    if not test_subjects:
+        raise FirekitError(f"{data / 'test'}: no test subjects; rebuild with firekit data demo --overwrite")
+    per_subject = [pairs // len(test_subjects) + (i < pairs % len(test_subjects)) for i in range(len(test_subjects))]
+    records = []
+    for subject, count in zip(test_subjects, per_subject):
+        if count:
+            records += make_test_pairs(subject, out / "pairs" / subject.name, count, ndim=2, moving="T2",
+                                       fixed="T1", seed=seed + len(records))
+    return records
+
+
+def _summarise(rows: list[dict], seconds: list[float], stages: dict, model_name: str) -> dict:
+    """Mean Dice per stage and label (and their mean), mean folding, median seconds, the model, the pairs."""
+    summary = {key: {name: float(np.mean([r[key][label] for r in rows])) for label, name in LABEL_NAMES.items()}
+               for key in stages}
+    for key in summary:
+        summary[key]["mean"] = float(np.mean(list(summary[key].values())))
+    summary["folding_percent"] = float(np.mean([r["folding_percent"] for r in rows]))
+    summary["seconds_per_pair"] = float(np.median(seconds))
+    summary["model"] = model_name
+    summary["pairs"] = len(rows)
+    return summary
+
+
+def _write_dice_csv(path: Path, rows: list[dict], stages: dict) -> None:
+    """One line per pair and stage: Dice per label and their mean."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["pair", "stage", *LABEL_NAMES.values(), "mean"])
+        for r in rows:
+            for stage in stages:
+                values = [r[stage][k] for k in LABEL_NAMES]
+                writer.writerow([r["pair"], stage, *[f"{v:.4f}" for v in values], f"{np.mean(values):.4f}"])
+
+
+def _report(summary: dict, stages: dict, out: Path, seconds: float) -> str:
+    """The demo's printed table (also OUT/metrics.txt)."""
+    model_name = summary["model"]
+    lines = [f"firekit demo: {summary['pairs']} held-out 2D pairs (T2-like moving -> T1 fixed), {model_name}",
+             f"{'':<22}" + "".join(f"{n:>8}" for n in [*LABEL_NAMES.values(), "mean"])]
+    for key, label in stages.items():
+        lines.append(f"{label:<22}" + "".join(f"{summary[key][n]:8.3f}" for n in [*LABEL_NAMES.values(), "mean"]))
+    if "ants_syn" in stages:
+        network, syn = summary["network"]["mean"], summary["ants_syn"]["mean"]
+        lines.append(f"the network alone beside ANTs SyN on these pairs: {network:.3f} vs {syn:.3f} mean Dice "
+                     f"({network - syn:+.3f})")
+    lines.append(f"FIRE + refinement (the files written): |J| <= 0 {summary['folding_percent']:.3f} %, "
+                 f"median {summary['seconds_per_pair']:.2f} s per pair")
+    lines.append("for reference, bench/results.md (make bench) on 40 pairs of these subjects: "
+                 + ", ".join(f"{k} {v:.2f}" for k, v in ANTS_REFERENCE.items()))
+    lines.append(f"outputs in {out}/ ({seconds:.0f} s)")
+    return "\n".join(lines)
+
+
 def run_demo(
     data: Path,
     out: Path,
@@ -129,9 +207,6 @@ def run_demo(
         ``{stage: {label: mean Dice}}`` for every stage of :data:`STAGES`, plus folding and seconds.
     """
     from firekit.data.braindata import build_demo_dataset
-    from firekit.data.protocol import make_test_pairs
-    from firekit.registration.pipeline import load
-    from firekit.workflows import SHIPPED_RECIPE, train_on_files
 
     start = time.perf_counter()
     data, out = Path(data), Path(out)
@@ -139,62 +214,14 @@ def run_demo(
         print(f"building demo data in {data} ...", flush=True)
         build_demo_dataset(data, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
-    if retrain:
-        run_dir = out / "train"
-        train_on_files(str(data / "train/*/T1.nii.gz"), str(data / "train/*/T2.nii.gz"), run_dir,
-                       labels=str(data / "train/*/labels.nii.gz"), val_a=str(data / "val/*/T1.nii.gz"),
-                       val_b=str(data / "val/*/T2.nii.gz"), val_labels=str(data / "val/*/labels.nii.gz"),
-                       ndim=2, iterations=iterations, seed=seed, overwrite=True, progress=progress,
-                       **SHIPPED_RECIPE)
-        # Early stopping by validation, as for the shipped model.
-        best = run_dir / "model_best.pt"
-        model_path = best if best.is_file() else run_dir / "model.pt"
-        model = load(model_path)
-        model_name = str(model_path)
-    else:
-        model = load("default")
-        model_name = "the shipped model"
-    test_subjects = sorted(p for p in (data / "test").iterdir() if p.is_dir())
-    if not test_subjects:
-        raise FirekitError(f"{data / 'test'}: no test subjects; rebuild with firekit data demo --overwrite")
-    per_subject = [pairs // len(test_subjects) + (i < pairs % len(test_subjects)) for i in range(len(test_subjects))]
-    records = []
-    for subject, count in zip(test_subjects, per_subject):
-        if count:
-            records += make_test_pairs(subject, out / "pairs" / subject.name, count, ndim=2, moving="T2",
-                                       fixed="T1", seed=seed + len(records))
+    model, model_name = _demo_model(data, out, retrain, iterations, seed, progress)
+    records = _demo_pairs(data, out, pairs, seed)
     rows, seconds = _register_pairs(model, records, out)
     stages = {**STAGES, **({"ants_syn": "ANTs SyN (same pairs)"} if all("ants_syn" in r for r in rows) else {})}
-    summary = {key: {name: float(np.mean([r[key][label] for r in rows])) for label, name in LABEL_NAMES.items()}
-               for key in stages}
-    for key in summary:
-        summary[key]["mean"] = float(np.mean(list(summary[key].values())))
-    summary["folding_percent"] = float(np.mean([r["folding_percent"] for r in rows]))
-    summary["seconds_per_pair"] = float(np.median(seconds))
-    summary["model"] = model_name
-    summary["pairs"] = len(rows)
-    with open(out / "dice.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["pair", "stage", *LABEL_NAMES.values(), "mean"])
-        for r in rows:
-            for stage in stages:
-                values = [r[stage][k] for k in LABEL_NAMES]
-                writer.writerow([r["pair"], stage, *[f"{v:.4f}" for v in values], f"{np.mean(values):.4f}"])
+    summary = _summarise(rows, seconds, stages, model_name)
+    _write_dice_csv(out / "dice.csv", rows, stages)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    lines = [f"firekit demo: {len(rows)} held-out 2D pairs (T2-like moving -> T1 fixed), {model_name}",
-             f"{'':<22}" + "".join(f"{n:>8}" for n in [*LABEL_NAMES.values(), "mean"])]
-    for key, label in stages.items():
-        lines.append(f"{label:<22}" + "".join(f"{summary[key][n]:8.3f}" for n in [*LABEL_NAMES.values(), "mean"]))
-    if "ants_syn" in stages:
-        network, syn = summary["network"]["mean"], summary["ants_syn"]["mean"]
-        lines.append(f"the network alone beside ANTs SyN on these pairs: {network:.3f} vs {syn:.3f} mean Dice "
-                     f"({network - syn:+.3f})")
-    lines.append(f"FIRE + refinement (the files written): |J| <= 0 {summary['folding_percent']:.3f} %, "
-                 f"median {summary['seconds_per_pair']:.2f} s per pair")
-    lines.append("for reference, bench/results.md (make bench) on 40 pairs of these subjects: "
-                 + ", ".join(f"{k} {v:.2f}" for k, v in ANTS_REFERENCE.items()))
-    lines.append(f"outputs in {out}/ ({time.perf_counter() - start:.0f} s)")
-    text = "\n".join(lines)
+    text = _report(summary, stages, out, time.perf_counter() - start)
     (out / "metrics.txt").write_text(text + "\n")
     print(text)
     return summary

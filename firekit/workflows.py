@@ -256,6 +256,31 @@ def _pad_batch(x, shape, key: str):
     return _pad_to(x.float(), shape, 0.0 if key.startswith("labels") else -1.0).to(x.dtype)
 
 
+def _check_outputs(outputs: list, affine, inputs: list) -> None:
+    """register_files' output paths: none an input, no two alike, the --affine file writable."""
+    for path in outputs:
+        io.check_output_path(path, inputs)
+    resolved = [Path(p).resolve() for p in outputs + ([affine] if affine else [])]
+    if len(set(resolved)) != len(resolved):
+        raise FirekitError("two outputs share one path; give --out, --out-labels, --field, --inverse-field and "
+                           "--affine distinct names")
+    if affine is not None:
+        if Path(affine).resolve() in {Path(p).resolve() for p in inputs if p}:
+            raise FirekitError(f"{affine}: would overwrite an input; choose another --affine path")
+        io.check_output_file(affine, inputs)
+
+
+def _moving_labels(path, moving, moving_volume):
+    """The moving label map (not empty), on the moving image's grid."""
+    labels_volume = io.load_labels(path, "moving label map", allow_empty=False)
+    if labels_volume.shape != moving_volume.shape:
+        raise FirekitError(
+            f"{path}: shape {labels_volume.shape} differs from {moving} {moving_volume.shape}; "
+            "pass labels drawn on the moving image"
+        )
+    return labels_volume
+
+
 def register_files(
     model: Fire | None,
     moving: str | os.PathLike,
@@ -298,16 +323,7 @@ def register_files(
     outputs = [p for p in (out, out_labels, field, inverse_field) if p is not None]
     if (out_labels is None) != (moving_labels is None):
         raise FirekitError("--moving-labels and --out-labels go together; pass both or neither")
-    for path in outputs:
-        io.check_output_path(path, inputs)
-    resolved = [Path(p).resolve() for p in outputs + ([affine] if affine else [])]
-    if len(set(resolved)) != len(resolved):
-        raise FirekitError("two outputs share one path; give --out, --out-labels, --field, --inverse-field and "
-                           "--affine distinct names")
-    if affine is not None:
-        if Path(affine).resolve() in {Path(p).resolve() for p in inputs if p}:
-            raise FirekitError(f"{affine}: would overwrite an input; choose another --affine path")
-        io.check_output_file(affine, inputs)
+    _check_outputs(outputs, affine, inputs)
     # Every input is read and checked before any work, so a bad one costs no registration (register()
     # itself refuses images of different ndim and a model of the wrong ndim before it works).
     moving_volume = io.load_volume(moving, "moving image")
@@ -316,14 +332,7 @@ def register_files(
     if affine is not None and model is not None and model.ndim < n and refine_config(refine, n) is None:
         raise FirekitError(f"{affine}: a {model.ndim}D model without refinement registers {fixed} slice by slice, so "
                            "there is no single affine; drop --affine or turn refinement on")
-    labels_volume = None
-    if moving_labels is not None:
-        labels_volume = io.load_labels(moving_labels, "moving label map", allow_empty=False)
-        if labels_volume.shape != moving_volume.shape:
-            raise FirekitError(
-                f"{moving_labels}: shape {labels_volume.shape} differs from {moving} {moving_volume.shape}; "
-                "pass labels drawn on the moving image"
-            )
+    labels_volume = None if moving_labels is None else _moving_labels(moving_labels, moving, moving_volume)
     # read and checked before any work; register() refuses masks without refinement
     masks = [None if path is None else as_mask(path, image, name) for path, image, name in
              ((fixed_mask, fixed_volume, "fixed mask"), (moving_mask, moving_volume, "moving mask"))]

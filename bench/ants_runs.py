@@ -1,0 +1,51 @@
+"""ANTs (antspyx, ``pip install firekit[bench]``) on one pair, as every bench script runs it.
+
+:func:`run_ants` registers moving to fixed (timed) and returns ANTs' forward and inverse transforms
+composed into one ITK displacement field each. Shared by the scripts that put firekit beside ANTs
+(``bench.vs_ants``, ``bench.cine_vs_ants``, ``bench.throughput``; ``bench.gross_failures`` through
+``bench.vs_ants``), so that none of them imports another for it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+
+from bench import peers
+
+
+def to_ants(volume):
+    """An ANTs image with the NIfTI volume's geometry (ITK's LPS world)."""
+    import ants
+
+    origin, spacing, direction = peers.itk_geometry(volume)
+    return ants.from_numpy(np.asarray(volume.data, np.float32), origin=origin, spacing=spacing, direction=direction)
+
+
+def ants_fields(reg: dict, moving_image, fixed_image) -> tuple[np.ndarray, np.ndarray]:
+    """An ANTs registration's forward transforms composed into one field on fixed's grid, and its
+    inverse transforms into one on moving's grid (ITK/LPS mm, ``(*S, n)`` each)."""
+    import ants
+
+    with tempfile.TemporaryDirectory() as tmp:
+        forward = ants.apply_transforms(fixed_image, moving_image, reg["fwdtransforms"], compose=f"{tmp}/fwd_")
+        inverse_list = reg["invtransforms"]
+        invert = [name.endswith(".mat") for name in inverse_list]  # affines are inverted, inverse warps are not
+        backward = ants.apply_transforms(moving_image, fixed_image, inverse_list, whichtoinvert=invert,
+                                         compose=f"{tmp}/inv_")
+        return ants.image_read(forward).numpy(), ants.image_read(backward).numpy()
+
+
+def run_ants(kind: str, moving, fixed, seed: int) -> dict:
+    """ANTs ``kind`` from moving to fixed (timed), its fields (see :func:`ants_fields`)."""
+    import ants
+
+    def solve():
+        moving_image, fixed_image = to_ants(moving), to_ants(fixed)
+        return moving_image, fixed_image, ants.registration(fixed_image, moving_image, type_of_transform=kind,
+                                                            aff_metric="mattes", random_seed=seed)
+
+    (moving_image, fixed_image, reg), wall, cpu = peers.timed(solve)
+    field, backward = ants_fields(reg, moving_image, fixed_image)
+    return dict(field=field, backward=backward, wall=wall, cpu=cpu)
