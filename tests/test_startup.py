@@ -22,7 +22,7 @@ def run_python(code: str) -> dict:
 
 
 def test_import_firekit_and_its_cli_import_no_torch():
-    seen = run_python("import json, sys, firekit, firekit.cli, firekit.errors; "
+    seen = run_python("import json, sys, firekit, firekit.cli, firekit.core.errors; "
                       "print(json.dumps({m: m in sys.modules for m in ('torch', 'numpy', 'nibabel')}))")
     assert seen == {"torch": False, "numpy": False, "nibabel": False}
 
@@ -46,7 +46,7 @@ def test_every_subcommand_help_is_probed():
 
 def test_probe_reports_torch_once_work_starts():
     # the probe itself must see torch when a command does import it (else the tests above prove nothing)
-    result = subprocess.run([sys.executable, "-c", "import firekit.model\n" + PROBE, "--version"],
+    result = subprocess.run([sys.executable, "-c", "import firekit.fire.model\n" + PROBE, "--version"],
                             capture_output=True, text=True, env=ENV, timeout=300)
     assert json.loads(result.stdout.strip().splitlines()[-1])["torch"] is True
 
@@ -65,26 +65,28 @@ def test_argument_error_messages_are_unchanged():
 def test_lazy_names_are_the_submodules_objects_and_listed():
     import firekit
 
-    code = ("import json, firekit\n"
+    code = ("import importlib, json, firekit\n"
             "names = [n for n in firekit.__all__ if n != '__version__']\n"
             "listed = set(dir(firekit))\n"
-            "from firekit import Fire, load\n"
-            "from firekit import model, register, train, losses, errors\n"
-            "same = {n: getattr(firekit, n) is getattr(getattr(firekit, firekit._LAZY[n]) if n in firekit._LAZY"
-            " else errors, n) for n in names}\n"
+            "from firekit import Fire, load, register\n"
+            "from firekit.fire import model\n"
+            "from firekit.registration import pipeline\n"
+            "home = lambda n: importlib.import_module('firekit.' + firekit._LAZY.get(n, 'core.errors'))\n"
+            "same = {n: getattr(firekit, n) is getattr(home(n), n) for n in names}\n"
             "print(json.dumps({'missing': sorted(set(names) - listed), 'same': same, 'fire': Fire is model.Fire,"
-            " 'load': load is register.load, 'register_module': firekit.registration.pipeline is register}))")
+            " 'load': load is pipeline.load, 'register': register is pipeline.register}))")
     seen = run_python(code)
     assert seen["missing"] == [] and all(seen["same"].values()), seen
-    assert seen["fire"] and seen["load"] and seen["register_module"]
+    assert seen["fire"] and seen["load"] and seen["register"]
     assert set(firekit._LAZY) | {"FirekitError", "__version__"} == set(firekit.__all__)
 
 
-def test_submodules_resolve_as_attributes_and_unknown_names_raise():
+def test_subpackages_resolve_as_attributes_and_unknown_names_raise():
     seen = run_python("import json, firekit\n"
-                      "volume = firekit.data.io.Volume\n"
+                      "package = firekit.registration\n"
+                      "import firekit.data.io\n"
                       "try:\n    firekit.no_such_thing\n    raised = False\n"
                       "except AttributeError:\n    raised = True\n"
-                      "print(json.dumps({'io': volume.__module__, 'raised': raised,"
-                      " 'listed': 'io' in dir(firekit)}))")
-    assert seen == {"io": "firekit.data.io", "raised": True, "listed": True}
+                      "print(json.dumps({'package': package.__name__, 'io': firekit.data.io.Volume.__module__,"
+                      " 'raised': raised, 'listed': 'registration' in dir(firekit)}))")
+    assert seen == {"package": "firekit.registration", "io": "firekit.data.io", "raised": True, "listed": True}
