@@ -8,7 +8,7 @@ import torch
 from firekit import Fire, FireConfig, FirekitError
 from firekit.core import metrics, spatial
 from firekit.data.phantom import phantom_pair
-from firekit.registration.refine import moments_init
+from firekit.registration.moments import moments_init
 from firekit.registration.start import network_start, prealign
 from firekit.training.train import TrainConfig, make_optimizers, train, train_step
 

@@ -16,7 +16,9 @@ from firekit.data import io
 from firekit.core import metrics
 from firekit.registration.check import AffineBounds, affine_geometry, check, Candidate, default_bounds, implausible
 from firekit.core.errors import FirekitError
-from firekit.registration.refine import RefineConfig, _moment_candidates, _Pyramid
+from firekit.registration.levels import Pyramid
+from firekit.registration.moments import moments_search
+from firekit.registration.refine import RefineConfig
 from firekit.registration.pipeline import register
 from firekit.core import spatial
 
@@ -143,7 +145,7 @@ def test_header_start_never_proposes_a_turn_beyond_the_bound(subject):
     x_moving, x_fixed = to_network(moving, shape, grid), to_network(fixed, shape, grid)
     for orientation, largest in (("header", 45.0), ("search-axes", 180.0)):
         config = RefineConfig.preset(2, orientation=orientation, starts=200)
-        candidates, _ = _moment_candidates(_Pyramid(x_moving), _Pyramid(x_fixed), config, keep=200)
+        candidates, _ = moments_search(Pyramid(x_moving), Pyramid(x_fixed), config, keep=200)
         angles = affine_geometry(candidates[0], shape)["rotation_deg"]
         assert float(angles.max()) <= largest + 1e-6
         if orientation == "search-axes":
@@ -281,7 +283,7 @@ def test_the_fft_shift_search_finds_a_known_shift():
     """``RefineConfig.shift_reach`` (off by default): a candidate off by a known shift is moved back,
     and its score is the plain similarity at the moved candidate up to the features at the border
     (the padded grid gives MIND its context there)."""
-    from firekit.registration.refine import _best_shifts, _score_affines
+    from firekit.registration.moments import _best_shifts, _score_affines
     from firekit.core.similarity import get_similarity
 
     grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 40), indexing="ij"))
@@ -304,7 +306,7 @@ def test_the_moments_ignore_specks_of_background_noise():
     """``RefineConfig.foreground_opening``: noise above the foreground threshold, spread over the
     field of view, no longer pulls the centre of mass to the grid's centre nor swells the
     covariance (it made a 50 x 60 voxel vertex slice look 126 x 152)."""
-    from firekit.registration.refine import _foreground_moments
+    from firekit.registration.moments import _foreground_moments
 
     generator = torch.Generator().manual_seed(0)
     image = torch.full((1, 1, 96, 120), -1.0)

@@ -9,18 +9,11 @@ from firekit.data import augment, phantom
 from firekit.fire import losses
 from firekit.core import metrics, similarity, spatial
 from firekit.core.errors import FirekitError
-from firekit.registration.refine import (
-    RefineConfig,
-    RefineResult,
-    _field_motion,
-    _Level,
-    _Pyramid,
-    bending_energy_per_sample,
-    candidate_rotations,
-    diffusion_energy,
-    moments_init,
-    refine,
-)
+from firekit.registration.field_stage import _field_motion
+from firekit.registration.levels import Level, Pyramid
+from firekit.registration.moments import candidate_rotations, moments_init
+from firekit.registration.refine import RefineConfig, RefineResult, refine
+from firekit.registration.regularisers import bending_energy_per_sample, diffusion_energy
 
 SHAPES = {2: (64, 64), 3: (40, 40, 40)}
 SPACING_MM = 3.0  # voxel size the random transforms are drawn for (a 120-190 mm field of view)
@@ -193,8 +186,8 @@ def test_sampled_similarity_is_the_dense_one_at_the_sampled_voxels(ndim):
     grid = 0.03 * torch.randn(1, ndim, *([5] * ndim), generator=torch.Generator().manual_seed(0))
     motion = partial(_field_motion, grid, None)
     mind = similarity.get_similarity("mind")
-    dense = _Level(_Pyramid(moving), _Pyramid(fixed), 1, mind, warp_features=True)
-    sampled = _Level(_Pyramid(moving), _Pyramid(fixed), 1, mind, warp_features=True, sampling=0.25)
+    dense = Level(Pyramid(moving), Pyramid(fixed), 1, mind, warp_features=True)
+    sampled = Level(Pyramid(moving), Pyramid(fixed), 1, mind, warp_features=True, sampling=0.25)
     # At the sampled voxels, the moving features warped through their points are the dense ones.
     points, index = sampled.sample_voxels(torch.Generator().manual_seed(1))
     assert points.shape[:3] == (1, ndim, index.numel() // 2 ** (ndim - 1))
@@ -219,7 +212,7 @@ def test_smoothing_moving_first_nearly_matches_the_exact_affine_loss(ndim):
     mind = similarity.get_similarity("mind")
 
     def loss(factor, smooth_first):
-        level = _Level(_Pyramid(moving), _Pyramid(fixed), factor, mind, warp_features=False, smooth_first=smooth_first)
+        level = Level(Pyramid(moving), Pyramid(fixed), factor, mind, warp_features=False, smooth_first=smooth_first)
         return float(level.loss(partial(spatial.affine_to_displacement, theta)))
 
     # At full resolution nothing is smoothed: the same loss; coarser, only the order of
@@ -405,7 +398,7 @@ def test_refine_rejects_bad_input():
 
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_a_foreground_is_cut_by_its_view_only_where_it_reaches_the_edge(ndim):
-    from firekit.registration.refine import cut_by_view
+    from firekit.registration.levels import cut_by_view
 
     shape = (24,) * ndim
     grids = torch.meshgrid(*[torch.arange(s, dtype=torch.float32) for s in shape], indexing="ij")

@@ -38,7 +38,7 @@ class FireConfig(PlainConfig):
             keypoints found in each image alone and a least-squares affine between them
             (:class:`~firekit.fire.nets.KeypointAffineHead`). Not in the paper.
         prealign: ``"none"`` (the paper) or ``"moments"``: each T starts from the moments affine of
-            the pair (:func:`firekit.registration.refine.moments_init`, centre of mass + principal axes, rotation
+            the pair (:func:`firekit.registration.moments.moments_init`, centre of mass + principal axes, rotation
             candidates scored by MIND; no gradient) and T_af predicts a residual on the moving
             features pre-aligned by it. Not in the paper; a switch for learning on a small budget.
         residual_bound: with ``prealign``, each entry of T_af's residual affine (its output minus

@@ -13,6 +13,10 @@ isotropic voxels (as :func:`firekit.registration.pipeline.register` gives them):
   from (its start, the headers' identity) by MIND-SSC over fixed's foreground; when the answer is
   implausible or scores worse than one of them by more than :data:`MARGIN`, fall back to the best
   plausible candidate and say why (:class:`CheckReport`).
+
+As the check stage of :func:`firekit.registration.pipeline.register`, :func:`checked` runs it on CPU
+tensors and warps again only the pairs that fell back; :func:`start_candidate` turns the refinement's
+start into a candidate and :func:`slices_report` sums up a volume checked slice by slice.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from firekit.core.errors import FirekitError
 from firekit.core.similarity import get_similarity
 
 __all__ = ["AffineBounds", "default_bounds", "affine_geometry", "implausible", "plausible_mask", "Candidate",
-           "CheckReport", "check", "ORIENTATIONS"]
+           "CheckReport", "check", "checked", "start_candidate", "slices_report", "ORIENTATIONS"]
 
 # "header": trust the files' orientation (rotations within the bound only); "search-axes": also
 # try every 90/180-degree turn and axis permutation, for files whose headers are wrong.
@@ -223,3 +227,49 @@ def check(moving: torch.Tensor, fixed: torch.Tensor, candidates: Sequence[Candid
             displacement[b] = kept.displacement[b].to(displacement)
         reports.append(report)
     return theta, displacement, reports
+
+
+def checked(moving: torch.Tensor, fixed: torch.Tensor, candidates: Sequence[Candidate], bounds: AffineBounds,
+            warped: torch.Tensor, fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[CheckReport]]:
+    """:func:`check` on CPU tensors -> ``(theta, displacement, warped, reports)``.
+
+    The user's masks weigh it; the fields of view do not, so an answer that maps fixed's anatomy
+    out of moving's view is not excused. ``warped`` ``(B, 1, *S)`` (moving warped by the answer) is
+    redone only for pairs that fell back.
+    """
+    masks = [None if m is None else m.cpu() for m in (fixed_mask, moving_mask)]
+    theta, disp, reports = check(moving, fixed, candidates, bounds, *masks)
+    fell_back = [b for b, report in enumerate(reports) if report.verdict != "ok"]
+    if fell_back:
+        warped = warped.clone()
+        warped[fell_back] = spatial.warp(moving[fell_back], disp[fell_back])
+    return theta, disp, warped, reports
+
+
+def start_candidate(start: torch.Tensor, winner: torch.Tensor, flow: torch.Tensor | None,
+                    shape: Sequence[int]) -> Candidate:
+    """The refinement's start as the check's ``"start"`` candidate on ``shape``.
+
+    Args:
+        start: ``(B, n, n + 1)`` the affine each pair's refinement started from.
+        winner: ``(B,)`` which start each pair kept (0: the first, the network's when it gave ``flow``).
+        flow: ``(B, n, *s)`` the network's flow (None: none): the network's whole answer where its affine
+            was the start kept, the affine alone elsewhere.
+    """
+    start = start.cpu()
+    displacement = spatial.affine_to_displacement(start, shape)
+    if flow is not None:
+        from_network = (winner.cpu() == 0).view(-1, *[1] * (len(shape) + 1))
+        with_flow = spatial.compose_affine_displacement(start, spatial.resize_displacement(flow.cpu(), shape))
+        displacement = torch.where(from_network, with_flow, displacement)
+    return Candidate("start", start, displacement)
+
+
+def slices_report(reports: list[CheckReport]) -> CheckReport:
+    """One report for a volume registered slice by slice: ``"fallback"`` if any slice fell back."""
+    fell_back = [k for k, r in enumerate(reports) if r.verdict != "ok"]
+    if not fell_back:
+        return CheckReport()
+    return CheckReport("fallback", "header", f"check: {len(fell_back)} of {len(reports)} slices kept the headers' "
+                       f"alignment (slices {', '.join(map(str, fell_back[:8]))}{' ...' if len(fell_back) > 8 else ''})")

@@ -172,12 +172,12 @@ def _solve_phases(model, x_moving: torch.Tensor, x_fixed: torch.Tensor, config, 
 
     Refinement starts from the network's affine and flow, or from the identity (not from moments:
     the phases of one acquisition are already aligned but for the motion)."""
+    from firekit.registration.network import run_network
     from firekit.registration.refine import refine
-    from firekit.registration.pipeline import _network
 
     theta = flow = None
     if model is not None:
-        theta, disp, _, flow = _network(model, x_moving, x_fixed, direction, False, device, factor)
+        theta, disp, _, flow = run_network(model, x_moving, x_fixed, direction, False, device, factor)
         if config is None:
             return disp
     if theta is None:
@@ -218,7 +218,7 @@ def register_cine(
         batch_size: phases per batch (network and refinement run on a batch at once).
     """
     from firekit.data.pairs import network_grid, to_network
-    from firekit.registration.pipeline import network_factor, world_mapping
+    from firekit.registration.network import network_factor
 
     n, phases = series.ndim, series.phases
     ref = reference_phase(reference, phases, ed, es)
@@ -252,9 +252,17 @@ def register_cine(
         fixed_batch = x_fixed.expand(len(chunk), *x_fixed.shape[1:])
         displacement[chunk] = _solve_phases(solver_model, x_phases[chunk], fixed_batch, config, direction, device,
                                             factor, progress).float()
-    seconds = time.perf_counter() - tick
+    return _cine_result(series, ref, frame, displacement, grid_affine, time.perf_counter() - tick)
+
+
+def _cine_result(series: Series, ref: int, frame: io.Volume, displacement: torch.Tensor, grid_affine: np.ndarray,
+                 seconds: float) -> CineResult:
+    """The phases' normalised displacements ``(T, n, *G)`` on the registration grid (``grid_affine``) carried
+    onto the reference ``frame``'s grid: in mm, as phase voxels, and each phase warped."""
+    from firekit.registration.pipeline import world_mapping
+
     fields, forward, warped = [], [], []
-    for t in range(phases):
+    for t in range(series.phases):
         mm, points = world_mapping(spatial.normalised_to_voxel(displacement[t:t + 1]), grid_affine, frame, series.affine)
         source = torch.as_tensor(np.asarray(series.data[..., t], dtype=np.float32))[None, None]
         warped.append(spatial.sample(source, points.float(), padding_mode="zeros")[0, 0].numpy())

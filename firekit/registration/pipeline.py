@@ -9,10 +9,18 @@ Conventions (also in the README and ``firekit register --help``):
 * A 2D registration has 2 components, also when the 2D image was stored as ``(X, Y, 1)``.
 * ``direction="a2b"``: the moving image is modality A, the fixed is B (the model's A->B path).
 
-Inside, both images are resampled onto the *network grid* (the fixed image's field of view in
-canonical RAS axes at ``spacing`` mm, padded to the network's size rules) after placing them in
-the world by their own affines; the network's displacement is then carried back through world
-space onto the fixed grid, and the moving image is sampled once, on its own grid.
+:func:`register` keeps millimetres, files and Volumes at its edge. It checks its arguments, places
+both images in the world by their own affines and resamples them onto the *network grid* (the fixed
+image's field of view in canonical RAS axes at ``spacing`` mm, padded to the network's size rules),
+with the masks and fields of view as :class:`~firekit.registration.levels.Regions`. On those
+normalised ``(B, 1, *S)`` tensors it composes the stages (:func:`_solve`): the network
+(:mod:`~firekit.registration.network`: G and one T from the moments start of
+:mod:`~firekit.registration.start`), the refinement's starts (:func:`~firekit.registration.start.refinement_start`:
+the network's affine beside the best of the moments search, :mod:`~firekit.registration.moments`),
+the refinement (:func:`~firekit.registration.refine.refine`: its affine and non-rigid stages) and the
+check (:func:`~firekit.registration.check.checked`: the answer against its start and the headers'
+alignment). The answer is then carried back through world space onto the fixed grid, and the moving
+image is sampled once, on its own grid.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -27,17 +36,22 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from firekit.data import io
 from firekit.core import spatial
-from firekit.data.pairs import DEFAULT_SPACING, map_points, network_grid, resample, to_network
-from firekit.data.atomic import atomic_write_text
-from firekit.registration.check import Candidate, CheckReport, check, default_bounds, plausible_mask
 from firekit.core.errors import FirekitError
-from firekit.registration.fields import FieldInverse, invert_field
+from firekit.data import io
+from firekit.data.atomic import atomic_write_text
 from firekit.data.io import itk_field_array, lps_flip
+from firekit.data.pairs import DEFAULT_SPACING, map_points, network_grid, resample, to_network
 from firekit.fire.checkpoint import load_checkpoint
 from firekit.fire.model import Fire, other_direction
-from firekit.registration.start import header_candidate, network_start
+from firekit.registration import refine as refinement
+from firekit.registration.apply import read_affine
+from firekit.registration.check import Candidate, CheckReport, checked, default_bounds, slices_report, start_candidate
+from firekit.registration.fields import FieldInverse, invert_field
+from firekit.registration.levels import Regions
+from firekit.registration.network import network_factor, network_slices, run_network, synthesise
+from firekit.registration.presets import RefineConfig
+from firekit.registration.start import header_candidate, refinement_start
 
 __all__ = [
     "RegistrationResult",
@@ -267,8 +281,6 @@ def _initial_affine(initial_affine, n: int) -> np.ndarray | None:
     if initial_affine is None:
         return None
     if isinstance(initial_affine, (str, os.PathLike)):
-        from firekit.registration.apply import read_affine
-
         matrix, name = read_affine(initial_affine), str(initial_affine)
     else:
         matrix, name = np.asarray(initial_affine, dtype=np.float64), "initial affine"
@@ -296,18 +308,6 @@ def symmetrise(theta: torch.Tensor, displacement: torch.Tensor, theta_back: torc
     return 0.5 * (theta + theta_inverse), 0.5 * (displacement + inverse)
 
 
-def network_factor(model: Fire | None, shape: Sequence[int], grid_affine: np.ndarray) -> int:
-    """How many times coarser than the registration grid the model runs: its training spacing
-    (``model.spacing``, from the checkpoint) over the grid's finest spacing, rounded; 1 when unknown,
-    finer, or when the coarse grid would fall below the model's minimum size."""
-    if model is None or not model.spacing:
-        return 1
-    factor = max(1, round(model.spacing / float(io.spacing(grid_affine).min())))
-    while factor > 1 and min(shape) / factor < model.min_size:
-        factor -= 1
-    return factor
-
-
 def refine_config(refine, ndim: int, seed: int = 0, start: str = "moments"):
     """A ``RefineConfig`` from ``register``'s ``refine`` argument (None when refinement is off).
 
@@ -317,8 +317,6 @@ def refine_config(refine, ndim: int, seed: int = 0, start: str = "moments"):
     affine and flow start the refinement too (the preset's shorter schedule, see
     :meth:`~firekit.registration.refine.RefineConfig.preset`), else ``"moments"``.
     """
-    from firekit.registration.refine import RefineConfig
-
     if refine is None or refine is False or (isinstance(refine, int) and not isinstance(refine, bool) and refine == 0):
         return None
     if isinstance(refine, RefineConfig):
@@ -338,144 +336,58 @@ def refine_config(refine, ndim: int, seed: int = 0, start: str = "moments"):
     raise FirekitError(f"refine must be 0 (off), 'auto' or a positive number of steps per level, got {refine!r}")
 
 
-def _coarse_shape(shape: Sequence[int], factor: int, multiple: int, min_size: int) -> tuple[int, ...]:
-    """``shape`` divided by ``factor``, rounded to a multiple of ``multiple`` and at least ``min_size``."""
-    return tuple(max(min_size, multiple * max(1, round(s / factor / multiple))) for s in shape)
-
-
-def _network(model: Fire, x_moving: torch.Tensor, x_fixed: torch.Tensor, direction: str, affine_only: bool,
-             device, factor: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The model on ``(B, 1, *S)`` inputs -> (theta, displacement, warped, flow), normalised, on ``S``.
-
-    ``factor`` > 1 runs the model on copies ``factor`` times coarser (a model trained at a coarser
-    spacing); its affine and flow are in normalised coordinates, so they carry over to ``S``
-    unchanged (the flow is linearly resampled). ``flow`` is the non-rigid part on G's grid (None when
-    affine-only).
-    """
-    from firekit.registration.refine import downsample
-
-    net_moving, net_fixed = x_moving, x_fixed
-    if factor > 1:
-        shape = _coarse_shape(x_fixed.shape[2:], factor, model.size_multiple, model.min_size)
-        net_moving, net_fixed = downsample(x_moving, factor, shape), downsample(x_fixed, factor, shape)
-    with torch.inference_mode():
-        net_moving, net_fixed = net_moving.to(device), net_fixed.to(device)
-        reg = model.register(net_moving, net_fixed, direction, affine_only,
-                             theta0=network_start(model.config, net_moving, net_fixed, direction))
-    # clone() outside inference mode: refinement may use these in autograd
-    theta, disp, warped = reg.theta.cpu().clone(), reg.displacement.cpu().clone(), reg.warped.cpu().clone()
-    flow = None if reg.flow is None or affine_only else reg.flow.cpu().clone()
-    if factor > 1:
-        disp = spatial.resize_displacement(disp, x_fixed.shape[2:])
-        warped = spatial.warp(x_moving, disp)
-    return theta, disp, warped, flow
-
-
-class Regions(NamedTuple):
-    """Where the similarity counts, each ``(B, 1, *S)`` on the network grid with weights in [0, 1]
-    (None: everywhere): the user's masks of fixed and moving (``--fixed-mask``, ``--moving-mask``)
-    and each image's field of view on the grid (where its voxels are, not the grid's padding)."""
-
-    fixed: torch.Tensor | None = None
-    moving: torch.Tensor | None = None
-    fixed_view: torch.Tensor | None = None
-    moving_view: torch.Tensor | None = None
-
-    def swapped(self) -> "Regions":
-        """The regions of the registration the other way (fixed onto moving)."""
-        return Regions(self.moving, self.fixed, self.moving_view, self.fixed_view)
-
-
 def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, direction: str, affine_only: bool,
            config, device, synthesis: bool = False, progress: bool = False, network_factor: int = 1,
            orientation: str = "header", check: bool = True, start: torch.Tensor | None = None,
            regions: Regions = Regions()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[CheckReport] | None]:
-    """Network and/or refinement on same-ndim tensors -> (theta, displacement, warped, reports), normalised.
+    """The stages on same-ndim tensors -> (theta, displacement, warped, reports), normalised.
+
+    The network (when there is a model), then, with refinement on, the refinement's starts and the
+    refinement, then the check (``check``).
 
     ``synthesis``: refinement compares the moving image mapped into the fixed image's contrast by
     the model's decoder (``F(G(moving))``) with fixed, instead of moving itself.
-    ``network_factor``: the model runs on a grid this many times coarser (see :func:`_network`).
+    ``network_factor``: the model runs on a grid this many times coarser (see
+    :func:`~firekit.registration.network.run_network`).
     ``orientation``: ``"header"`` keeps every affine (the start, the network's, the refinement's)
     within :func:`firekit.registration.check.default_bounds`; ``"search-axes"`` lifts the rotation bound.
     ``check``: weigh the answer against its start and the headers' identity (:func:`firekit.registration.check.check`)
     and keep the best; ``reports`` is then one :class:`~firekit.registration.check.CheckReport` per pair (else None).
     ``start``: ``(B, n, n + 1)`` normalised affine (e.g. a saved transform) to start the refinement from
     in place of the moments candidates; beside the network's affine when there is a model.
-    ``regions``: where the similarity counts (:class:`Regions`; the masks need refinement).
+    ``regions``: where the similarity counts (:class:`~firekit.registration.levels.Regions`; the masks need
+    refinement).
     """
-    from firekit.registration.refine import cut_by_view, moment_candidates, refine
-
-    ndim = x_fixed.ndim - 2
-    shape = x_fixed.shape[2:]
-    bounds = default_bounds(ndim, orientation)
+    bounds = default_bounds(x_fixed.ndim - 2, orientation)
     header = header_candidate(x_fixed)
-    theta = flow = None
+    answer = None
     if model is not None:
-        theta, disp, warped, flow = _network(model, x_moving, x_fixed, direction, affine_only, device, network_factor)
+        answer = run_network(model, x_moving, x_fixed, direction, affine_only, device, network_factor)
         if config is None:
             if not check:
-                return theta, disp, warped, None
-            return _checked(x_moving, x_fixed, [Candidate("result", theta, disp), header], bounds, warped)
+                return answer.theta, answer.displacement, answer.warped, None
+            candidates = [Candidate("result", answer.theta, answer.displacement), header]
+            return checked(x_moving, x_fixed, candidates, bounds, answer.warped)
     if config is not None and config.orientation != orientation:
         config = replace(config, orientation=orientation)
     x_moving, x_fixed = x_moving.to(device), x_fixed.to(device)
-    theta0 = displacement0 = None
-    if start is not None:
-        start = start.to(x_fixed)
-        theta0 = start if theta is None else torch.stack([theta.to(start), start], dim=1)
-        if theta is not None and flow is not None:
-            displacement0 = flow.to(start)
-    elif theta is not None:
-        # The network's affine is one start among the moments search's best (the probe found the
-        # moments often better); the affine stage judges them all at full resolution after its first
-        # level, an implausible one (beyond the bounds) never wins, and the network's flow is kept
-        # only where its affine won.
-        keep = config.network_starts
-        if config.cut_network_starts != keep and regions.moving_view is not None and bool(cut_by_view(
-                x_moving, regions.moving_view, config.foreground, config.foreground_opening).any()):
-            keep = config.cut_network_starts
-        moments = moment_candidates(x_moving, x_fixed, config, keep=keep, fixed_mask=regions.fixed,
-                                    moving_mask=regions.moving)
-        theta0 = torch.cat([theta.to(moments)[:, None], moments], dim=1)
-        if flow is not None:
-            displacement0 = flow.to(moments)
-    target = x_moving
-    if synthesis:
-        with torch.inference_mode():
-            synthesised = model.synthesise(x_moving.to(device), direction)
-        target = synthesised.clone()  # outside inference mode: refinement differentiates through it
+    theta, flow = (None, None) if answer is None else (answer.theta, answer.flow)
+    starts = refinement_start(x_moving, x_fixed, config, theta, flow, start, regions)
+    target = synthesise(model, x_moving, direction, device) if synthesis else x_moving
     with torch.enable_grad():  # refinement optimises by gradient, whatever the caller's mode
-        result = refine(target, x_fixed, theta0=theta0, displacement0=displacement0, config=config,
-                        progress=progress, fixed_mask=regions.fixed, moving_mask=regions.moving,
-                        moving_view=regions.moving_view)
+        # looked up in its module at each call (tests and bench/refine_3d.py wrap it there)
+        result = refinement.refine(target, x_fixed, theta0=starts.theta0, displacement0=starts.displacement0,
+                                   config=config, progress=progress, fixed_mask=regions.fixed,
+                                   moving_mask=regions.moving, moving_view=regions.moving_view)
     theta, disp = result.theta.detach().cpu(), result.displacement.detach().cpu()
     warped = result.warped if not synthesis else spatial.warp(x_moving, result.displacement)
     if not check:
         return theta, disp, warped.detach().cpu(), None
-    start = result.start.cpu()
-    start_disp = spatial.affine_to_displacement(start, shape)
-    if displacement0 is not None:
-        # The network's whole answer where its affine was the start kept, the affine alone elsewhere.
-        from_network = (result.history["start"].cpu() == 0).view(-1, *[1] * (ndim + 1))
-        with_flow = spatial.compose_affine_displacement(start, spatial.resize_displacement(displacement0.cpu(), shape))
-        start_disp = torch.where(from_network, with_flow, start_disp)
-    candidates = [Candidate("result", theta, disp), Candidate("start", start, start_disp), header]
-    return _checked(x_moving.cpu(), x_fixed.cpu(), candidates, bounds, warped.detach().cpu(), regions)
-
-
-def _checked(x_moving: torch.Tensor, x_fixed: torch.Tensor, candidates: list[Candidate], bounds,
-             warped: torch.Tensor, regions: Regions = Regions(),
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[CheckReport]]:
-    """:func:`firekit.registration.check.check` on CPU tensors (the user's masks weigh it; the fields of view do
-    not, so an answer that maps fixed's anatomy out of moving's view is not excused); ``warped`` is
-    redone only for pairs that fell back."""
-    masks = [None if m is None else m.cpu() for m in (regions.fixed, regions.moving)]
-    theta, disp, reports = check(x_moving, x_fixed, candidates, bounds, *masks)
-    fell_back = [b for b, report in enumerate(reports) if report.verdict != "ok"]
-    if fell_back:
-        warped = warped.clone()
-        warped[fell_back] = spatial.warp(x_moving[fell_back], disp[fell_back])
-    return theta, disp, warped, reports
+    candidates = [Candidate("result", theta, disp),
+                  start_candidate(result.start, result.history["start"], starts.displacement0, x_fixed.shape[2:]),
+                  header]
+    return checked(x_moving.cpu(), x_fixed.cpu(), candidates, bounds, warped.detach().cpu(), regions.fixed,
+                   regions.moving)
 
 
 def world_mapping(voxels: torch.Tensor, grid_affine: np.ndarray, fixed: io.Volume,
@@ -501,27 +413,11 @@ def world_mapping(voxels: torch.Tensor, grid_affine: np.ndarray, fixed: io.Volum
     return (u_ras * lps_flip(n)).astype(np.float32), moving_points
 
 
-def register(
-    model: Fire | None,
-    moving,
-    fixed,
-    direction: str = "a2b",
-    affine_only: bool = False,
-    spacing: float | None = DEFAULT_SPACING,
-    device: str | torch.device | None = None,
-    slice_batch: int = 16,
-    refine=0,
-    seed: int = 0,
-    similarity: str | None = None,
-    synthesis: bool = False,
-    progress: bool | str = False,
-    symmetric: bool = False,
-    orientation: str = "header",
-    check: bool = True,
-    initial_affine=None,
-    fixed_mask=None,
-    moving_mask=None,
-) -> RegistrationResult:
+def register(model: Fire | None, moving, fixed, direction: str = "a2b", affine_only: bool = False,
+             spacing: float | None = DEFAULT_SPACING, device: str | torch.device | None = None, slice_batch: int = 16,
+             refine=0, seed: int = 0, similarity: str | None = None, synthesis: bool = False,
+             progress: bool | str = False, symmetric: bool = False, orientation: str = "header", check: bool = True,
+             initial_affine=None, fixed_mask=None, moving_mask=None) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with a FIRE model, per-pair refinement, or both.
 
     Args:
@@ -536,35 +432,72 @@ def register(
         refine: 0 network alone; ``"auto"`` the tuned refinement; K steps per pyramid level; or a
             ``RefineConfig``. A 2D model on a 3D volume refines in 3D from moments.
         seed: refinement seed (results are deterministic for a seed).
-        similarity: refinement's similarity (``"mind"``, ``"ngf"``, ``"lncc"``, ``"mse"``; default
-            the preset's, MIND).
-        synthesis: refinement registers FIRE's synthesis of moving in the fixed contrast
-            (``F(G(moving))``) to fixed, so a mono-modal similarity (``"lncc"``, ``"mse"``) can be
-            used across modalities; the transform found is applied to moving. Needs a model.
+        similarity: refinement's similarity (``"mind"``, ``"ngf"``, ``"lncc"``, ``"mse"``; default the preset's, MIND).
+        synthesis: refinement registers FIRE's synthesis of moving in the fixed contrast (``F(G(moving))``) to
+            fixed, so a mono-modal similarity (``"lncc"``, ``"mse"``) can be used across modalities; the
+            transform found is applied to moving. Needs a model.
         progress: print one line per refinement level to stderr; ``"auto"``: only for 3D images
             (seconds per pair; 2D pairs take a fraction of a second).
-        symmetric: register both ways and average the forward transform with the inverse of the
-            backward one (:func:`symmetrise`): registering fixed onto moving then gives (nearly) the
-            inverse of this result. Twice the time.
-        orientation: ``"header"`` (default) trusts the files' orientation: every affine (the start,
-            the network's, the refinement's) turns by at most 45 deg, never reflects and scales each
-            axis by a factor within 1/3-3 (:func:`firekit.registration.check.default_bounds`). ``"search-axes"``
-            also tries every 90/180-degree turn and axis permutation, for files whose headers are wrong.
-        check: weigh the answer against its start and the headers' alignment by MIND-SSC and keep
-            the best plausible one (:func:`firekit.registration.check.check`); a fallback is printed on stderr in
+        symmetric: register both ways and average the forward transform with the inverse of the backward
+            one (:func:`symmetrise`): registering fixed onto moving then gives (nearly) the inverse of
+            this result. Twice the time.
+        orientation: ``"header"`` (default) trusts the files' orientation: every affine (the start, the
+            network's, the refinement's) turns by at most 45 deg, never reflects and scales each axis by a
+            factor within 1/3-3 (:func:`firekit.registration.check.default_bounds`). ``"search-axes"`` also
+            tries every 90/180-degree turn and axis permutation, for files whose headers are wrong.
+        check: weigh the answer against its start and the headers' alignment by MIND-SSC and keep the best
+            plausible one (:func:`firekit.registration.check.check`); a fallback is printed on stderr in
             one line and recorded in ``result.check``.
         initial_affine: start the refinement from this affine instead of the moments search: a path
             (ITK ``.tfm``/``.txt``, ANTs ``.mat``) or an ``(n + 1, n + 1)`` world matrix (RAS mm, fixed ->
             moving points, as ``result.affine``). With a model it starts beside the network's affine. The
-            start is trusted, so the 45-degree rotation bound is lifted (as ``"search-axes"``). Needs
-            refinement.
-        fixed_mask, moving_mask: a region of each image (paths, Volumes or arrays of its shape;
-            nonzero = inside) outside which the similarity does not count, in the moments search, the
-            refinement and the check (as ANTs' ``-x`` and elastix's masks): a lesion, a cropped field
-            of view, a skull to ignore. Needs refinement.
+            start is trusted, so the 45-degree rotation bound is lifted (as ``"search-axes"``). Needs refinement.
+        fixed_mask, moving_mask: a region of each image (paths, Volumes or arrays of its shape; nonzero =
+            inside) outside which the similarity does not count, in the moments search, the refinement and
+            the check (as ANTs' ``-x`` and elastix's masks): a lesion, a cropped field of view, a skull to
+            ignore. Needs refinement.
     """
-    moving = as_volume(moving, "moving image")
-    fixed = as_volume(fixed, "fixed image")
+    moving, fixed = as_volume(moving, "moving image"), as_volume(fixed, "fixed image")
+    plan = _plan(model, moving, fixed, affine_only, refine, seed, similarity, synthesis, progress, symmetric,
+                 orientation, initial_affine, fixed_mask, moving_mask)
+    grid = _on_grid(model, moving, fixed, plan, spacing, device)
+    if model is not None:
+        model.eval()
+    if plan.slicewise and plan.config is None:
+        return _slicewise(model, moving, fixed, grid, direction, affine_only, slice_batch, check, plan.orientation)
+    solver_model = None if plan.slicewise else model
+    factor = network_factor(solver_model, grid.shape, grid.affine)
+    start = None if plan.initial is None else world_affine_to_network(plan.initial, grid.shape, grid.affine)
+    solve = partial(_solve, solver_model, affine_only=affine_only, config=plan.config, device=grid.device,
+                    synthesis=synthesis, progress=plan.progress, network_factor=factor,
+                    orientation=plan.orientation, check=check)
+    theta, disp, warped_net, reports = solve(grid.moving, grid.fixed, direction, start=start, regions=grid.regions)
+    if symmetric:
+        start_back = None if start is None else spatial.invert_affine(start.double()).float()
+        theta_back, disp_back, _, _ = solve(grid.fixed, grid.moving, other_direction(direction), start=start_back,
+                                            regions=grid.regions.swapped())
+        theta, disp = symmetrise(theta, disp, theta_back, disp_back)
+        warped_net = spatial.warp(grid.moving, disp)
+    view = NetworkView(grid.moving, grid.fixed, warped_net, disp, theta, grid.affine)
+    return _result(moving, fixed, direction, view, check=None if reports is None else reports[0])
+
+
+class _Plan(NamedTuple):
+    """:func:`register`'s arguments checked and settled."""
+
+    config: RefineConfig | None  # the refinement's (None: off)
+    initial: np.ndarray | None  # (n + 1, n + 1) world affine the refinement starts from
+    fixed_mask: io.Volume | None  # 0/1 on fixed's grid
+    moving_mask: io.Volume | None  # 0/1 on moving's grid
+    orientation: str
+    progress: bool
+    slicewise: bool  # a 2D model on 3D images
+
+
+def _plan(model: Fire | None, moving: io.Volume, fixed: io.Volume, affine_only: bool, refine, seed: int,
+          similarity: str | None, synthesis: bool, progress: bool | str, symmetric: bool, orientation: str,
+          initial_affine, fixed_mask, moving_mask) -> _Plan:
+    """Check :func:`register`'s arguments (as it takes them) against each other; refuse in one line."""
     if moving.ndim != fixed.ndim:
         raise FirekitError(
             f"{moving.name} is {moving.ndim}D but {fixed.name} is {fixed.ndim}D; register images of the same ndim"
@@ -598,7 +531,25 @@ def register(
     if symmetric and slicewise and config is None:
         raise FirekitError("symmetric registration needs refinement or a model of the images' ndim; "
                            "pass refine='auto' or a 3D model")
-    grid_spacing = [spacing, spacing, None] if slicewise and config is None else spacing
+    return _Plan(config, initial, fixed_masks, moving_masks, orientation, progress, slicewise)
+
+
+class _Grid(NamedTuple):
+    """Both images on the network grid, where the stages run."""
+
+    shape: tuple[int, ...]  # the grid's
+    affine: np.ndarray  # (m + 1, m + 1) voxel-to-world affine of the grid
+    device: torch.device
+    moving: torch.Tensor  # (1, 1, *shape) normalised intensities
+    fixed: torch.Tensor  # (1, 1, *shape)
+    regions: Regions  # the masks and (where refinement reads them) the fields of view
+
+
+def _on_grid(model: Fire | None, moving: io.Volume, fixed: io.Volume, plan: _Plan, spacing: float | None,
+             device: str | torch.device | None) -> _Grid:
+    """The network grid of ``fixed`` at ``spacing`` mm (in-plane only for a 2D model alone on volumes) and both
+    images, their masks and fields of view resampled onto it."""
+    grid_spacing = [spacing, spacing, None] if plan.slicewise and plan.config is None else spacing
     multiple, min_size = (model.size_multiple, model.min_size) if model is not None else (Fire.size_multiple, Fire.min_size)
     shape, grid_affine = network_grid(fixed, grid_spacing, multiple, min_size)
     if device is None:
@@ -608,56 +559,29 @@ def register(
     x_moving = to_network(moving, shape, grid_affine)
     # Each image's field of view on the grid, only where refinement reads it (outside_cost, or the network's
     # starts on a cut moving image): a resample of the whole grid is not free in 3D.
+    config = plan.config
     views = config is not None and (config.outside_cost > 0 or config.cut_network_starts != config.network_starts)
     regions = Regions(*(None if mask is None else resample(mask, shape, grid_affine)
-                        for mask in (fixed_masks, moving_masks)),
+                        for mask in (plan.fixed_mask, plan.moving_mask)),
                       *(resample(image.with_data(np.ones(image.shape, np.float32)), shape, grid_affine)
                         if views else None for image in (fixed, moving)))
-    if model is not None:
-        model.eval()
-    if slicewise and config is None:
-        with torch.inference_mode():
-            xm, xf = x_moving[0, 0].movedim(-1, 0)[:, None], x_fixed[0, 0].movedim(-1, 0)[:, None]
-            parts = [model.register(m, f, direction, affine_only, theta0=network_start(model.config, m, f, direction))
-                     for m, f in ((m.to(device), f.to(device)) for m, f in zip(xm.split(slice_batch), xf.split(slice_batch)))]
-        theta = torch.cat([p.theta for p in parts]).cpu()
-        disp = torch.cat([p.displacement for p in parts]).cpu()
-        warped_net = torch.cat([p.warped for p in parts]).cpu()
-        report = None
-        if check:
-            candidates = [Candidate("result", theta, disp), header_candidate(xf)]
-            theta, disp, warped_net, reports = _checked(xm, xf, candidates, default_bounds(2, orientation), warped_net)
-            report = _slices_report(reports)
-        in_plane = spatial.normalised_to_voxel(disp)  # (Z, 2, X, Y)
-        voxels = torch.cat([in_plane, torch.zeros_like(in_plane[:, :1])], dim=1).movedim(0, -1)[None]
-        world_affine = None
-        view = NetworkView(xm, xf, warped_net, disp, theta, grid_affine)
-    else:
-        solver_model = None if slicewise else model
-        factor = network_factor(solver_model, shape, grid_affine)
-        start = None if initial is None else world_affine_to_network(initial, shape, grid_affine)
-        theta, disp, warped_net, reports = _solve(solver_model, x_moving, x_fixed, direction, affine_only, config,
-                                                  device, synthesis, progress, factor, orientation, check, start,
-                                                  regions)
-        if symmetric:
-            start_back = None if start is None else spatial.invert_affine(start.double()).float()
-            theta_back, disp_back, _, _ = _solve(solver_model, x_fixed, x_moving, other_direction(direction),
-                                                 affine_only, config, device, synthesis, progress, factor,
-                                                 orientation, check, start_back, regions.swapped())
-            theta, disp = symmetrise(theta, disp, theta_back, disp_back)
-            warped_net = spatial.warp(x_moving, disp)
-        view = NetworkView(x_moving, x_fixed, warped_net, disp, theta, grid_affine)
-        return _result(moving, fixed, direction, view, check=None if reports is None else reports[0])
-    return _result(moving, fixed, direction, view, voxels, world_affine, report)
+    return _Grid(shape, grid_affine, device, x_moving, x_fixed, regions)
 
 
-def _slices_report(reports: list[CheckReport]) -> CheckReport:
-    """One report for a volume registered slice by slice: ``"fallback"`` if any slice fell back."""
-    fell_back = [k for k, r in enumerate(reports) if r.verdict != "ok"]
-    if not fell_back:
-        return CheckReport()
-    return CheckReport("fallback", "header", f"check: {len(fell_back)} of {len(reports)} slices kept the headers' "
-                       f"alignment (slices {', '.join(map(str, fell_back[:8]))}{' ...' if len(fell_back) > 8 else ''})")
+def _slicewise(model: Fire, moving: io.Volume, fixed: io.Volume, grid: _Grid, direction: str, affine_only: bool,
+               slice_batch: int, check: bool, orientation: str) -> RegistrationResult:
+    """A 2D model alone on volumes: the network stage slice by slice, each slice checked."""
+    xm, xf, answer = network_slices(model, grid.moving, grid.fixed, direction, affine_only, grid.device, slice_batch)
+    theta, disp, warped_net = answer.theta, answer.displacement, answer.warped
+    report = None
+    if check:
+        candidates = [Candidate("result", theta, disp), header_candidate(xf)]
+        theta, disp, warped_net, reports = checked(xm, xf, candidates, default_bounds(2, orientation), warped_net)
+        report = slices_report(reports)
+    in_plane = spatial.normalised_to_voxel(disp)  # (Z, 2, X, Y)
+    voxels = torch.cat([in_plane, torch.zeros_like(in_plane[:, :1])], dim=1).movedim(0, -1)[None]
+    view = NetworkView(xm, xf, warped_net, disp, theta, grid.affine)
+    return _result(moving, fixed, direction, view, voxels, None, report)
 
 
 def _result(moving: io.Volume, fixed: io.Volume, direction: str, view: NetworkView, voxels: torch.Tensor | None = None,
