@@ -70,7 +70,7 @@ def reference(globs: dict) -> str:
     import torch
 
     from firekit import Fire, FireConfig
-    from firekit.training.train import _validate
+    from firekit.training.validation import validate
     from firekit.workflows import build_dataset
 
     validation = build_dataset(globs["T1"], globs["T2"], globs["labels"], 2, progress=False).validation(8)
@@ -81,7 +81,7 @@ def reference(globs: dict) -> str:
         # An untrained model with zero non-rigid flow: its transform is its start alone.
         for net in (model.transform_ab, model.transform_ba):
             torch.nn.init.zeros_(net.nonrigid.out.weight)
-        scores = _validate(model, validation, torch.device("cpu"))
+        scores = validate(model, validation, torch.device("cpu"))
         lines.append(f"{name}: validation Dice {scores['dice_mean']:.3f} "
                      f"(a2b {scores['dice_a2b']:.3f}, b2a {scores['dice_b2a']:.3f})")
     return "\n".join(lines)

@@ -34,7 +34,8 @@ from firekit.data.augment import AugmentConfig
 from firekit.data.pairs import PairDataset
 from firekit.fire.losses import fire_loss, transform_supervision
 from firekit.registration.start import network_start
-from firekit.training.train import TrainConfig, make_optimizers
+from firekit.training.config import TrainConfig
+from firekit.training.optim import make_optimizers
 from firekit.workflows import build_dataset
 
 SPACING = 2.56

@@ -88,7 +88,9 @@ def measure(name: str, device: str, steps: int, amp: bool, channels_last: bool, 
 
     from firekit.fire.model import Fire, FireConfig
     from firekit.registration.pipeline import register
-    from firekit.training.train import TrainConfig, make_optimizers, train_step
+    from firekit.training.config import TrainConfig
+    from firekit.training.optim import make_optimizers
+    from firekit.training.step import train_step
 
     preset, shape = CONFIGS[name]
     device = torch.device(device)

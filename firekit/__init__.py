@@ -28,10 +28,10 @@ _LAZY = {
     "load": "registration.pipeline",
     "register": "registration.pipeline",
     "register_pairs": "registration.pipeline",
-    "TrainConfig": "training.train",
-    "TrainResult": "training.train",
-    "make_optimizers": "training.train",
-    "train_step": "training.train",
+    "TrainConfig": "training.config",
+    "TrainResult": "training.loop",
+    "make_optimizers": "training.optim",
+    "train_step": "training.step",
 }
 
 __all__ = [

@@ -156,11 +156,12 @@ def train_on_files(
 def _train_new_model(source, out, preset: str, ndim: int, seed: int, iterations: int, batch_size: int,
                      train_options: dict, model_options: dict, validation, extra: dict, init=None, **run):
     """A new ``preset`` model, its weights initialised from ``seed`` (or copied from the model file
-    ``init``), trained on ``source`` (``run``: :func:`firekit.training.train.train`'s resume, overwrite,
+    ``init``), trained on ``source`` (``run``: :func:`firekit.training.loop.train`'s resume, overwrite,
     device, progress, callback)."""
     import torch
 
-    from firekit.training.train import TrainConfig, train
+    from firekit.training.config import TrainConfig
+    from firekit.training.loop import train
 
     config = TrainConfig.from_preset(preset, iterations=iterations, batch_size=batch_size, seed=seed, **train_options)
     torch.manual_seed(seed)  # the weights' initialisation is part of the run's seed

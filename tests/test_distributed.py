@@ -64,14 +64,14 @@ def test_two_processes_follow_one_process_with_the_same_global_batch(data, tmp_p
 
 
 def test_prefetched_batches_are_the_batches_drawn_in_turn():
-    from firekit.training.train import _Prefetch
+    from firekit.training.loading import Prefetch
 
     class Pairs:
         def sample(self, step, batch_size):
             generator = torch.Generator().manual_seed(step)
             return {"x_a": torch.rand(batch_size, 1, 8, 8, generator=generator), "step": step}
 
-    prefetch = _Prefetch(Pairs(), 2, ahead=3, pin=False)
+    prefetch = Prefetch(Pairs(), 2, ahead=3, pin=False)
     try:
         for step in range(6):
             batch = prefetch.get(step, last=6)

@@ -10,7 +10,10 @@ from firekit.core import metrics, spatial
 from firekit.data.phantom import phantom_pair
 from firekit.registration.moments import moments_init
 from firekit.registration.start import network_start, prealign
-from firekit.training.train import TrainConfig, make_optimizers, train, train_step
+from firekit.training.config import TrainConfig
+from firekit.training.loop import train
+from firekit.training.optim import make_optimizers
+from firekit.training.step import train_step
 
 
 class AffineSource:

@@ -13,7 +13,9 @@ from firekit.fire.checkpoint import save_model
 from firekit.fire.losses import transform_supervision
 from firekit.registration.start import prealign
 from firekit.fire.nets import KeypointAffineHead, fit_affine, soft_centroids
-from firekit.training.train import TrainConfig, make_optimizers, make_schedulers, train
+from firekit.training.config import TrainConfig
+from firekit.training.loop import train
+from firekit.training.optim import make_optimizers, make_schedulers
 from firekit.workflows import RECIPES
 
 

@@ -11,10 +11,14 @@ import yaml
 import firekit
 from firekit import Fire, FireConfig, FireLoss, FirekitError
 from firekit.core import spatial
-from firekit.training import train as train_module
+from firekit.training import loop as loop_module
+from firekit.training import step as step_module
 from firekit.fire.checkpoint import load_checkpoint
 from firekit.data.phantom import phantom_pair
-from firekit.training.train import RUN_FILES, TrainConfig, TrainResult, train, train_step
+from firekit.training.checkpoints import RUN_FILES
+from firekit.training.config import TrainConfig
+from firekit.training.loop import TrainResult, train
+from firekit.training.step import train_step
 
 SIZE = 32
 
@@ -246,7 +250,7 @@ def test_resume_refuses_a_different_model(tmp_path):
 
 # ------------------------------------------------------------------------------------- failures
 def test_non_finite_loss_is_a_one_line_error(tmp_path, monkeypatch):
-    fire_loss = train_module.fire_loss
+    fire_loss = step_module.fire_loss
 
     def exploding(out, x_a, x_b):
         loss = fire_loss(out, x_a, x_b)
@@ -254,7 +258,7 @@ def test_non_finite_loss_is_a_one_line_error(tmp_path, monkeypatch):
 
     run = tmp_path / "run"
     train(small_model(), PhantomSource(), small_config(iterations=2), run, progress=False)
-    monkeypatch.setattr(train_module, "fire_loss", exploding)
+    monkeypatch.setattr(step_module, "fire_loss", exploding)
     with pytest.raises(FirekitError, match="step 3: loss became inf.*holds step 2") as error:
         train(small_model(), PhantomSource(), small_config(iterations=4), run, resume=True, progress=False)
     assert "\n" not in str(error.value)
@@ -286,7 +290,7 @@ def test_3d_smoke(tmp_path):
 
 
 def test_auxiliary_loss_enters_the_total_only_when_weighted():
-    from firekit.training.train import make_optimizers
+    from firekit.training.optim import make_optimizers
 
     batch = PhantomSource().sample(0, 1)
     x_a, x_b = batch["x_a"], batch["x_b"]
@@ -317,8 +321,8 @@ def test_a_step_reads_nothing_back_from_the_device(ndim):
 
 def test_reading_losses_every_few_steps_logs_the_same_rows(tmp_path, monkeypatch):
     reads = []
-    read_losses = train_module._read_losses
-    monkeypatch.setattr(train_module, "_read_losses", lambda pending, world: reads.append(
+    read_losses = loop_module.read_losses
+    monkeypatch.setattr(loop_module, "read_losses", lambda pending, world: reads.append(
         [p.step for p in pending]) or read_losses(pending, world))
     seen = []
     every_step = train(small_model(), PhantomSource(), small_config(iterations=7, checkpoint_every=100),
@@ -336,14 +340,14 @@ def test_reading_losses_every_few_steps_logs_the_same_rows(tmp_path, monkeypatch
 
 
 def test_a_non_finite_loss_found_late_keeps_the_checkpoint_before_it(tmp_path, monkeypatch):
-    fire_loss = train_module.fire_loss
+    fire_loss = step_module.fire_loss
 
     def exploding_from_step_3(out, x_a, x_b):
         loss = fire_loss(out, x_a, x_b)
         return loss._replace(total=loss.total * (math.inf if calls.append(1) or len(calls) >= 3 else 1.0))
 
     calls = []
-    monkeypatch.setattr(train_module, "fire_loss", exploding_from_step_3)
+    monkeypatch.setattr(step_module, "fire_loss", exploding_from_step_3)
     run = tmp_path / "run"
     with pytest.raises(FirekitError, match="step 3: loss became inf.*holds step 2") as error:
         train(small_model(), PhantomSource(), small_config(iterations=8, sync_every=4, checkpoint_every=2), run,
@@ -375,7 +379,7 @@ def test_channels_last_and_compile_train_the_same_model(tmp_path, monkeypatch):
         return compile_(module, backend="eager", **options)
 
     plain = train(small_model(), PhantomSource(), small_config(iterations=3), tmp_path / "plain", progress=False)
-    monkeypatch.setattr(train_module.torch, "compile", compile_eagerly)
+    monkeypatch.setattr(loop_module.torch, "compile", compile_eagerly)
     model = small_model()
     fast = train(model, PhantomSource(), small_config(iterations=3, channels_last=True, compile=True),
                  tmp_path / "fast", progress=False)

@@ -244,7 +244,8 @@ def test_view3d_falls_back_to_slices_offline_and_uses_itkwidgets_when_it_can(mon
 
 def test_loss_plot_collects_every_step_and_validation_from_training(tmp_path):
     from firekit.fire.model import Fire, FireConfig
-    from firekit.training.train import TrainConfig, train
+    from firekit.training.config import TrainConfig
+    from firekit.training.loop import train
 
     class Pairs:
         ndim = 2

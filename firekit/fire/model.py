@@ -399,7 +399,7 @@ class Fire(nn.Module):
         Calls of the same network are batched together; instance norm is per sample,
         so batching does not change any output. ``affine_only``: both T skip the non-rigid
         subnet (zero flow), for affine-first training. Off the CPU the values are not checked for
-        NaN here (that would wait for the GPU every step): :func:`firekit.training.train.train` checks its
+        NaN here (that would wait for the GPU every step): :func:`firekit.training.loop.train` checks its
         batches on the host, and ``train_step`` the loss.
         """
         on_cpu = x_a.device.type == "cpu"
