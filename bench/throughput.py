@@ -193,7 +193,7 @@ def inference(kind: str, repeats: int = 5, ants_repeats: int = 1) -> dict:
 
     moving, fixed = demo_pair(kind)
     model = reg.load("default" if kind == "2d" else
-                     str(Path(reg.__file__).parent / "weights" / "fire3d_t1_t2like_small.pt"))
+                     str(Path(reg.__file__).parents[1] / "weights" / "fire3d_t1_t2like_small.pt"))
 
     def median_ms(function, n: int) -> float:
         times = []

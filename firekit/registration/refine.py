@@ -37,12 +37,11 @@ from firekit.core import spatial
 from firekit.core.errors import FirekitError
 from firekit.registration.affine_stage import optimise_affine
 from firekit.registration.field_stage import optimise_field
-from firekit.registration.levels import Pyramid, PyramidRegions, check_images, downsample, pyramid_regions
+from firekit.registration.levels import Pyramid, PyramidRegions, check_images, pyramid_regions
 from firekit.registration.moments import moments_search
 from firekit.registration.presets import RefineConfig
 
-# downsample: re-exported (firekit.training imports it from here)
-__all__ = ["RefineConfig", "RefineResult", "refine", "downsample"]
+__all__ = ["RefineConfig", "RefineResult", "refine"]
 
 
 class RefineResult(NamedTuple):
