@@ -1,6 +1,7 @@
 """The ANTs benchmark's machinery: the ANTs bridge, scoring, goals and the report (not its timings)."""
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +158,17 @@ def test_results_md_carries_the_speed_goals_beside_syn(tmp_path, monkeypatch):
          "syn_ms": 21000.0}]}))
     text = vs_ants.report(results)
     assert "## Speed" in text and "| 3D demo pair | 1400.0 |" in text and "| 21000.0 | 15x | < 2000 ms, < 4096 MB: met |" in text
+
+
+def test_the_demos_ants_reference_is_the_bench_run_of_record():
+    # firekit demo prints ANTs' figures from bench/results.md; they must be that file's, not an older run's.
+    import json
+
+    from bench.vs_ants import summarise
+    from firekit.demo import ANTS_REFERENCE
+
+    results = json.loads((Path(__file__).resolve().parents[1] / "bench" / "results.json").read_text())
+    run = next(r for r in results["runs"] if r["ndim"] == 2 and r["case"] == "t2")
+    rows = {"unaligned": "unaligned", "ANTs Affine": "ANTs Affine (Mattes MI)", "ANTs SyN": "ANTs SyN",
+            "ANTs SyNRA": "ANTs SyNRA"}
+    assert {key: round(summarise(run["rows"][row])["mean"], 3) for key, row in rows.items()} == ANTS_REFERENCE
