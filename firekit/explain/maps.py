@@ -20,6 +20,7 @@ import torch
 
 from firekit.core import spatial
 from firekit.fire.model import Fire
+from firekit.registration.network import register_from_start
 from firekit.registration.start import network_start
 
 __all__ = ["latent_features", "features_to_rgb", "invariance_map", "grad_cam", "target_scalar", "TARGETS"]
@@ -93,8 +94,7 @@ def invariance_map(model: Fire, moving: torch.Tensor, fixed: torch.Tensor, direc
     model.check_input(fixed, "fixed")
     with torch.no_grad():
         if displacement is None:
-            displacement = model.register(moving, fixed, direction,
-                                          theta0=network_start(model.config, moving, fixed, direction)).displacement
+            displacement = register_from_start(model, moving, fixed, direction).displacement
         difference = _squared_feature_difference(model.encoder(moving), model.encoder(fixed), displacement)
         return difference.mean(dim=1).sqrt().float()
 

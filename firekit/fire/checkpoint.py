@@ -103,9 +103,3 @@ def _load_failure(exc: BaseException) -> str:
     else:
         why = f"truncated or corrupt: {_first_line(exc)}"
     return f"not a loadable firekit checkpoint ({why}); use a model.pt written by firekit"
-
-
-def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Fire:
-    """Rebuild a model from a checkpoint written by :func:`save_model` (never unpickles code)."""
-    model, _ = load_checkpoint(path, map_location)
-    return model

@@ -15,11 +15,11 @@ import torch
 
 from firekit.core import spatial
 from firekit.data import io
-from firekit.fire.model import Fire
+from firekit.fire.model import Fire, Registration
 from firekit.registration.levels import downsample
 from firekit.registration.start import network_start
 
-__all__ = ["NetworkAnswer", "network_factor", "run_network", "network_slices", "synthesise"]
+__all__ = ["NetworkAnswer", "register_from_start", "network_factor", "run_network", "network_slices", "synthesise"]
 
 
 class NetworkAnswer(NamedTuple):
@@ -29,6 +29,14 @@ class NetworkAnswer(NamedTuple):
     displacement: torch.Tensor  # (B, n, *S) the whole transform
     warped: torch.Tensor  # (B, 1, *S) moving warped by it
     flow: torch.Tensor | None  # (B, n, *s) the non-rigid part on G's grid; None when affine-only
+
+
+def register_from_start(model: Fire, moving: torch.Tensor, fixed: torch.Tensor, direction: str = "a2b",
+                        affine_only: bool = False) -> Registration:
+    """:meth:`Fire.register` of ``(B, C, *S)`` tensors from the model's own start
+    (:func:`~firekit.registration.start.network_start`: the moments pre-alignment, or none)."""
+    return model.register(moving, fixed, direction, affine_only,
+                          theta0=network_start(model.config, moving, fixed, direction))
 
 
 def network_factor(model: Fire | None, shape: Sequence[int], grid_affine: np.ndarray) -> int:
@@ -62,8 +70,7 @@ def run_network(model: Fire, x_moving: torch.Tensor, x_fixed: torch.Tensor, dire
         net_moving, net_fixed = downsample(x_moving, factor, shape), downsample(x_fixed, factor, shape)
     with torch.inference_mode():
         net_moving, net_fixed = net_moving.to(device), net_fixed.to(device)
-        reg = model.register(net_moving, net_fixed, direction, affine_only,
-                             theta0=network_start(model.config, net_moving, net_fixed, direction))
+        reg = register_from_start(model, net_moving, net_fixed, direction, affine_only)
     # clone() outside inference mode: refinement may use these in autograd
     theta, disp, warped = reg.theta.cpu().clone(), reg.displacement.cpu().clone(), reg.warped.cpu().clone()
     flow = None if reg.flow is None or affine_only else reg.flow.cpu().clone()
@@ -80,8 +87,8 @@ def network_slices(model: Fire, x_moving: torch.Tensor, x_fixed: torch.Tensor, d
     (CPU; no flow)."""
     with torch.inference_mode():
         xm, xf = x_moving[0, 0].movedim(-1, 0)[:, None], x_fixed[0, 0].movedim(-1, 0)[:, None]
-        parts = [model.register(m, f, direction, affine_only, theta0=network_start(model.config, m, f, direction))
-                 for m, f in ((m.to(device), f.to(device)) for m, f in zip(xm.split(slice_batch), xf.split(slice_batch)))]
+        parts = [register_from_start(model, m.to(device), f.to(device), direction, affine_only)
+                 for m, f in zip(xm.split(slice_batch), xf.split(slice_batch))]
     theta = torch.cat([p.theta for p in parts]).cpu()
     disp = torch.cat([p.displacement for p in parts]).cpu()
     warped = torch.cat([p.warped for p in parts]).cpu()

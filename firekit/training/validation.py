@@ -9,7 +9,7 @@ import torch
 from firekit.core import metrics, spatial
 from firekit.core.errors import FirekitError
 from firekit.fire.model import Fire
-from firekit.registration.start import network_start
+from firekit.registration.network import register_from_start
 from firekit.training.loading import batch_tensor
 
 __all__ = ["check_validation_batch", "validate"]
@@ -51,8 +51,7 @@ def validate(model: Fire, batches: list[dict], device: torch.device) -> dict[str
             ("a2b", x_a, x_b, labels_a, labels_b),
             ("b2a", x_b, x_a, labels_b, labels_a),
         ):
-            start = network_start(model.config, moving, fixed, direction)
-            displacement = model.register(moving, fixed, direction, theta0=start).displacement
+            displacement = register_from_start(model, moving, fixed, direction).displacement
             scores[direction] += _mean_label_dice(spatial.warp_labels(moving_labels, displacement), fixed_labels)
     model.train()
     mean = {k: sum(v) / len(v) if v else math.nan for k, v in scores.items()}
