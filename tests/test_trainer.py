@@ -403,3 +403,55 @@ def test_amp_cpu_runs_the_forward_in_bf16_on_the_cpu(tmp_path):
     again = train(small_model(), PhantomSource(), small_config(iterations=1, amp=True), tmp_path / "amp",
                   progress=False)
     assert again.losses == plain.losses
+
+
+# ------------------------------------------------------------------------ non-finite gradients
+def poison_gradients(model, when):
+    """A hook that makes one weight's gradient NaN whenever ``when()`` is true (the loss stays finite)."""
+    weight = model.transform_ab.affine.heatmaps.weight if hasattr(model.transform_ab.affine, "heatmaps") \
+        else next(model.transform_ab.parameters())
+    weight.register_hook(lambda grad: grad * math.nan if when() else grad)
+
+
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_a_non_finite_gradient_leaves_the_weights_finite(check_finite):
+    model = small_model()
+    optimizers = firekit.make_optimizers(model, small_config())
+    source, poisoned = PhantomSource(), [True]
+    poison_gradients(model, lambda: poisoned[0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = source.sample(0, 2)
+    loss = train_step(model, optimizers, batch["x_a"], batch["x_b"], check_finite=check_finite)
+    assert torch.isfinite(loss.total) and float(loss.skipped) == 1.0
+    after = model.state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    if check_finite:  # no optimiser stepped: every weight as it was
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    poisoned[0] = False
+    loss = train_step(model, optimizers, batch["x_a"], batch["x_b"], check_finite=check_finite)
+    assert float(loss.skipped) == 0.0
+    assert any(not torch.equal(before[k], model.state_dict()[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+
+
+def test_a_run_weathers_a_bad_gradient_and_logs_it(tmp_path):
+    model, calls = small_model(), []
+    poison_gradients(model, lambda: calls.append(1) or len(calls) == 2)  # step 2's backward only
+    result = train(model, PhantomSource(), small_config(iterations=4), tmp_path / "run", progress=False)
+    rows = {int(r["step"]): float(r["skipped"]) for r in read_csv(tmp_path / "run" / "losses.csv")[1]}
+    assert rows == {1: 0.0, 2: 1.0, 3: 0.0, 4: 0.0} and result.losses["skipped"] == 0.0
+    saved, _ = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+def test_gradients_non_finite_step_after_step_stop_the_run(tmp_path):
+    model = small_model()
+    poison_gradients(model, lambda: True)
+    steps = loop_module.MAX_SKIPPED_IN_A_ROW
+    with pytest.raises(FirekitError, match=f"step {steps}: the gradients were non-finite at {steps} steps in a row"
+                       ) as error:
+        train(model, PhantomSource(), small_config(iterations=steps + 5, checkpoint_every=5), tmp_path / "run",
+              progress=False)
+    assert "\n" not in str(error.value) and "holds step" in str(error.value)
+    saved, _ = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert all(torch.isfinite(p).all() for p in saved.parameters())

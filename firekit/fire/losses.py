@@ -179,6 +179,9 @@ class FireLoss(NamedTuple):
     # contrasts of one aligned pair (bench/training.md, "Synthesis and invariance").
     syn_sup: torch.Tensor | float = 0.0
     inv: torch.Tensor | float = 0.0
+    # Not a loss: 1 when the step's gradients held a non-finite value and the trainer kept the
+    # weights as they were (``firekit.training.step.train_step``), 0 otherwise; logged like the terms.
+    skipped: torch.Tensor | float = 0.0
 
     @property
     def syn(self) -> torch.Tensor:

@@ -41,6 +41,10 @@ from firekit.training.optim import averaged_model, make_optimizers, make_schedul
 from firekit.training.step import half_resolution, train_step
 from firekit.training.validation import check_validation_batch, validate
 
+# A run stops when this many steps in a row had non-finite gradients (each was skipped): one bad
+# batch is weathered, a diverged model is not trained on for hours.
+MAX_SKIPPED_IN_A_ROW = 20
+
 __all__ = ["TrainResult", "train"]
 
 
@@ -160,6 +164,7 @@ class _Run:
     seconds_before: float = 0.0  # training time before a resume
     in_step: bool = False  # a step is changing the weights
     pending: list[PendingStep] = field(default_factory=list)  # steps done whose losses are still on the device
+    skipped_in_a_row: int = 0  # steps whose non-finite gradients were skipped, up to the last one read
 
     @property
     def main(self) -> bool:
@@ -189,6 +194,11 @@ class _Run:
             if not math.isfinite(row["total"]):
                 raise FirekitError(f"step {row['step']}: loss became {row['total']}; lower the learning rates or "
                                    f"check the inputs{self.kept()}")
+            self.skipped_in_a_row = self.skipped_in_a_row + 1 if row["skipped"] > 0 else 0
+            if self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise FirekitError(f"step {row['step']}: the gradients were non-finite at {self.skipped_in_a_row} "
+                                   f"steps in a row (each skipped); lower the learning rates or check the "
+                                   f"inputs{self.kept()}")
             self.losses_log.write(row)
             self.state.step, self.state.losses = row["step"], {k: row[k] for k in FireLoss._fields}
         self.pending.clear()

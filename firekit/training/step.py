@@ -55,12 +55,15 @@ def train_step(
         counterparts: ``(x_b_on_a, x_a_on_b)``, modality B aligned with ``x_a`` and A aligned with
             ``x_b``, for :func:`~firekit.fire.losses.synthesis_supervision` (weight ``synthesis_weight``)
             and :func:`~firekit.fire.losses.feature_invariance` (``invariance_weight``; 0: off).
-        check_finite: refuse a non-finite loss before any optimiser steps. Off, the step reads
-            nothing back from the device (no host sync on a GPU); the caller checks the returned
-            loss later (:func:`~firekit.training.loop.train` does, every ``sync_every`` steps).
+        check_finite: refuse a non-finite loss before any optimiser steps, and skip the step
+            (no optimiser steps) when a gradient is non-finite. Off, the step reads nothing back
+            from the device (no host sync on a GPU): a non-finite gradient is zeroed instead, and
+            the caller checks the returned loss later (:func:`~firekit.training.loop.train` does,
+            every ``sync_every`` steps).
 
     Returns:
-        the loss terms, detached (tensors on the device; nothing is read back).
+        the loss terms, detached (tensors on the device; nothing is read back); ``skipped`` is 1
+        when the gradients were non-finite (see :func:`_step_optimizers`).
     """
     model.train()
     for optimizer in optimizers.values():
@@ -86,8 +89,8 @@ def train_step(
     if check_finite and not torch.isfinite(loss.total):
         raise FirekitError(f"loss became {float(loss.total.detach())}; lower the learning rates or check the inputs")
     loss.total.backward()
-    _step_optimizers(optimizers, grad_clip)
-    return FireLoss(*[v.detach() if torch.is_tensor(v) else v for v in loss])
+    skipped = _step_optimizers(optimizers, grad_clip, check_finite)
+    return FireLoss(*[v.detach() if torch.is_tensor(v) else v for v in loss._replace(skipped=skipped)])
 
 
 def _warm_up(optimizers: dict[str, torch.optim.Optimizer], step: int, warmup_steps: int) -> None:
@@ -136,13 +139,36 @@ def _similarity_term(similarity, out, x_a: torch.Tensor, x_b: torch.Tensor) -> t
             + similarity.compare(similarity.features(out.warped_b), similarity.features(x_a), None).mean())
 
 
-def _step_optimizers(optimizers: dict[str, torch.optim.Optimizer], grad_clip: float | None) -> None:
-    """Each optimiser steps its group, its gradient norm clipped to ``grad_clip`` first (None: off)."""
+def _step_optimizers(optimizers: dict[str, torch.optim.Optimizer], grad_clip: float | None,
+                     check_finite: bool = True) -> torch.Tensor:
+    """Each optimiser steps its group, its gradient norm clipped to ``grad_clip`` first (None: off).
+
+    A finite loss can still give a non-finite gradient (an overflow in one layer's backward pass);
+    one Adam step on it turns every weight it reaches into NaN, for good. So the gradients are
+    checked first: with ``check_finite`` (a host sync) no optimiser steps when any is non-finite;
+    without it (no sync) they are zeroed on the device, and Adam takes a step on its momentum alone.
+
+    Returns:
+        ``()`` tensor: 1 when the gradients held a non-finite value (the step was skipped), else 0.
+    """
+    grads = [p.grad for optimizer in optimizers.values() for group in optimizer.param_groups
+             for p in group["params"] if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+    if check_finite and not bool(finite):
+        for optimizer in optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        return (~finite).float()
+    if not check_finite:
+        for g in grads:
+            g.copy_(torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device)))
     for optimizer in optimizers.values():
         if grad_clip is not None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
+    return (~finite).float()
 
 
 @torch.no_grad()

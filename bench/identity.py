@@ -1,0 +1,152 @@
+"""What each tool does when there is nothing to do: a subject's own contrasts, already aligned.
+
+    python -m bench.identity [--data data/demo] [--ndims 2 3] [--cases t2 flair mono] [--slices 5]
+                             [--methods ...] [--threads 1] [--out bench/identity.md]
+
+Each test subject's moving contrast (T2-like, FLAIR-like or T1) is registered, untransformed, to the
+same subject's T1: the true mapping is the identity, and the labels of both images are one map. Any
+displacement a tool returns is its bias on that pair of contrasts: where one contrast shows a
+tissue boundary at another place than the other (partial volume, a contrast that hides an edge) a
+similarity can prefer a wrong answer, and a tool that follows fine detail follows the bias further.
+The bench's own protocol pairs (``bench.vs_ants``) carry the same bias under their random transforms,
+so a case whose identity Dice is low caps every tool's Dice there.
+
+Same scoring path as ``bench.vs_ants`` (one composed ITK field per tool; Dice of the labels the field
+carries onto themselves, HD95, EPE = the field's own length over brain voxels, % |J| <= 0, inverse
+consistency). 2D: ``--slices`` axial slices per subject in the bench's band (40-70 % of the brain's
+height); 3D: the whole volume. Writes ``--out`` (tables), its ``.json`` (every pair).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+from bench import peers, vs_ants
+
+HERE = Path(__file__).resolve().parent
+METHODS = ("firekit network + refinement", "firekit refinement alone", "ANTs SyN",
+           *[name for name in peers.PEERS])
+
+
+def identity_config():
+    """An augmentation that draws like the bench's but moves nothing (strength 0: the identity)."""
+    from firekit.data.augment import AugmentConfig
+
+    return AugmentConfig(strength=0.0)
+
+
+def make_pairs(data: Path, work: Path, ndim: int, case: str, slices: int, seed: int) -> list[dict]:
+    """Untransformed pairs of every test subject (2D: ``slices`` slices each, the bench's band)."""
+    from firekit.data.protocol import make_test_pairs
+
+    moving, fixed = vs_ants.CASES[case][:2]
+    subjects = sorted(p for p in (data / "test").iterdir() if p.is_dir())
+    pairs = []
+    for index, subject in enumerate(subjects):
+        pairs += make_test_pairs(subject, work / f"{ndim}d" / case / subject.name, slices if ndim == 2 else 1,
+                                 ndim=ndim, moving=moving, fixed=fixed, seed=seed + 100 * index,
+                                 config=identity_config())
+    return pairs
+
+
+def run(data: Path, ndims, cases, slices: int, methods, seed: int, work: Path, threads: int, log=print) -> dict:
+    """Every method on every untransformed pair; the raw rows, as ``bench.vs_ants.run`` returns them."""
+    from firekit.data.braindata import LABEL_NAMES, build_demo_dataset
+    from firekit.registration.pipeline import load
+
+    if not (data / "dataset.json").is_file():
+        build_demo_dataset(data, progress=False)
+    label_ids = list(LABEL_NAMES)
+    results = {"runs": []}
+    worker = peers.Worker(threads) if any(name in peers.PEERS for name in methods) else None
+    try:
+        for ndim in ndims:
+            chosen = [m for m in methods if m not in peers.PEERS or ndim in peers.PEERS[m].ndims]
+            model = load("default") if ndim == 2 else load(str(HERE.parent / "firekit" / "weights"
+                                                               / "fire3d_t1_t2like_small.pt"))
+            for case in cases:
+                direction, label = vs_ants.CASES[case][2:]
+                pairs = make_pairs(data, work, ndim, case, slices, seed)
+                rows = {name: [] for name in ("unaligned", *chosen)}
+                for number, pair in enumerate(pairs, 1):
+                    volumes = vs_ants.load_pair(pair)
+                    scored = vs_ants._pair_rows(chosen, model, worker, pair, volumes, direction, seed, label_ids)
+                    for name in rows:
+                        rows[name].append(scored[name])
+                    log(f"[{ndim}D {label} {number}/{len(pairs)}] " + ", ".join(
+                        f"{name} " + ("crashed" if "error" in r[-1] else f"{sum(r[-1]['dice'].values()) / 3:.3f}")
+                        for name, r in rows.items()))
+                results["runs"].append(dict(ndim=ndim, case=case, label=label, pairs=len(pairs), rows=rows))
+    finally:
+        if worker is not None:
+            worker.close()
+    return results
+
+
+def report(results: dict) -> str:
+    from firekit.data.braindata import LABEL_NAMES
+
+    meta = results["meta"]
+    lines = [
+        "# What each tool does when there is nothing to do (`python -m bench.identity`)", "",
+        f"{meta['date']}, {meta['machine']}; {meta['threads']} thread(s) for torch and ITK. "
+        f"Command: `{meta['command']}` ({meta['minutes']:.0f} min).", "",
+        "Each test subject's moving contrast registered, **untransformed**, to the same subject's T1 (true "
+        "mapping: the identity; one label map for both). Dice: the labels each tool's field carries onto "
+        "themselves (1 = it moved nothing); EPE: the field's length over brain voxels. The row `unaligned` "
+        "is the right answer.", "",
+    ]
+    for run in results["runs"]:
+        lines += [f"## {run['ndim']}D, {run['label']} ({run['pairs']} pairs)", "",
+                  *vs_ants.table(run, LABEL_NAMES), ""]
+    if meta.get("notes"):
+        lines += ["## Notes", "", *[f"- {note}" for note in meta["notes"]], ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="data/demo")
+    parser.add_argument("--ndims", type=int, nargs="+", default=[2, 3], choices=[2, 3])
+    parser.add_argument("--cases", nargs="+", default=list(vs_ants.CASES), choices=list(vs_ants.CASES))
+    parser.add_argument("--slices", type=int, default=5, help="2D slices per test subject")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        choices=[*vs_ants.FIREKIT, *vs_ants.ANTS, *peers.PEERS], metavar="METHOD")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", help="folder for the pairs (default: a temporary one)")
+    parser.add_argument("--out", default=str(HERE / "identity.md"))
+    parser.add_argument("--note", action="append", default=[], help="a line for the report's notes")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run(Path(args.data), args.ndims, args.cases, args.slices, args.methods, args.seed,
+                      Path(args.work) if args.work else Path(tmp), args.threads,
+                      log=lambda line: print(line, file=sys.stderr, flush=True))
+    results["meta"] = dict(date=str(date.today()), machine=f"{platform.machine()}, {os.cpu_count()} cores",
+                           threads=args.threads, minutes=(time.perf_counter() - started) / 60, notes=args.note,
+                           command="python -m bench.identity " + shlex.join(argv if argv is not None else sys.argv[1:]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    text = report(results)
+    out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
