@@ -1,7 +1,8 @@
 """What each tool does when there is nothing to do: a subject's own contrasts, already aligned.
 
-    python -m bench.identity [--data data/demo] [--ndims 2 3] [--cases t2 flair mono] [--slices 5]
-                             [--methods ...] [--threads 1] [--out bench/identity.md]
+    python -m bench.identity [--data data/demo] [--ndims 2 3] [--cases t2 flair mono]
+                             [--cases-3d t2 flair] [--slices 5] [--methods ...] [--threads 1]
+                             [--out bench/identity.md]
 
 Each test subject's moving contrast (T2-like, FLAIR-like or T1) is registered, untransformed, to the
 same subject's T1: the true mapping is the identity, and the labels of both images are one map. Any
@@ -58,8 +59,12 @@ def make_pairs(data: Path, work: Path, ndim: int, case: str, slices: int, seed: 
     return pairs
 
 
-def run(data: Path, ndims, cases, slices: int, methods, seed: int, work: Path, threads: int, log=print) -> dict:
-    """Every method on every untransformed pair; the raw rows, as ``bench.vs_ants.run`` returns them."""
+def run(data: Path, ndims, cases, slices: int, methods, seed: int, work: Path, threads: int, log=print,
+        cases_3d=None) -> dict:
+    """Every method on every untransformed pair; the raw rows, as ``bench.vs_ants.run`` returns them.
+
+    ``cases_3d``: the cases run in 3D (default: ``cases``).
+    """
     from firekit.data.braindata import LABEL_NAMES, build_demo_dataset
     from firekit.registration.pipeline import load
 
@@ -73,7 +78,7 @@ def run(data: Path, ndims, cases, slices: int, methods, seed: int, work: Path, t
             chosen = [m for m in methods if m not in peers.PEERS or ndim in peers.PEERS[m].ndims]
             model = load("default") if ndim == 2 else load(str(HERE.parent / "firekit" / "weights"
                                                                / "fire3d_t1_t2like_small.pt"))
-            for case in cases:
+            for case in (cases if ndim == 2 or cases_3d is None else cases_3d):
                 direction, label = vs_ants.CASES[case][2:]
                 pairs = make_pairs(data, work, ndim, case, slices, seed)
                 rows = {name: [] for name in ("unaligned", *chosen)}
@@ -118,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default="data/demo")
     parser.add_argument("--ndims", type=int, nargs="+", default=[2, 3], choices=[2, 3])
     parser.add_argument("--cases", nargs="+", default=list(vs_ants.CASES), choices=list(vs_ants.CASES))
+    parser.add_argument("--cases-3d", nargs="+", choices=list(vs_ants.CASES),
+                        help="the cases run in 3D (default: --cases; T1 -> T1 is the same image twice there)")
     parser.add_argument("--slices", type=int, default=5, help="2D slices per test subject")
     parser.add_argument("--methods", nargs="+", default=list(METHODS),
                         choices=[*vs_ants.FIREKIT, *vs_ants.ANTS, *peers.PEERS], metavar="METHOD")
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         results = run(Path(args.data), args.ndims, args.cases, args.slices, args.methods, args.seed,
                       Path(args.work) if args.work else Path(tmp), args.threads,
-                      log=lambda line: print(line, file=sys.stderr, flush=True))
+                      log=lambda line: print(line, file=sys.stderr, flush=True), cases_3d=args.cases_3d)
     results["meta"] = dict(date=str(date.today()), machine=f"{platform.machine()}, {os.cpu_count()} cores",
                            threads=args.threads, minutes=(time.perf_counter() - started) / 60, notes=args.note,
                            command="python -m bench.identity " + shlex.join(argv if argv is not None else sys.argv[1:]))
