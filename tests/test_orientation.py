@@ -349,3 +349,25 @@ def test_protocol_pairs_whose_start_the_centres_of_mass_misplace(tmp_path):
         result = register(None, volumes["moving"], volumes["fixed"], direction="b2a", refine="auto")
         scores = _score(result.displacement, volumes)
         assert scores["epe"] < 6.0 and scores["dice"] > 0.65, (index, scores)
+
+
+def test_large_images_are_checked_on_a_coarser_grid_with_the_same_choice(monkeypatch):
+    from firekit.data.phantom import phantom_pair
+    from firekit.registration import check as check_module
+
+    assert check_module._coarsening((128, 160, 128)) == 2 and check_module._coarsening((256, 320, 256)) == 4
+    assert check_module._coarsening((64, 80, 64)) == 1 and check_module._coarsening((1024, 1024)) == 1
+    shape = (104, 112, 96)  # 1.1 M voxels: scored on a grid twice as coarse
+    identity = spatial.identity_affine(3, 1)
+    pair = phantom_pair(shape, identity, seed=3)
+    candidates = []
+    for name, shift in (("result", 0.25), ("start", 0.04), ("header", 0.0)):
+        theta = identity.clone()
+        theta[0, 0, 3] = shift
+        candidates.append(Candidate(name, theta, spatial.affine_to_displacement(theta, shape)))
+    coarse = check(pair.x_b, pair.x_a, candidates, default_bounds(3))[2][0]
+    monkeypatch.setattr(check_module, "_MAX_VOXELS", 10 ** 9)  # every voxel
+    full = check(pair.x_b, pair.x_a, candidates, default_bounds(3))[2][0]
+    assert coarse.verdict == full.verdict == "fallback" and coarse.chosen == full.chosen == "header"
+    rank = lambda report: sorted(report.scores, key=report.scores.get)  # noqa: E731
+    assert rank(coarse) == rank(full) == ["header", "start", "result"]
