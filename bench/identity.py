@@ -45,55 +45,19 @@ def identity_config():
     return AugmentConfig(strength=0.0)
 
 
-def make_pairs(data: Path, work: Path, ndim: int, case: str, slices: int, seed: int) -> list[dict]:
-    """Untransformed pairs of every test subject (2D: ``slices`` slices each, the bench's band)."""
-    from firekit.data.protocol import make_test_pairs
-
-    moving, fixed = vs_ants.CASES[case][:2]
-    subjects = sorted(p for p in (data / "test").iterdir() if p.is_dir())
-    pairs = []
-    for index, subject in enumerate(subjects):
-        pairs += make_test_pairs(subject, work / f"{ndim}d" / case / subject.name, slices if ndim == 2 else 1,
-                                 ndim=ndim, moving=moving, fixed=fixed, seed=seed + 100 * index,
-                                 config=identity_config())
-    return pairs
-
-
 def run(data: Path, ndims, cases, slices: int, methods, seed: int, work: Path, threads: int, log=print,
         cases_3d=None) -> dict:
-    """Every method on every untransformed pair; the raw rows, as ``bench.vs_ants.run`` returns them.
+    """Every method on every untransformed pair, by ``bench.vs_ants.run`` (its rows, its warm-up, its
+    scoring) with the identity for the random transform; 2D: ``slices`` slices per subject, 3D: one volume.
 
     ``cases_3d``: the cases run in 3D (default: ``cases``).
     """
-    from firekit.data.braindata import LABEL_NAMES, build_demo_dataset
-    from firekit.registration.pipeline import load
-
-    if not (data / "dataset.json").is_file():
-        build_demo_dataset(data, progress=False)
-    label_ids = list(LABEL_NAMES)
     results = {"runs": []}
-    worker = peers.Worker(threads) if any(name in peers.PEERS for name in methods) else None
-    try:
-        for ndim in ndims:
-            chosen = [m for m in methods if m not in peers.PEERS or ndim in peers.PEERS[m].ndims]
-            model = load("default") if ndim == 2 else load(str(HERE.parent / "firekit" / "weights"
-                                                               / "fire3d_t1_t2like_small.pt"))
-            for case in (cases if ndim == 2 or cases_3d is None else cases_3d):
-                direction, label = vs_ants.CASES[case][2:]
-                pairs = make_pairs(data, work, ndim, case, slices, seed)
-                rows = {name: [] for name in ("unaligned", *chosen)}
-                for number, pair in enumerate(pairs, 1):
-                    volumes = vs_ants.load_pair(pair)
-                    scored = vs_ants._pair_rows(chosen, model, worker, pair, volumes, direction, seed, label_ids)
-                    for name in rows:
-                        rows[name].append(scored[name])
-                    log(f"[{ndim}D {label} {number}/{len(pairs)}] " + ", ".join(
-                        f"{name} " + ("crashed" if "error" in r[-1] else f"{sum(r[-1]['dice'].values()) / 3:.3f}")
-                        for name, r in rows.items()))
-                results["runs"].append(dict(ndim=ndim, case=case, label=label, pairs=len(pairs), rows=rows))
-    finally:
-        if worker is not None:
-            worker.close()
+    for ndim in ndims:
+        part = vs_ants.run(data, [ndim], cases if ndim == 2 or cases_3d is None else cases_3d, {2: slices, 3: 1},
+                           {2: "default", 3: str(vs_ants.MODEL_3D)}, methods, seed, work, log=log, threads=threads,
+                           augment=identity_config())
+        results["runs"] += part["runs"]
     return results
 
 

@@ -46,6 +46,7 @@ from bench.ants_runs import ants_fields, run_ants  # noqa: F401
 from bench.ants_runs import to_ants as _to_ants  # noqa: F401
 
 HERE = Path(__file__).resolve().parent
+MODEL_3D = HERE.parent / "firekit" / "weights" / "fire3d_t1_t2like_small.pt"  # the shipped 3D model
 CASES = {  # case -> (moving contrast, fixed contrast, model direction, label)
     "t2": ("T2", "T1", "b2a", "T2-like → T1"),
     "flair": ("FLAIR", "T1", "b2a", "FLAIR-like → T1"),
@@ -153,10 +154,11 @@ def _peer_row(worker, name: str, pair: dict, volumes: dict, seed: int, label_ids
 
 
 def run(data: Path, ndims, cases, transforms: dict, models: dict, methods, seed: int, work: Path, log=print,
-        threads: int = 1) -> dict:
+        threads: int = 1, augment=None) -> dict:
     """Register every pair with every method; returns the raw results (what results.json holds).
 
     ``threads``: the peers' worker runs with this many (firekit and ANTs take the caller's settings).
+    ``augment``: the ``AugmentConfig`` of the pairs' random transforms (None: the paper's ranges).
     """
     from firekit.data.braindata import LABEL_NAMES, build_demo_dataset
 
@@ -168,14 +170,16 @@ def run(data: Path, ndims, cases, transforms: dict, models: dict, methods, seed:
     worker = peers.Worker(threads) if any(name in PEERS for name in methods) else None
     try:
         for ndim in ndims:
-            _run_ndim(results, ndim, subjects, cases, transforms, models, methods, seed, work, log, worker, label_ids)
+            _run_ndim(results, ndim, subjects, cases, transforms, models, methods, seed, work, log, worker, label_ids,
+                      augment)
     finally:
         if worker is not None:
             worker.close()
     return results
 
 
-def _run_ndim(results, ndim, subjects, cases, transforms, models, methods, seed, work, log, worker, label_ids):
+def _run_ndim(results, ndim, subjects, cases, transforms, models, methods, seed, work, log, worker, label_ids,
+              augment=None):
     """Every case of one ndim (see :func:`run`); appends one entry per case to ``results["runs"]``."""
     from firekit.data.protocol import make_test_pairs
     from firekit.registration.pipeline import load
@@ -188,7 +192,8 @@ def _run_ndim(results, ndim, subjects, cases, transforms, models, methods, seed,
         for index, subject in enumerate(subjects):
             # The same seed per subject in every case: identical transforms (and 2D slices) for each contrast.
             records += make_test_pairs(subject, work / f"{ndim}d" / case / subject.name, transforms[ndim], ndim=ndim,
-                                       moving=moving_contrast, fixed=fixed_contrast, seed=seed + 100 * index)
+                                       moving=moving_contrast, fixed=fixed_contrast, seed=seed + 100 * index,
+                                       config=augment)
         run_rows = {name: [] for name in (*REFERENCE, *methods)}
         for number, pair in enumerate(records, 1):
             volumes = load_pair(pair)
@@ -512,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="METHOD")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and ITK threads (default: cores)")
     parser.add_argument("--model-2d", default="default")
-    parser.add_argument("--model-3d", default=str(HERE.parent / "firekit" / "weights" / "fire3d_t1_t2like_small.pt"))
+    parser.add_argument("--model-3d", default=str(MODEL_3D))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", help="folder for the pairs (default: a temporary one)")
     parser.add_argument("--out", default=str(HERE / "results.md"))

@@ -177,19 +177,20 @@ def test_the_demos_ants_reference_is_the_bench_run_of_record():
 def test_identity_pairs_are_untransformed_and_scored_on_the_bench_path(data, tmp_path):
     from bench import identity
 
-    pairs = identity.make_pairs(data, tmp_path / "pairs", 2, "t2", slices=1, seed=0)
-    assert len(pairs) == len([p for p in (data / "test").iterdir() if p.is_dir()])
-    volumes = vs_ants.load_pair(pairs[0])
+    subject = data / "test" / "subj002"
+    pair = make_test_pairs(subject, tmp_path / "pairs", 1, ndim=2, moving="T2", seed=0, config=identity.identity_config())[0]
+    volumes = vs_ants.load_pair(pair)
     assert np.abs(volumes["true_field"]).max() == 0  # the right answer moves nothing
     assert np.array_equal(volumes["moving_labels"].data, volumes["fixed_labels"].data)
-    moving = make_test_pairs(data / "test" / "subj002", tmp_path / "t2", 1, ndim=2, moving="T2", seed=0)[0]
+    moving = make_test_pairs(subject, tmp_path / "t2", 1, ndim=2, moving="T2", seed=0)[0]
     assert not np.array_equal(vs_ants.load_pair(moving)["moving"].data, volumes["moving"].data)  # a real move there
     results = identity.run(data, [2], ["t2"], 1, ["firekit refinement alone", "ANTs SyN"], 0, tmp_path / "run", 1,
                            log=lambda _: None)
     (run,) = results["runs"]
-    assert set(run["rows"]) == {"unaligned", "firekit refinement alone", "ANTs SyN"}
+    assert set(run["rows"]) == {*vs_ants.REFERENCE, "firekit refinement alone", "ANTs SyN"}
     unaligned = vs_ants.summarise(run["rows"]["unaligned"])
     assert unaligned["mean"] == 1.0 and unaligned["epe"] == 0.0
+    assert vs_ants.summarise(run["rows"]["oracle (true mapping)"])["mean"] == 1.0  # the oracle is the identity
     refined = vs_ants.summarise(run["rows"]["firekit refinement alone"])
     assert 0.5 < refined["mean"] <= 1.0 and refined["wall"] > 0
     results["meta"] = dict(date="today", machine="m", threads=1, minutes=0.1, command="c", notes=["a note"])

@@ -162,7 +162,7 @@ def _step_optimizers(optimizers: dict[str, torch.optim.Optimizer], grad_clip: fl
         return (~finite).float()
     if not check_finite:
         for g in grads:
-            g.copy_(torch.where(finite, g, torch.zeros((), dtype=g.dtype, device=g.device)))
+            g.masked_fill_(~finite, 0.0)  # in place, on the device: no read back, no new tensor
     for optimizer in optimizers.values():
         if grad_clip is not None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
