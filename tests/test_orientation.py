@@ -355,8 +355,8 @@ def test_large_images_are_checked_on_a_coarser_grid_with_the_same_choice(monkeyp
     from firekit.data.phantom import phantom_pair
     from firekit.registration import check as check_module
 
-    assert check_module._coarsening((128, 160, 128)) == 2 and check_module._coarsening((256, 320, 256)) == 4
-    assert check_module._coarsening((64, 80, 64)) == 1 and check_module._coarsening((1024, 1024)) == 1
+    assert check_module.coarsening((128, 160, 128)) == 2 and check_module.coarsening((256, 320, 256)) == 4
+    assert check_module.coarsening((64, 80, 64)) == 1 and check_module.coarsening((1024, 1024)) == 1
     shape = (104, 112, 96)  # 1.1 M voxels: scored on a grid twice as coarse
     identity = spatial.identity_affine(3, 1)
     pair = phantom_pair(shape, identity, seed=3)

@@ -365,6 +365,34 @@ def test_refine_config_round_trips_and_rejects_bad_values():
         RefineConfig(outside_cost=-1.0)
     with pytest.raises(FirekitError, match="start must be"):
         RefineConfig.preset(2, start="header")
+    for fraction in (0.0, 1.5):
+        with pytest.raises(FirekitError, match="final_rate"):
+            RefineConfig(final_rate=fraction)
+
+
+def test_rates_decay_within_each_level_to_the_final_fraction(monkeypatch):
+    from firekit.registration.levels import step_rate
+
+    assert step_rate(0.01, 0, 10, 0.1) == pytest.approx(0.01) and step_rate(0.01, 9, 10, 0.1) == pytest.approx(0.001)
+    assert all(step_rate(0.01, k, 10, 1.0) == 0.01 for k in range(10))
+    rates = []  # the rate of every Adam step, as the optimisers see it
+    step = torch.optim.Adam.step
+
+    def recorded(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recorded)
+    moving, _ = head(2, seed=1, name="t2")
+    fixed, _ = head(2, seed=2)
+    config = RefineConfig.preset(2, affine_levels=(2,), affine_iterations=(6,), field_levels=(2, 1),
+                                 field_iterations=(5, 5), affine_lr=0.02, field_lr=0.01, final_rate=0.1, starts=1)
+    refine(moving, fixed, config=config)
+    affine, coarse, fine = rates[:6], rates[6:11], rates[11:]
+    assert len(fine) == 5
+    for level, rate in ((affine, 0.02), (coarse, 0.01), (fine, 0.01)):
+        assert level[0] == pytest.approx(rate) and level[-1] == pytest.approx(0.1 * rate)
+        assert all(a > b for a, b in zip(level, level[1:]))
 
 
 def test_the_network_start_has_a_shorter_schedule_of_its_own():

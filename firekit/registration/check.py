@@ -33,7 +33,7 @@ from firekit.core.errors import FirekitError
 from firekit.core.similarity import get_similarity
 
 __all__ = ["AffineBounds", "default_bounds", "affine_geometry", "implausible", "plausible_mask", "Candidate",
-           "CheckReport", "check", "checked", "start_candidate", "slices_report", "ORIENTATIONS"]
+           "CheckReport", "check", "checked", "start_candidate", "slices_report", "coarsening", "ORIENTATIONS"]
 
 # "header": trust the files' orientation (rotations within the bound only); "search-axes": also
 # try every 90/180-degree turn and axis permutation, for files whose headers are wrong.
@@ -168,8 +168,9 @@ _FOREGROUND, _GROW = -0.9, 2
 _MAX_VOXELS = 2 ** 20
 
 
-def _coarsening(shape: Sequence[int]) -> int:
-    """The factor (a power of 2) that brings a grid of ``shape`` to at most :data:`_MAX_VOXELS`."""
+def coarsening(shape: Sequence[int]) -> int:
+    """The factor (a power of 2) that brings a grid of ``shape`` to at most :data:`_MAX_VOXELS` (2^20)
+    voxels, where images are scored to judge between answers (1 for every 2D slice and small volume)."""
     factor = 1
     while math.prod(max(s // factor, 1) for s in shape) > _MAX_VOXELS and min(shape) // (2 * factor) >= 8:
         factor *= 2
@@ -180,10 +181,10 @@ def _scores(moving: torch.Tensor, fixed: torch.Tensor, displacements: list[torch
             fixed_mask: torch.Tensor | None = None, moving_mask: torch.Tensor | None = None) -> torch.Tensor:
     """MIND-SSC loss ``(K, B)`` of ``moving`` warped by each displacement, over fixed's foreground
     (times ``fixed_mask``, and ``moving_mask`` where each displacement takes it, when given); large
-    images on a coarser grid (:func:`_coarsening`)."""
+    images on a coarser grid (:func:`coarsening`)."""
     similarity = get_similarity("mind")
     n = fixed.ndim - 2
-    factor = _coarsening(fixed.shape[2:])
+    factor = coarsening(fixed.shape[2:])
     if factor > 1:  # every image, field and mask averaged over the same blocks
         average = getattr(nnf, f"avg_pool{n}d")
         moving, fixed = average(moving, factor), average(fixed, factor)

@@ -15,7 +15,7 @@ import torch
 
 from firekit.core import spatial
 from firekit.core.similarity import Similarity
-from firekit.registration.levels import Level, Pyramid, PyramidRegions, log_progress, points_offset
+from firekit.registration.levels import Level, Pyramid, PyramidRegions, log_progress, points_offset, step_rate
 from firekit.registration.presets import RefineConfig
 from firekit.registration.regularisers import REGULARISERS
 
@@ -80,7 +80,8 @@ def optimise_field(moving: torch.Tensor, fixed_pyramid: Pyramid, theta: torch.Te
             param = spatial.resize_displacement(grid, grid_shape).clone()
         param.requires_grad_(True)
         optimiser = torch.optim.Adam([param], lr=config.field_lr)
-        for _ in range(int(steps)):
+        for step in range(int(steps)):
+            optimiser.param_groups[0]["lr"] = step_rate(config.field_lr, step, int(steps), config.final_rate)
             optimiser.zero_grad(set_to_none=True)
             field = spatial.integrate_velocity(param, config.integration_steps) if config.diffeomorphic else param
             sim = level.loss(partial(_field_motion, field, base), generator)

@@ -56,6 +56,11 @@ _PRESETS: dict[int, dict] = {
         # Bending let 3D fields fold near the borders; the mask cost 0.01 Dice here. Weight 0.1
         # beat 0.3 by 0.003 mean Dice and 0.3 mm EPE (GM, WM up; CSF, whose outer edge T1 hides, down).
         grid_spacing=4, regulariser="diffusion", weight=0.1, field_mask=False,
+        # Each level's rates decay (cosine) to 1/10: the sampled similarity's noisy gradients otherwise
+        # keep Adam jittering about the optimum. Held-out validation pairs (2 per case, refinement
+        # alone): T1 -> T1 0.934 -> 0.940 Dice, EPE 0.34 -> 0.27 mm; T2-like +0.004, FLAIR-like +0.001;
+        # no cost. (In 2D, where every pixel counts, it changed nothing: not set there.)
+        final_rate=0.1,
     ),
 }
 
@@ -160,6 +165,9 @@ class RefineConfig(PlainConfig):
         field_levels: downsampling factor of each non-rigid level, coarse to fine.
         field_iterations: Adam steps at each non-rigid level.
         field_lr: Adam learning rate of the control-grid displacements (normalised units).
+        final_rate: within each affine and non-rigid level the rates fall by a cosine from their value
+            to this fraction of it at the level's last step (:func:`~firekit.registration.levels.step_rate`);
+            1: constant.
         grid_spacing: control-grid spacing in voxels of each level.
         regulariser: ``"bending"`` (second derivatives) or ``"diffusion"`` (first derivatives),
             mean over control points, in normalised coordinates.
@@ -211,6 +219,7 @@ class RefineConfig(PlainConfig):
     field_levels: tuple[int, ...] = (2, 1)
     field_iterations: tuple[int, ...] = (60, 40)
     field_lr: float = 0.01
+    final_rate: float = 1.0
     grid_spacing: int = 4
     regulariser: str = "bending"
     weight: float = 3e-3
@@ -249,6 +258,8 @@ class RefineConfig(PlainConfig):
             raise FirekitError(f"RefineConfig.outside_cost must be >= 0 (0: off), got {self.outside_cost}")
         if not 0 < self.field_sampling <= 1:
             raise FirekitError(f"RefineConfig.field_sampling must be a fraction in (0, 1], got {self.field_sampling}")
+        if not 0 < self.final_rate <= 1:
+            raise FirekitError(f"RefineConfig.final_rate must be a fraction in (0, 1], got {self.final_rate}")
         if self.weight < 0 or self.affine_lr <= 0 or self.field_lr <= 0:
             raise FirekitError(
                 f"RefineConfig needs weight >= 0 and positive learning rates, got weight {self.weight}, "
