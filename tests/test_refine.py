@@ -368,6 +368,23 @@ def test_refine_config_round_trips_and_rejects_bad_values():
     for fraction in (0.0, 1.5):
         with pytest.raises(FirekitError, match="final_rate"):
             RefineConfig(final_rate=fraction)
+    with pytest.raises(FirekitError, match="network_flow"):
+        RefineConfig(network_flow="drop")
+
+
+def test_a_starting_flow_on_the_grid_is_corrected_whole():
+    """A noisy starting flow stays in the answer when kept as a base; averaged onto the control grid,
+    the refinement corrects it and ends where it would have without it."""
+    moving, labels = head(2, seed=1, name="t2")
+    fixed, _ = head(2, seed=1)
+    noise = 0.04 * torch.randn(1, 2, *SHAPES[2], generator=torch.Generator().manual_seed(0))
+    config = partial(small_config, 2, starts=1, scan_scales=(), shift_reach=0.0)
+    clean = refine(moving, fixed, config=config()).displacement
+    kept = refine(moving, fixed, displacement0=noise, config=config()).displacement
+    gridded = refine(moving, fixed, displacement0=noise, config=config(network_flow="grid")).displacement
+    inside = labels[:, 0] > 0
+    assert voxel_error(gridded, clean, inside) < 0.2
+    assert voxel_error(kept, clean, inside) > 3 * voxel_error(gridded, clean, inside)
 
 
 def test_rates_decay_within_each_level_to_the_final_fraction(monkeypatch):

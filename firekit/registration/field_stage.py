@@ -15,7 +15,8 @@ import torch
 
 from firekit.core import spatial
 from firekit.core.similarity import Similarity
-from firekit.registration.levels import Level, Pyramid, PyramidRegions, log_progress, points_offset, step_rate
+from firekit.registration.levels import (Level, Pyramid, PyramidRegions, downsample, log_progress, points_offset,
+                                         step_rate)
 from firekit.registration.presets import RefineConfig
 from firekit.registration.regularisers import REGULARISERS
 
@@ -73,7 +74,13 @@ def optimise_field(moving: torch.Tensor, fixed_pyramid: Pyramid, theta: torch.Te
         if config.field_mask:
             level.mask_foreground(config.foreground, config.mask_margin)
         grid_shape = _grid_shape(level.shape, config.grid_spacing)
-        if grid is None:
+        if grid is None and base is not None and config.network_flow == "grid":
+            # The starting flow becomes the first control grid (averaged onto it by downsample's box):
+            # regularised and corrected like the rest, instead of kept as a fixed base.
+            param = spatial.resize_displacement(downsample(base, max(round(base.shape[2] / grid_shape[0]), 1)),
+                                                grid_shape).clone()
+            base = None
+        elif grid is None:
             param = fixed.new_zeros(batch, ndim, *grid_shape)
         else:
             # Linear resampling of a linearly interpolated grid keeps the field it represents.
