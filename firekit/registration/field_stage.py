@@ -48,7 +48,9 @@ def optimise_field(moving: torch.Tensor, fixed_pyramid: Pyramid, theta: torch.Te
 
     ``u_nr = displacement0 + linear upsampling of the control grid``; the grid starts at zero and
     is carried (resampled) from level to level, and only it is regularised, so a given
-    ``displacement0`` is kept as it is and corrected smoothly. ``moving`` is the image,
+    ``displacement0`` is kept as it is and corrected smoothly (``config.network_flow`` ``"keep"``);
+    with ``"grid"`` the first grid is ``displacement0`` averaged onto it instead, and ``u_nr`` is the
+    grid alone. ``moving`` is the image,
     ``fixed_pyramid`` fixed's :class:`Pyramid`; ``generator`` draws the voxel samples
     (``config.field_sampling``); ``regions`` (:class:`PyramidRegions`) where the similarity counts.
     """

@@ -89,8 +89,9 @@ def refine(
             several starts (judged after the first affine level, see ``starts``); default: the
             best candidate(s) of the moments search (:func:`~firekit.registration.moments.moments_init`).
         displacement0: optional ``(B, n, *s)`` starting non-rigid part ``u_nr`` (e.g. the network's
-            flow at any resolution), normalised; kept, and corrected by the regularised grid, for
-            the pairs whose affine came from (the first of) ``theta0``.
+            flow at any resolution), normalised; kept and corrected by the regularised grid (or, with
+            ``config.network_flow`` ``"grid"``, averaged onto it), for the pairs whose affine came
+            from (the first of) ``theta0``.
         config: :class:`RefineConfig` (default :meth:`RefineConfig.preset` for the images' ndim).
         progress: print one line per level to stderr.
         fixed_mask, moving_mask: optional ``(B, 1, *S)`` weights in [0, 1] on each image's grid (a
