@@ -4,7 +4,7 @@
                                    [--work /tmp/firekit-gross] [--label after] [--no-ants]
     python -m bench.gross_failures --report        # bench/gross_failures.md from the JSON
 
-Two processes on two cores: ``--shard 0/2 --results A.json`` and ``--shard 1/2 --results B.json``,
+Two processes on two cores: ``--shard 1/2 --results A.json`` and ``--shard 2/2 --results B.json``,
 then ``--report --results bench/gross_failures.json --merge A.json B.json``.
 
 Pairs: the paper's test protocol (``firekit.data.protocol.make_test_pairs``: a random affine within
@@ -40,6 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
+from firekit.batch import parse_shard, shard_items
+from firekit.core.errors import FirekitError
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "gross_failures.json"
 CONTRASTS = {"T2": "T2-like", "FLAIR": "FLAIR-like", "PD": "PD-like"}
@@ -53,6 +56,13 @@ def _threads(count: int) -> None:
 
     torch.set_num_threads(count)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(count)
+
+
+def _shard(value: str) -> tuple[int, int]:
+    try:
+        return parse_shard(value)
+    except FirekitError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_pairs(work: Path, subjects, pairs_2d: int, pairs_3d: int, seed: int = 0) -> list[dict]:
@@ -122,7 +132,8 @@ def _score(field: np.ndarray, volumes: dict) -> dict:
 
 def run(pairs: list[dict], label: str, ants: bool, log=print) -> list[dict]:
     """Every method on every pair -> one row per (pair, method)."""
-    from bench.vs_ants import load_pair, run_ants
+    from bench.ants_runs import run_ants
+    from bench.vs_ants import load_pair
     from firekit.registration.pipeline import load
 
     model = load()
@@ -249,8 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-ants", action="store_true", help="firekit rows only")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=RESULTS)
-    parser.add_argument("--shard", default="0/1", metavar="K/N",
-                        help="run every N-th pair from the K-th (0-based) only, e.g. one of two processes")
+    parser.add_argument("--shard", default="1/1", metavar="K/N", type=_shard,
+                        help="run shard K of N only (1-based, as firekit register --shard): pairs K, K+N, ...")
     parser.add_argument("--report", action="store_true", help="only write bench/gross_failures.md from the JSON")
     parser.add_argument("--merge", type=Path, nargs="+", default=[], metavar="JSON",
                         help="with --report: first add these runs' rows (e.g. shards) to --results")
@@ -258,8 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         _threads(args.threads)
         pairs = build_pairs(args.work, args.subjects, args.pairs_2d, args.pairs_3d)
-        shard, shards = (int(v) for v in args.shard.split("/"))
-        pairs = pairs[shard::shards]
+        pairs = shard_items(pairs, args.shard)
         print(f"{len(pairs)} pairs under {args.work}", flush=True)
         rows = run(pairs, args.label, ants=not args.no_ants)
         stored = merge(rows, args.results)

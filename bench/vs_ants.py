@@ -41,9 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import peers
-# ants_fields and _to_ants: tests/test_bench.py reads them here, as notebook 05 and gross_failures read run_ants.
-from bench.ants_runs import ants_fields, run_ants  # noqa: F401
-from bench.ants_runs import to_ants as _to_ants  # noqa: F401
+from bench.ants_runs import run_ants
 
 HERE = Path(__file__).resolve().parent
 MODEL_3D = HERE.parent / "firekit" / "weights" / "fire3d_t1_t2like_small.pt"  # the shipped 3D model

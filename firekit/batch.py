@@ -36,7 +36,7 @@ from firekit.data.atomic import atomic_write_text
 from firekit.core.errors import FirekitError
 
 __all__ = ["Pair", "BatchPlan", "COLUMNS", "BASE_COLUMNS", "read_pairs", "plan", "run", "read_summary",
-           "write_summary", "merge_summaries", "summary_path"]
+           "write_summary", "merge_summaries", "summary_path", "parse_shard", "shard_items"]
 
 INPUT_COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels", "initial_affine", "fixed_mask", "moving_mask")
 OUTPUT_COLUMNS = ("out", "out_labels", "field", "inverse_field", "affine")
@@ -253,6 +253,25 @@ def write_summary(path: str | os.PathLike, rows: list[dict]) -> Path:
     return atomic_write_text(path, buffer.getvalue())
 
 
+def parse_shard(value: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)``: shard K of N, 1-based (``"2/8"``: the second of 8). FirekitError otherwise."""
+    try:
+        k, n = (int(v) for v in str(value).split("/"))
+    except ValueError:
+        raise FirekitError(f"--shard takes K/N (e.g. 2/8: the second of 8 shards), got {value!r}") from None
+    if not 1 <= k <= n:
+        raise FirekitError(f"--shard {value}: K must be within 1..N (shards are 1-based)")
+    return k, n
+
+
+def shard_items(items: list, shard: tuple[int, int]) -> list:
+    """The items of shard K of N (1-based): items K-1, K-1+N, K-1+2N, ..."""
+    k, n = shard
+    if not 1 <= k <= n:
+        raise FirekitError(f"--shard {k}/{n}: K must be within 1..N (shards are 1-based)")
+    return items[k - 1::n]
+
+
 def plan(csv_path: str | os.PathLike, out_dir: str | os.PathLike, shard: tuple[int, int] = (1, 1)) -> BatchPlan:
     """Read and check the CSV, take the shard's pairs and mark those an earlier run finished.
 
@@ -260,12 +279,10 @@ def plan(csv_path: str | os.PathLike, out_dir: str | os.PathLike, shard: tuple[i
     ``summary-K-of-N.csv``) holds its row (same moving, fixed and name) as ``ok`` or ``skipped`` and
     every output of the pair exists.
     """
-    k, n = shard
-    if not 1 <= k <= n:
-        raise FirekitError(f"--shard {k}/{n}: K must be within 1..N (shards are 1-based)")
+    shard_items([], shard)  # a bad shard fails before anything is read
     out_dir = Path(out_dir)
     io.check_output_folder(out_dir, [csv_path])
-    pairs = read_pairs(csv_path, out_dir)[k - 1::n]
+    pairs = shard_items(read_pairs(csv_path, out_dir), shard)
     summary = summary_path(out_dir, shard)
     if Path(csv_path).resolve() == summary.resolve():
         raise FirekitError(f"{csv_path}: the summary would overwrite the pairs CSV; keep the CSV out of --out")
@@ -279,7 +296,7 @@ def plan(csv_path: str | os.PathLike, out_dir: str | os.PathLike, shard: tuple[i
     for pair in pairs:
         old = done.get(pair.key())
         if old is not None and all(p.exists() for p in pair.outputs.values()):
-            rows.append({**old, "row": pair.row, "status": "skipped", "shard": f"{k}/{n}"})
+            rows.append({**old, "row": pair.row, "status": "skipped", "shard": f"{shard[0]}/{shard[1]}"})
         else:
             rows.append(_row(pair, "pending", shard))
     return BatchPlan(pairs, summary, shard, rows)

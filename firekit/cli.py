@@ -206,13 +206,12 @@ def _merge_summaries(args: argparse.Namespace) -> int | None:
 
 
 def _shard(value: str) -> tuple[int, int]:
+    from firekit.batch import parse_shard
+
     try:
-        k, n = (int(v) for v in value.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"takes K/N (e.g. 2/8: the second of 8 shards), got {value!r}") from None
-    if not 1 <= k <= n:
-        raise argparse.ArgumentTypeError(f"{value}: K must be within 1..N (shards are 1-based)")
-    return k, n
+        return parse_shard(value)
+    except FirekitError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix("--shard ")) from None
 
 
 def _apply(args: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench import vs_ants
+from bench import ants_runs, vs_ants
 from firekit.registration import fields
 from firekit.core import metrics
 from firekit.data.protocol import make_test_pairs
@@ -24,11 +24,11 @@ def test_ants_fields_reproduce_ants_own_resampling(data, tmp_path):
     """Composed ANTs transforms, read as an ITK field and applied by firekit, warp as ANTs does."""
     pair = make_test_pairs(data / "test" / "subj002", tmp_path, 1, ndim=2, seed=4)[0]
     volumes = vs_ants.load_pair(pair)
-    fixed, moving = vs_ants._to_ants(volumes["fixed"]), vs_ants._to_ants(volumes["moving"])
+    fixed, moving = ants_runs.to_ants(volumes["fixed"]), ants_runs.to_ants(volumes["moving"])
     reg = ants.registration(fixed, moving, "SyN", aff_metric="mattes", random_seed=0)
-    field, backward = vs_ants.ants_fields(reg, moving, fixed)
+    field, backward = ants_runs.ants_fields(reg, moving, fixed)
     ours = fields.apply_field(volumes["moving_labels"], field, volumes["fixed"], labels=True)
-    moving_labels = vs_ants._to_ants(volumes["moving_labels"].with_data(volumes["moving_labels"].data.astype(np.float32)))
+    moving_labels = ants_runs.to_ants(volumes["moving_labels"].with_data(volumes["moving_labels"].data.astype(np.float32)))
     theirs = ants.apply_transforms(fixed, moving_labels, reg["fwdtransforms"], interpolator="nearestNeighbor").numpy()
     assert (ours == np.rint(theirs)).mean() > 0.995
     # forward o its own inverse: small, but measured (not zero by construction)

@@ -9,6 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
+from firekit.batch import parse_shard, shard_items
+from firekit.core.errors import FirekitError
 from firekit.data import io
 from firekit.registration.evaluate import evaluate_files
 from firekit.data.protocol import axial_slice
@@ -176,6 +178,18 @@ def test_shards_take_every_pair_once_and_their_summaries_merge(study, tmp_path):
     assert_one_line_error(run("merge-summaries", out / "summary-1-of-2.csv", "--out", tmp_path / "m.csv"),
                           "shard 2/2 missing", "summary-2-of-2.csv")
     assert not (tmp_path / "m.csv").exists()
+
+
+@pytest.mark.parametrize("count, shards", [(7, 2), (3, 5), (10, 3), (1, 1)])
+def test_shards_split_any_list_into_disjoint_parts_in_order(count, shards):
+    # the rule firekit register --shard and bench/gross_failures --shard share (1-based K of N)
+    items = list(range(count))
+    parts = [shard_items(items, parse_shard(f"{k}/{shards}")) for k in range(1, shards + 1)]
+    assert sorted(i for part in parts for i in part) == items
+    assert all(part == sorted(part) for part in parts) and parts[0][:1] == [0]
+    for bad in ("0/2", "3/2", "2", "a/b"):
+        with pytest.raises(FirekitError, match="--shard"):
+            parse_shard(bad)
 
 
 @pytest.mark.parametrize("case", ["no_fixed_column", "unknown_column", "missing_file", "two_missing_files",
