@@ -9,7 +9,7 @@ The paper's test protocol (Section 4.1): each test subject's moving image random
 registered to the subject's T1 by every method:
 
 - firekit: the moments start (no optimisation), the network's affine alone, the network, network +
-  refinement (also ``--symmetric``), refinement alone;
+  refinement (the default path: both ways in 2D; also one way, and ``--symmetric`` in 3D), refinement alone;
 - ANTs (antspyx, ``pip install firekit[bench]``): ``Affine`` (Mattes MI), ``SyN``, ``SyNRA``,
   ITK threads = ``--threads`` (default: the machine's cores), torch likewise;
 - the other peers (``bench/peers.py``, same extra): Greedy (NMI affine + deformable), elastix
@@ -57,6 +57,8 @@ FIREKIT = {  # row -> register() options
     "firekit network": dict(network=True, refine=0),
     "firekit network + refinement": dict(network=True, refine="auto"),
     "firekit network + refinement, symmetric": dict(network=True, refine="auto", symmetric=True),
+    # The default path registers 2D pairs both ways (register(symmetric="auto")); one way only, as before 2026-12-07:
+    "firekit network + refinement, one way": dict(network=True, refine="auto", symmetric=False),
     "firekit refinement alone": dict(network=False, refine="auto"),
     # Does the network earn its place in front of refinement? Half the preset's 2D steps (40 + 20
     # affine, 60 + 40 non-rigid) from each start.
@@ -81,7 +83,7 @@ def run_firekit(options: dict, model, moving, fixed, direction: str, seed: int) 
     reverse = other_direction(direction)
     net = model if options["network"] else None
     kwargs = dict(affine_only=options.get("affine_only", False), refine=options["refine"], seed=seed,
-                  symmetric=options.get("symmetric", False))
+                  symmetric=options.get("symmetric", "auto"))
     result, wall, cpu = peers.timed(lambda: register(net, moving, fixed, direction=direction, **kwargs))
     backward = register(net, fixed, moving, direction=reverse, **kwargs)
     return dict(field=result.displacement, backward=backward.displacement, wall=wall, cpu=cpu)

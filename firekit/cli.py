@@ -575,9 +575,9 @@ def _add_register_method_options(register: argparse.ArgumentParser) -> None:
     register.add_argument("--synthesis", action="store_true",
                           help="refine FIRE's synthesis of moving in the fixed contrast against fixed (use with "
                           "--similarity lncc or mse across modalities)")
-    register.add_argument("--symmetric", action="store_true",
+    register.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default="auto",
                           help="register both ways and average: inverse-consistent with the reverse registration "
-                          "(twice the time)")
+                          "(twice the time); default: on for 2D images with refinement, off in 3D")
     register.add_argument("--init", choices=["header", "search-axes"], default="header",
                           help="header (default): trust the files' orientation, so no affine turns by more than 45 deg, "
                           "reflects, or scales an axis by more than 3x; search-axes: also try every 90/180-degree turn "

@@ -300,7 +300,7 @@ def register_files(
     similarity: str | None = None,
     synthesis: bool = False,
     progress: bool | str = False,
-    symmetric: bool = False,
+    symmetric: bool | str = "auto",
     orientation: str = "header",
     check: bool = True,
     initial_affine: str | os.PathLike | None = None,

@@ -176,7 +176,8 @@ def test_refinement_similarity_and_synthesis_path(monkeypatch):
 
     monkeypatch.setattr(refine_module, "refine", spy)
     model = model_with_affine(torch.eye(2, 3), 2)
-    result = register(model, moving, fixed, refine=3, similarity="lncc", synthesis=True, spacing=None)
+    # one way: the spy sees the last refinement (registering both ways, the backward one)
+    result = register(model, moving, fixed, refine=3, similarity="lncc", synthesis=True, spacing=None, symmetric=False)
     network = result.network
     with torch.no_grad():
         expected = model.synthesise(network.moving, "a2b")
@@ -253,6 +254,26 @@ def test_symmetric_registration_is_inverse_consistent_with_the_reverse_one():
     torch.testing.assert_close(theta_sym, theta, atol=1e-6, rtol=0)
     inner = (slice(None), slice(None), slice(8, -8), slice(8, -8))
     torch.testing.assert_close(disp_sym[inner], spatial.affine_to_displacement(theta, shape)[inner], atol=1e-4, rtol=0)
+
+
+def test_symmetric_auto_registers_2d_both_ways_and_3d_one_way():
+    """The default (symmetric="auto"): both ways for 2D images with refinement; one way in 3D and for
+    the network alone; anything but True, False or "auto" refused in one line."""
+    from firekit.data.phantom import phantom_pair
+
+    theta = spatial.affine_matrix(2, rotation=10, scale=(1.1, 0.95), translation=(0.04, -0.03))
+    pair = phantom_pair((64, 64), theta, seed=3, contrasts=("t2", "t1"))
+    moving, fixed = (io.Volume(x[0, 0].numpy(), np.eye(3)) for x in (pair.x_a, pair.x_b))
+    found = {s: register(None, moving, fixed, refine=5, spacing=None, symmetric=s).displacement
+             for s in ("auto", True, False)}
+    np.testing.assert_array_equal(found["auto"], found[True])
+    assert np.abs(found[True] - found[False]).max() > 1e-3  # the two really differ
+    pair3 = phantom_pair((24, 24, 24), spatial.affine_matrix(3, rotation=(6, 0, 0)), seed=3, contrasts=("t2", "t1"))
+    moving3, fixed3 = (io.Volume(x[0, 0].numpy(), np.eye(4)) for x in (pair3.x_a, pair3.x_b))
+    found3 = {s: register(None, moving3, fixed3, refine=2, spacing=None, symmetric=s).displacement for s in ("auto", False)}
+    np.testing.assert_array_equal(found3["auto"], found3[False])
+    with pytest.raises(FirekitError, match="symmetric must be"):
+        register(None, moving, fixed, refine=5, spacing=None, symmetric="yes")
 
 
 def test_shipped_3d_model_loads_with_its_training_spacing_and_registers_a_volume():

@@ -521,17 +521,33 @@ def voxel_affine_to_normalised(matrix: torch.Tensor, shape: Sequence[int]) -> to
     return (torch.linalg.inv(norm) @ _homogeneous(matrix) @ norm)[:, :ndim]
 
 
-def invert_displacement(displacement: torch.Tensor, iterations: int = 40) -> torch.Tensor:
+def invert_displacement(displacement: torch.Tensor, iterations: int = 40,
+                        theta: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of a smooth invertible field by fixed-point iteration ``v(x) = -u(x + v(x))``.
+
+    The plain iteration converges only where the field moves points by less than their spacing changes
+    (``|grad u| < 1``): not for large turns or scales. ``theta``, the field's affine part, preconditions it:
+    the iteration starts from ``theta``'s exact inverse and corrects by ``A^-1`` times the residual
+    (``A``: ``theta``'s linear part), so only the non-rigid rest need be small.
 
     Args:
         displacement: ``(B, ndim, *spatial)`` normalised.
+        theta: ``(B, ndim, ndim + 1)`` normalised affine the field is close to, or None.
 
     Returns:
         ``(B, ndim, *spatial)`` normalised ``v`` with ``(x + v) + u(x + v) = x``.
     """
-    _check_field(displacement)
-    inverse = -displacement
+    ndim = _check_field(displacement)
+    if theta is None:
+        inverse = -displacement
+        for _ in range(iterations):
+            inverse = -warp(displacement, inverse)
+        return inverse
+    theta = theta.to(displacement.dtype)
+    inverse = affine_to_displacement(invert_affine(theta), displacement.shape[2:])
+    linear_inverse = torch.linalg.inv(theta[:, :, :ndim])
     for _ in range(iterations):
-        inverse = -warp(displacement, inverse)
+        # residual r(x) = (x + v) + u(x + v) - x; Newton-like step with the affine's Jacobian
+        residual = inverse + warp(displacement, inverse)
+        inverse = inverse - torch.einsum("bij,bj...->bi...", linear_inverse, residual)
     return inverse

@@ -303,7 +303,9 @@ def symmetrise(theta: torch.Tensor, displacement: torch.Tensor, theta_back: torc
     Args:
         theta, theta_back: ``(B, n, n + 1)``; displacement, displacement_back: ``(B, n, *S)``.
     """
-    inverse = spatial.invert_displacement(displacement_back.double(), iterations).to(displacement.dtype)
+    # preconditioned by the backward affine: the plain iteration diverges for large turns (a 180-degree one)
+    inverse = spatial.invert_displacement(displacement_back.double(), iterations,
+                                          theta=theta_back.double()).to(displacement.dtype)
     theta_inverse = spatial.invert_affine(theta_back.double()).to(theta.dtype)
     return 0.5 * (theta + theta_inverse), 0.5 * (displacement + inverse)
 
@@ -416,8 +418,8 @@ def world_mapping(voxels: torch.Tensor, grid_affine: np.ndarray, fixed: io.Volum
 def register(model: Fire | None, moving, fixed, direction: str = "a2b", affine_only: bool = False,
              spacing: float | None = DEFAULT_SPACING, device: str | torch.device | None = None, slice_batch: int = 16,
              refine=0, seed: int = 0, similarity: str | None = None, synthesis: bool = False,
-             progress: bool | str = False, symmetric: bool = False, orientation: str = "header", check: bool = True,
-             initial_affine=None, fixed_mask=None, moving_mask=None) -> RegistrationResult:
+             progress: bool | str = False, symmetric: bool | str = "auto", orientation: str = "header",
+             check: bool = True, initial_affine=None, fixed_mask=None, moving_mask=None) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` with a FIRE model, per-pair refinement, or both.
 
     Args:
@@ -440,7 +442,10 @@ def register(model: Fire | None, moving, fixed, direction: str = "a2b", affine_o
             (seconds per pair; 2D pairs take a fraction of a second).
         symmetric: register both ways and average the forward transform with the inverse of the backward
             one (:func:`symmetrise`): registering fixed onto moving then gives (nearly) the inverse of
-            this result. Twice the time.
+            this result. Twice the time. ``"auto"`` (default): on for 2D images with refinement on (about
+            0.25 s more per 128 x 160 slice; on 504 protocol pairs the end-point error fell from 1.57 to
+            1.25 mm and the worst from 8.0 to 5.4 mm, Dice 0.822 -> 0.824: ``bench/gross_failures.md``),
+            off in 3D (twice ~12 s, for no gain in Dice) and for the network alone.
         orientation: ``"header"`` (default) trusts the files' orientation: every affine (the start, the
             network's, the refinement's) turns by at most 45 deg, never reflects and scales each axis by a
             factor within 1/3-3 (:func:`firekit.registration.check.default_bounds`). ``"search-axes"`` also
@@ -472,7 +477,7 @@ def register(model: Fire | None, moving, fixed, direction: str = "a2b", affine_o
                     synthesis=synthesis, progress=plan.progress, network_factor=factor,
                     orientation=plan.orientation, check=check)
     theta, disp, warped_net, reports = solve(grid.moving, grid.fixed, direction, start=start, regions=grid.regions)
-    if symmetric:
+    if plan.symmetric:
         start_back = None if start is None else spatial.invert_affine(start.double()).float()
         theta_back, disp_back, _, _ = solve(grid.fixed, grid.moving, other_direction(direction), start=start_back,
                                             regions=grid.regions.swapped())
@@ -492,6 +497,7 @@ class _Plan(NamedTuple):
     orientation: str
     progress: bool
     slicewise: bool  # a 2D model on 3D images
+    symmetric: bool  # register both ways and average
 
 
 def _plan(model: Fire | None, moving: io.Volume, fixed: io.Volume, affine_only: bool, refine, seed: int,
@@ -528,10 +534,14 @@ def _plan(model: Fire | None, moving: io.Volume, fixed: io.Volume, affine_only: 
         raise FirekitError(f"{where}: a {model.ndim}D model cannot register {n}D images ({fixed.name}); use a {n}D model "
                            "(or refinement alone: no model, --no-network)")
     slicewise = model is not None and model.ndim < n
+    if symmetric == "auto":
+        symmetric = n == 2 and config is not None
+    elif not isinstance(symmetric, bool):
+        raise FirekitError(f"symmetric must be True, False or 'auto', got {symmetric!r}")
     if symmetric and slicewise and config is None:
         raise FirekitError("symmetric registration needs refinement or a model of the images' ndim; "
                            "pass refine='auto' or a 3D model")
-    return _Plan(config, initial, fixed_masks, moving_masks, orientation, progress, slicewise)
+    return _Plan(config, initial, fixed_masks, moving_masks, orientation, progress, slicewise, symmetric)
 
 
 class _Grid(NamedTuple):

@@ -69,12 +69,16 @@ _PRESETS: dict[int, dict] = {
 # start="network")``): the network's start is near the answer, so one moments start beside it and a
 # shorter schedule reach the Dice of the whole schedule from moments (bench/training.md, "The network
 # earns its place"). 3D registers from moments by default (the shipped 3D network is weaker).
+# The network's flow is averaged onto the first control grid (network_flow="grid"), which is then optimised
+# and regularised whole, instead of kept as a fixed base the grid only corrects. 3D: the shipped 3D network's
+# flow lowers its own affine's Dice; kept, it stayed in the answer (FLAIR-like 0.895 vs 0.902 from moments
+# alone, 0.10 % folding); on the grid 0.902, T1 -> T1 0.929 -> 0.936 (bench pairs). 2D, registering both
+# ways (the default): on a real head with skull, which the network never saw (bench/real_heads.py, 40
+# pairs), mean Dice 0.865 -> 0.869 (T1) and 0.809 -> 0.828 (T2-like); on 504 protocol pairs of the
+# demo's kind 0.824 -> 0.823, EPE 1.25 -> 1.27 mm, no gross failure either way (bench/gross_failures.md).
 _NETWORK_PRESETS: dict[int, dict] = {
-    2: dict(network_starts=1, cut_network_starts=2, affine_iterations=(20, 10), field_iterations=(20, 20)),
-    # The shipped 3D network's flow lowers its own affine's Dice; kept as a fixed base it stayed in the
-    # answer (FLAIR-like 0.895 vs 0.902 from moments alone, 0.10 % folding). Averaged onto the control
-    # grid it is corrected whole: 0.902, T1 -> T1 0.929 -> 0.936 (bench pairs). In 2D, where the network's
-    # flow is good, the grid lost its detail (EPE +0.03-0.19 mm on 210 pairs): kept there.
+    2: dict(network_starts=1, cut_network_starts=2, affine_iterations=(20, 10), field_iterations=(20, 20),
+            network_flow="grid"),
     3: dict(network_flow="grid"),
 }
 
