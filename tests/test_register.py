@@ -276,6 +276,35 @@ def test_symmetric_auto_registers_2d_both_ways_and_3d_one_way():
         register(None, moving, fixed, refine=5, spacing=None, symmetric="yes")
 
 
+def test_symmetric_keeps_the_one_way_answer_when_the_backward_one_went_wrong(monkeypatch, capsys):
+    """Registering both ways, an average with a wrong backward answer would be wrong too: when the two
+    directions disagree grossly, the (checked) one-way answer is kept and one line says so."""
+    import firekit.registration.pipeline as pipeline
+    from firekit.data.phantom import phantom_pair
+
+    theta = spatial.affine_matrix(2, rotation=8, translation=(0.03, -0.02))
+    pair = phantom_pair((64, 64), theta, seed=5, contrasts=("t2", "t1"))
+    moving, fixed = (io.Volume(x[0, 0].numpy(), np.eye(3)) for x in (pair.x_a, pair.x_b))
+    one_way = register(None, moving, fixed, refine=5, spacing=None, symmetric=False).displacement
+    both = register(None, moving, fixed, refine=5, spacing=None, symmetric=True).displacement
+    assert np.abs(both - one_way).max() > 1e-3 and "disagree" not in capsys.readouterr().err  # a sound pair: averaged
+    solve, calls = pipeline._solve, []
+
+    def backward_turned(model, x_moving, x_fixed, direction, **options):
+        calls.append(direction)
+        result = solve(model, x_moving, x_fixed, direction, **options)
+        if len(calls) == 2:  # the backward registration, turned by a half turn
+            half_turn = spatial.affine_matrix(2, rotation=180.0)
+            return half_turn, spatial.affine_to_displacement(half_turn, x_fixed.shape[2:]), result[2], result[3]
+        return result
+
+    monkeypatch.setattr(pipeline, "_solve", backward_turned)
+    kept = register(None, moving, fixed, refine=5, spacing=None, symmetric=True).displacement
+    assert len(calls) == 2
+    np.testing.assert_allclose(kept, one_way, atol=1e-5)
+    assert "disagree" in capsys.readouterr().err
+
+
 def test_shipped_3d_model_loads_with_its_training_spacing_and_registers_a_volume():
     from pathlib import Path
 
