@@ -501,24 +501,31 @@ def register(model: Fire | None, moving, fixed, direction: str = "a2b", affine_o
                     orientation=plan.orientation, check=check)
     theta, disp, warped_net, reports = solve(grid.moving, grid.fixed, direction, start=start, regions=grid.regions)
     if plan.symmetric:
-        # Both directions from their own starts (not the backward one from the forward answer's inverse: 16 % faster,
-        # but then registering fixed onto moving no longer gives this result's inverse: 0.2 -> 0.44 voxel on a phantom)
-        start_back = None if start is None else spatial.invert_affine(start.double()).float()
-        theta_back, disp_back, _, _ = solve(grid.fixed, grid.moving, other_direction(direction), start=start_back,
-                                            regions=grid.regions.swapped())
-        inverse_back = backward_inverse(theta_back, disp_back)
-        foreground = None if plan.config is None else grid.fixed > plan.config.foreground
-        voxel_mm = float(np.mean(np.linalg.norm(grid.affine[:-1, :-1], axis=0)))
-        gap = direction_gap(disp, inverse_back, foreground) * voxel_mm
-        if gap <= SYMMETRIC_GAP_MM:
-            theta, disp = symmetrise(theta, disp, theta_back, disp_back, inverse_back=inverse_back)
-            warped_net = spatial.warp(grid.moving, disp)
-        else:  # one direction went wrong: an average of the two would be wrong too; keep the checked one-way answer
-            print(f"firekit: {moving.name}: registered both ways, the two answers disagree by {gap:.1f} mm over the "
-                  f"fixed image's foreground (sound pairs: under {SYMMETRIC_GAP_MM:g} mm); kept the one-way answer",
-                  file=sys.stderr, flush=True)
+        theta, disp, warped_net = _both_ways(solve, grid, plan, direction, start, theta, disp, warped_net, moving.name)
     view = NetworkView(grid.moving, grid.fixed, warped_net, disp, theta, grid.affine)
     return _result(moving, fixed, direction, view, check=None if reports is None else reports[0])
+
+
+def _both_ways(solve, grid: _Grid, plan: _Plan, direction: str, start: torch.Tensor | None, theta: torch.Tensor,
+               disp: torch.Tensor, warped: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`register`'s forward answer averaged with a backward registration's inverse (:func:`symmetrise`),
+    or kept alone where the two disagree by over :data:`SYMMETRIC_GAP_MM` (one line on stderr)."""
+    # Both directions from their own starts (not the backward one from the forward answer's inverse: 16 % faster,
+    # but then registering fixed onto moving no longer gives this result's inverse: 0.2 -> 0.44 voxel on a phantom)
+    start_back = None if start is None else spatial.invert_affine(start.double()).float()
+    theta_back, disp_back, _, _ = solve(grid.fixed, grid.moving, other_direction(direction), start=start_back,
+                                        regions=grid.regions.swapped())
+    inverse_back = backward_inverse(theta_back, disp_back)
+    foreground = None if plan.config is None else grid.fixed > plan.config.foreground
+    voxel_mm = float(np.mean(np.linalg.norm(grid.affine[:-1, :-1], axis=0)))
+    gap = direction_gap(disp, inverse_back, foreground) * voxel_mm
+    if gap > SYMMETRIC_GAP_MM:  # one direction went wrong: their average would be wrong too
+        print(f"firekit: {name}: registered both ways, the two answers disagree by {gap:.1f} mm over the fixed "
+              f"image's foreground (sound pairs: under {SYMMETRIC_GAP_MM:g} mm); kept the one-way answer",
+              file=sys.stderr, flush=True)
+        return theta, disp, warped
+    theta, disp = symmetrise(theta, disp, theta_back, disp_back, inverse_back=inverse_back)
+    return theta, disp, spatial.warp(grid.moving, disp)
 
 
 class _Plan(NamedTuple):
