@@ -304,10 +304,12 @@ def backward_inverse(theta_back: torch.Tensor, displacement_back: torch.Tensor, 
                                        theta=theta_back.double()).to(displacement_back.dtype)
 
 
-def direction_gap(displacement: torch.Tensor, inverse_back: torch.Tensor, mask: torch.Tensor | None = None) -> float:
-    """Mean distance (voxels of the grid) between a forward field and the inverted backward one, over
-    ``mask`` ``(B, 1, *S)`` (all voxels when None): how far the two directions disagree."""
-    distance = spatial.normalised_to_voxel(displacement - inverse_back).norm(dim=1, keepdim=True)
+def direction_gap(displacement: torch.Tensor, inverse_back: torch.Tensor, grid_affine: np.ndarray,
+                  mask: torch.Tensor | None = None) -> float:
+    """Mean distance (mm, through the grid's voxel-to-world ``grid_affine``) between a forward field and the
+    inverted backward one, over ``mask`` ``(B, 1, *S)`` (all voxels when None): how far the two directions disagree."""
+    difference = spatial.voxel_to_mm(spatial.normalised_to_voxel(displacement - inverse_back), grid_affine)
+    distance = difference.norm(dim=1, keepdim=True)
     if mask is None or not bool(mask.any()):
         return float(distance.mean())
     return float(distance[mask.expand_as(distance)].mean())
@@ -517,8 +519,7 @@ def _both_ways(solve, grid: _Grid, plan: _Plan, direction: str, start: torch.Ten
                                         regions=grid.regions.swapped())
     inverse_back = backward_inverse(theta_back, disp_back)
     foreground = None if plan.config is None else grid.fixed > plan.config.foreground
-    voxel_mm = float(np.mean(np.linalg.norm(grid.affine[:-1, :-1], axis=0)))
-    gap = direction_gap(disp, inverse_back, foreground) * voxel_mm
+    gap = direction_gap(disp, inverse_back, grid.affine, foreground)
     if gap > SYMMETRIC_GAP_MM:  # one direction went wrong: their average would be wrong too
         print(f"firekit: {name}: registered both ways, the two answers disagree by {gap:.1f} mm over the fixed "
               f"image's foreground (sound pairs: under {SYMMETRIC_GAP_MM:g} mm); kept the one-way answer",
