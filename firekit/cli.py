@@ -11,7 +11,7 @@ from firekit import __version__
 from firekit.core.errors import FirekitError
 
 # firekit.workflows.RECIPES by name (kept here so that --help imports no torch; a test keeps them equal)
-RECIPE_NAMES = ("learn2d", "learn2d-fine", "learn2d-synth", "learn3d")
+RECIPE_NAMES = ("learn2d", "learn2d-fine", "learn2d-synth", "learn2d-near", "learn3d")
 
 CONVENTIONS = (
     "Conventions: the displacement u lives on the fixed image's grid, in mm, with ITK/LPS signs "
@@ -90,7 +90,7 @@ def _train(args: argparse.Namespace) -> None:
         val_labels=args.val_labels, spacing=args.spacing, seed=args.seed, augment=not args.no_augment,
         resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
         val_every=args.val_every, checkpoint_every=args.checkpoint_every,
-        curriculum_steps=args.curriculum_steps, aux_weight=args.aux_weight, prealign=args.prealign,
+        curriculum_steps=args.curriculum_steps, near_fraction=args.near_fraction, aux_weight=args.aux_weight, prealign=args.prealign,
         residual_bound=args.residual_bound, affine_pooling=args.affine_pooling, init=args.init,
         similarity_weight=args.similarity_weight, distill_weight=args.distill_weight,
         synthesis_weight=args.synthesis_weight, invariance_weight=args.invariance_weight, train_only=args.train_only,
@@ -460,6 +460,9 @@ def _add_train_loss_options(train: argparse.ArgumentParser) -> None:
                        "default 0 = off)")
     train.add_argument("--curriculum-steps", type=int, default=0,
                        help="ramp the augmentation from 25%% to full strength over N steps (default 0 = off)")
+    train.add_argument("--near-fraction", type=float, default=0.0,
+                       help="draw this fraction of the pairs at or near alignment (B under A's transform, then "
+                       "nothing or a small one; not in the paper; default 0 = off)")
     train.add_argument("--prealign", choices=["none", "moments"], default="none",
                        help="moments: the model starts each registration from the moments affine and learns the "
                        "rest (not in the paper; default none)")

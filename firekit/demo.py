@@ -21,7 +21,7 @@ STAGES = {"before": "unaligned", "affine_only": "FIRE affine", "network": "FIRE 
           "refined": "FIRE + refinement", "refine_only": "refinement alone"}
 # bench/results.md (make bench): ANTs on 40 2D T2-like -> T1 protocol pairs of the same test subjects
 # (mean Dice CSF/GM/WM; antspyx 0.6.3, 1 ITK thread, 2026-12-07).
-ANTS_REFERENCE = {"unaligned": 0.371, "ANTs Affine": 0.533, "ANTs SyN": 0.695, "ANTs SyNRA": 0.697}
+ANTS_REFERENCE = {"unaligned": 0.371, "ANTs Affine": 0.516, "ANTs SyN": 0.709, "ANTs SyNRA": 0.711}
 
 
 def _ants_syn_labels(pair: dict, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -42,6 +42,13 @@ RECIPES: dict[str, dict] = {
                           invariance_weight=30.0, lr_affine=3e-4, lr_nonrigid=3e-4, lr_synthesis=3e-4,
                           schedule="cosine", warmup_steps=100, ema_decay=0.99, batch_size=4, spacing=2.56,
                           iterations=1_500, val_every=250, checkpoint_every=250),
+    # 2D, near-alignment stage: the shipped model (--init) keeps every term of the synthesis stage
+    # while 30 % of its pairs are drawn at or near alignment, so that T(x_a, x_b) of an aligned pair
+    # is the identity and a second pass improves on the first (bench/training.md section 8).
+    "learn2d-near": dict(preset="small", affine_pooling="keypoints", aux_weight=1000.0, synthesis_weight=10.0,
+                         invariance_weight=30.0, near_fraction=0.3, lr_affine=3e-4, lr_nonrigid=3e-4,
+                         lr_synthesis=3e-4, schedule="cosine", warmup_steps=100, ema_decay=0.99, batch_size=4,
+                         spacing=2.56, iterations=2_000, val_every=250, checkpoint_every=250),
     # 3D, the same recipe on volumes at 2.56 mm, batch 2 (plan it for a GPU: bench/gpu_train.py).
     "learn3d": dict(preset="small", affine_pooling="keypoints", aux_weight=1000.0, lr_affine=1e-3,
                     lr_nonrigid=1e-3, lr_synthesis=1e-3, schedule="cosine", warmup_steps=500, ema_decay=0.999,
@@ -68,6 +75,7 @@ def build_dataset(
     curriculum_steps: int = 0,
     flags: tuple[str, str, str] = ("--a", "--b", "--labels"),
     counterparts: bool = False,
+    near_fraction: float = 0.0,
 ) -> PairDataset:
     """Match, load and wrap subjects from globs into a :class:`PairDataset`.
 
@@ -76,6 +84,7 @@ def build_dataset(
             ``AugmentConfig``.
         flags: the command-line names of the three globs, for error messages.
         counterparts: batches also carry each pair's aligned counterparts (``PairDataset``).
+        near_fraction: the fraction of pairs drawn at or near alignment (``PairDataset``).
     """
     from tqdm.auto import tqdm
 
@@ -92,7 +101,7 @@ def build_dataset(
     config = AugmentConfig() if augment is True else (augment or None)
     info = {"a": a, "b": b, "labels": labels}
     return PairDataset(loaded, ndim, config, seed=seed, pairing=pairing, spacing=spacing, info=info,
-                       curriculum_steps=curriculum_steps, counterparts=counterparts)
+                       curriculum_steps=curriculum_steps, counterparts=counterparts, near_fraction=near_fraction)
 
 
 def train_on_files(
@@ -116,6 +125,7 @@ def train_on_files(
     device: str | None = None,
     progress: bool = True,
     curriculum_steps: int = 0,
+    near_fraction: float = 0.0,
     prealign: str = "none",
     residual_bound: float = 0.0,
     affine_pooling: str = "mean",
@@ -125,6 +135,7 @@ def train_on_files(
 ):
     """Train a FIRE model on subjects matched from globs; writes the run folder (see ``train``).
 
+    ``near_fraction``: the fraction of training pairs drawn at or near alignment (``PairDataset``).
     Validation uses the ``val_*`` globs when given, else fixed augmented pairs of the training
     subjects (only when labels are given). ``prealign``, ``residual_bound`` and ``affine_pooling`` go to the
     model (:class:`FireConfig`), ``train_options`` to :class:`TrainConfig`; ``callback`` to ``train`` (e.g. a
@@ -132,7 +143,7 @@ def train_on_files(
     """
     counterparts = bool(train_options.get("synthesis_weight") or train_options.get("invariance_weight"))
     dataset = build_dataset(a, b, labels, ndim, spacing, seed, augment, progress=progress,
-                            curriculum_steps=curriculum_steps, counterparts=counterparts)
+                            curriculum_steps=curriculum_steps, counterparts=counterparts, near_fraction=near_fraction)
     validation = None
     if val_a or val_b:
         if not (val_a and val_b):

@@ -128,3 +128,34 @@ def test_curriculum_ramps_the_augmentation():
                           min_foreground=0.0)
     assert dataset.strength(0) == pytest.approx(0.2) and dataset.strength(50) == pytest.approx(0.6)
     assert dataset.strength(100) == 1.0 and dataset.strength(1000) == 1.0
+
+
+def test_near_pairs_are_drawn_at_and_near_alignment(tmp_path):
+    """near_fraction=1: B takes A's transform; half the pairs exactly (answer 0, images equal), the
+    rest followed by a small transform whose known answer warps A onto B."""
+    from firekit.core import spatial
+    from firekit.data.augment import AugmentConfig
+
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in (40, 44, 8)], indexing="ij"))
+    image = (np.exp(-((grid[0] - 0.2) ** 2 / 0.1 + grid[1] ** 2 / 0.3)) + 0.6 * np.exp(-((grid[:2] + 0.3) ** 2).sum(0) / 0.05)).astype(np.float32)
+    io.save_nifti(image, np.eye(4), tmp_path / "s1" / "A.nii.gz")
+    io.save_nifti(image, np.eye(4), tmp_path / "s1" / "B.nii.gz")
+    subjects = [load_subject(s, [1.0, 1.0, None]) for s in find_pairs(f"{tmp_path}/*/A.nii.gz", f"{tmp_path}/*/B.nii.gz")]
+    far = PairDataset(subjects, 2, AugmentConfig(), seed=2, spacing=1.0)
+    near = PairDataset(subjects, 2, AugmentConfig(), seed=2, spacing=1.0, near_fraction=1.0, near_strength=0.25)
+    assert near.describe()["near_fraction"] == 1.0
+    batch, independent = near.sample(0, 16), far.sample(0, 16)
+    size = batch["u_a2b"].flatten(1).abs().amax(dim=1)
+    aligned = size == 0
+    assert 3 <= int(aligned.sum()) <= 13  # about half exactly aligned
+    assert torch.equal(batch["x_a"][aligned], batch["x_b"][aligned])  # A and B are one image here
+    # the others: small answers (strength <= 0.25), far smaller than those of independent pairs
+    assert size[~aligned].max() < 0.5 * independent["u_a2b"].flatten(1).abs().amax(dim=1).median()
+    points = spatial.identity_grid(batch["u_a2b"].shape[2:]) + batch["u_a2b"]
+    inside = (points.abs() <= 1).all(dim=1, keepdim=True).float()
+    for i in torch.nonzero(~aligned).flatten():
+        before = ((batch["x_a"] - batch["x_b"]).abs() * inside)[i].sum()
+        after = ((spatial.warp(batch["x_a"], batch["u_a2b"]) - batch["x_b"]).abs() * inside)[i].sum()
+        assert after < 0.35 * before, (int(i), float(before), float(after))
+    with pytest.raises(FirekitError, match="near_fraction"):
+        PairDataset(subjects, 2, AugmentConfig(), near_fraction=1.5)

@@ -33,6 +33,8 @@ def _lesioned_pair(subject, radius_mm: float = 24.0):
 # Measured 2026-12-06 (dark disc of 24 mm radius in a 2 mm slice, moving turned 10 deg and shifted 6, -4 mm):
 # refinement alone 1.21 -> 0.99 mm end-point error with the mask (Dice 0.825 -> 0.844); network +
 # refinement 1.27 -> 0.99 mm (0.819 -> 0.855). Bright discs and 18 mm ones gain less (0.0-0.15 mm).
+# 2026-12-07, 2D registering both ways: the default path 0.99 -> 0.87 mm (0.837 -> 0.854); with the 2D model
+# after its near-alignment stage 0.94 -> 0.86 mm (0.843 -> 0.858): the unmasked answer improved, the gain is smaller.
 @pytest.mark.parametrize("network", [False, True], ids=["no-network", "default"])
 def test_a_lesion_masked_out_registers_better_than_with_it(subject, network):
     moving, fixed, moving_labels, fixed_labels, mask = _lesioned_pair(subject)
@@ -40,7 +42,7 @@ def test_a_lesion_masked_out_registers_better_than_with_it(subject, network):
     plain = register(model, moving, fixed, direction="b2a", refine="auto", spacing=SPACING)
     masked = register(model, moving, fixed, direction="b2a", refine="auto", spacing=SPACING, moving_mask=mask)
     epe = {name: _true_epe(r, moving_labels, fixed_labels) for name, r in (("plain", plain), ("masked", masked))}
-    assert epe["masked"] < epe["plain"] - 0.1, epe
+    assert epe["masked"] < epe["plain"] - 0.05, epe
     assert _dice(masked, moving_labels, fixed_labels) > _dice(plain, moving_labels, fixed_labels)
 
 

@@ -320,6 +320,11 @@ class PairDataset:
         targets: also return each pair's known answer (for the auxiliary loss).
         counterparts: also return each pair's aligned counterparts, modality B under A's transform
             and A under B's (for the trainer's synthesis and feature-invariance terms).
+        near_fraction: this fraction of the pairs of one subject are drawn near alignment: B takes
+            A's transform followed by a small random one (half of them none, the rest at strength
+            ``U(0, near_strength)``), so the network also sees answers at and near the identity
+            (bench/training.md section 8). 0: every pair drawn independently (the paper).
+        near_strength: the largest strength of the small transform of a near pair.
     """
 
     def __init__(
@@ -336,11 +341,15 @@ class PairDataset:
         curriculum_start: float = 0.25,
         targets: bool = True,
         counterparts: bool = False,
+        near_fraction: float = 0.0,
+        near_strength: float = 0.25,
     ):
         if not subjects:
             raise FirekitError("no subjects to train on")
         if pairing not in ("subject", "random"):
             raise FirekitError(f"pairing must be 'subject' or 'random', got {pairing!r}")
+        if not (0.0 <= near_fraction <= 1.0 and 0.0 <= near_strength <= 1.0):
+            raise FirekitError(f"near_fraction and near_strength must be in [0, 1], got {near_fraction}, {near_strength}")
         data_ndim = subjects[0].a.ndim - 2
         if any(s.a.ndim - 2 != data_ndim for s in subjects):
             raise FirekitError("subjects mix 2D and 3D images; use one kind per dataset")
@@ -357,6 +366,8 @@ class PairDataset:
         self.curriculum_start = float(curriculum_start)
         self.targets = bool(targets)
         self.counterparts = bool(counterparts)
+        self.near_fraction = float(near_fraction)
+        self.near_strength = float(near_strength)
         self.slicewise = data_ndim == 3 and ndim == 2
         self.shape = tuple(
             max(s.a.shape[2 + i] for s in self.subjects) for i in range(ndim)
@@ -390,6 +401,8 @@ class PairDataset:
             "augment": None if self.augment is None else self.augment.to_dict(),
             "curriculum_steps": self.curriculum_steps,
             "curriculum_start": self.curriculum_start,
+            "near_fraction": self.near_fraction,
+            "near_strength": self.near_strength,
         }
 
     def _image(self, subject: SubjectData, key: str, k: int) -> torch.Tensor | None:
@@ -405,18 +418,31 @@ class PairDataset:
             return 1.0
         return min(1.0, self.curriculum_start + (1.0 - self.curriculum_start) * step / self.curriculum_steps)
 
-    def _transform(self, x: torch.Tensor, generator: torch.Generator, labels: torch.Tensor | None, step: int):
-        """Warp ``x`` (and labels) by a random transform; also returns its displacement (or None)."""
+    def _draw(self, generator: torch.Generator, step: int, strength: float = 1.0) -> torch.Tensor | None:
+        """The displacement of a random transform at the step's strength times ``strength`` (None
+        without augmentation)."""
         if self.augment is None:
-            return x, labels, None
+            return None
         from firekit.data.augment import random_transform
 
-        config = self.augment.with_strength(self.augment.strength * self.strength(step))
-        moved = random_transform(self.shape, self.spacing, generator, config)
-        x = _warp_image(x, moved.displacement)
-        if labels is not None:
-            labels = spatial.warp_labels(labels, moved.displacement)
-        return x, labels, moved.displacement
+        config = self.augment.with_strength(self.augment.strength * self.strength(step) * strength)
+        return random_transform(self.shape, self.spacing, generator, config).displacement
+
+    def _near(self, phi_a: torch.Tensor, generator: torch.Generator, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """B's transform of a near pair, A's followed by a small random one ``r`` (half the time
+        none), and ``r``'s displacement: the pair's a2b answer ``phi_a^-1 o phi_a o r``, exactly."""
+        u = float(torch.rand((), generator=generator))
+        if u < 0.5:
+            return phi_a, torch.zeros_like(phi_a)
+        relative = self._draw(generator, step, self.near_strength * (2.0 * u - 1.0))
+        return spatial.compose(phi_a, relative), relative
+
+    @staticmethod
+    def _warped(x: torch.Tensor, labels: torch.Tensor | None, phi: torch.Tensor | None):
+        """``x`` (and labels) under the transform ``phi`` (unchanged when None)."""
+        if phi is None:
+            return x, labels
+        return _warp_image(x, phi), None if labels is None else spatial.warp_labels(labels, phi)
 
     def sample(self, step: int, batch_size: int = 1, first: int = 0) -> dict[str, torch.Tensor]:
         """Pairs ``first`` to ``first + batch_size - 1`` of the batch of ``step``: ``(B, 1, *shape)``
@@ -440,12 +466,17 @@ class PairDataset:
                 other = self.subjects[int(torch.randint(len(self.subjects), (1,), generator=generator))]
             labels = self._image(subject, "labels", k)
             labels_other = self._image(other, "labels", k)
-            x_a, labels_a, phi_a = self._transform(self._image(subject, "a", k), generator,
-                                                   None if labels is None else labels.long(), step)
-            x_b, labels_b, phi_b = self._transform(self._image(other, "b", k), generator,
-                                                   None if labels_other is None else labels_other.long(), step)
+            phi_a = self._draw(generator, step)
+            near = (self.near_fraction > 0 and phi_a is not None and other is subject
+                    and float(torch.rand((), generator=generator)) < self.near_fraction)
+            phi_b, relative = self._near(phi_a, generator, step) if near else (self._draw(generator, step), None)
+            x_a, labels_a = self._warped(self._image(subject, "a", k), None if labels is None else labels.long(), phi_a)
+            x_b, labels_b = self._warped(self._image(other, "b", k),
+                                         None if labels_other is None else labels_other.long(), phi_b)
             u_a2b = u_b2a = b_on_a = a_on_b = None
-            if self.targets and phi_a is not None and other is subject:
+            if self.targets and relative is not None:
+                u_a2b, u_b2a = relative, spatial.invert_displacement(relative)
+            elif self.targets and phi_a is not None and other is subject:
                 # A and B of a subject are co-registered, so the a2b answer is phi_a^-1 o phi_b.
                 u_a2b = spatial.compose(spatial.invert_displacement(phi_a), phi_b)
                 u_b2a = spatial.compose(spatial.invert_displacement(phi_b), phi_a)

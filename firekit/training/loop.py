@@ -33,7 +33,7 @@ from firekit.training.checkpoints import (RunState, model_extra, prepare_run_dir
                                           save_run)
 from firekit.training.config import TrainConfig
 from firekit.training.distill import refinement_targets
-from firekit.training.distributed import barrier, init_distributed, process_device, wrap_ddp
+from firekit.training.distributed import barrier, close_distributed, init_distributed, process_device, wrap_ddp
 from firekit.training.interrupt import HeldInterrupt
 from firekit.training.loading import PairSource, Prefetch, channels_last_format, open_prefetch, step_tensors
 from firekit.training.logs import PendingStep, open_logs, plain, read_losses, write_config_yaml
@@ -131,6 +131,7 @@ def train(
         run.losses_log.close()
         if run.val_log is not None:
             run.val_log.close()
+        close_distributed()
     state = run.state
     return TrainResult(run.run_dir, state.step, state.losses, state.best_val_dice, run.seconds(), state.best_step)
 
