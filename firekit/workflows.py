@@ -43,8 +43,9 @@ RECIPES: dict[str, dict] = {
                           schedule="cosine", warmup_steps=100, ema_decay=0.99, batch_size=4, spacing=2.56,
                           iterations=1_500, val_every=250, checkpoint_every=250),
     # 2D, near-alignment stage: the shipped model (--init) keeps every term of the synthesis stage
-    # while 30 % of its pairs are drawn at or near alignment, so that T(x_a, x_b) of an aligned pair
-    # is the identity and a second pass improves on the first (bench/training.md section 8).
+    # while 30 % of its pairs are drawn at or near alignment, so that it also learns answers at and
+    # near the identity (aligned pairs 1.7 -> 1.3 mm; a second pass still does not improve on the
+    # first: bench/training.md section 8).
     "learn2d-near": dict(preset="small", affine_pooling="keypoints", aux_weight=1000.0, synthesis_weight=10.0,
                          invariance_weight=30.0, near_fraction=0.3, lr_affine=3e-4, lr_nonrigid=3e-4,
                          lr_synthesis=3e-4, schedule="cosine", warmup_steps=100, ema_decay=0.99, batch_size=4,
