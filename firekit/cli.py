@@ -11,7 +11,7 @@ from firekit import __version__
 from firekit.core.errors import FirekitError
 
 # firekit.workflows.RECIPES by name (kept here so that --help imports no torch; a test keeps them equal)
-RECIPE_NAMES = ("learn2d", "learn2d-fine", "learn2d-synth", "learn2d-near", "learn3d")
+RECIPE_NAMES = ("learn2d", "learn2d-fine", "learn2d-synth", "learn2d-near", "learn3d", "learn3d-near")
 
 CONVENTIONS = (
     "Conventions: the displacement u lives on the fixed image's grid, in mm, with ITK/LPS signs "

@@ -54,6 +54,13 @@ RECIPES: dict[str, dict] = {
     "learn3d": dict(preset="small", affine_pooling="keypoints", aux_weight=1000.0, lr_affine=1e-3,
                     lr_nonrigid=1e-3, lr_synthesis=1e-3, schedule="cosine", warmup_steps=500, ema_decay=0.999,
                     batch_size=2, spacing=2.56, iterations=20_000, val_every=500, checkpoint_every=250),
+    # 3D, second stage: the learn3d model (--init) with the 2D synthesis and near-alignment stages'
+    # terms (exact-target synthesis, G coding both contrasts alike, 30 % of pairs at or near
+    # alignment) on a new, lower cosine (bench/training.md section 7).
+    "learn3d-near": dict(preset="small", affine_pooling="keypoints", aux_weight=1000.0, synthesis_weight=10.0,
+                         invariance_weight=30.0, near_fraction=0.3, lr_affine=3e-4, lr_nonrigid=3e-4,
+                         lr_synthesis=3e-4, schedule="cosine", warmup_steps=100, ema_decay=0.99, batch_size=2,
+                         spacing=2.56, iterations=1_000, val_every=250, checkpoint_every=125),
 }
 
 # What ``firekit demo --train`` and notebook 04 run: the learn2d recipe (the shipped 2D model's) on a
