@@ -28,6 +28,7 @@ images in memory). Writes ``bench/results.md`` (tables + the goals, met or misse
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -504,6 +505,22 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge_runs(parts: list[dict]) -> list[dict]:
+    """The runs of several results files in order; a later file's run of a case already there (same
+    ndim, case and pairs) replaces that run's rows of the same name and adds its other rows (e.g. a
+    few methods rerun after a change; the report's command line lists every part)."""
+    runs: list[dict] = []
+    for part in parts:
+        for run in part["runs"]:
+            same = next((r for r in runs if (r["ndim"], r["case"], r["pairs"]) == (run["ndim"], run["case"],
+                                                                                  run["pairs"])), None)
+            if same is None:
+                runs.append(copy.deepcopy(run))
+            else:
+                same["rows"].update(copy.deepcopy(run["rows"]))
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/demo", help="demo data folder (built if missing)")
@@ -525,7 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="rewrite the report and plot from results.json")
     parser.add_argument("--summary", action="store_true", help="print the one-line-per-case summary (README) and stop")
     parser.add_argument("--merge", nargs="+", metavar="JSON", type=Path,
-                        help="join the runs of these results .json files (e.g. a 2D and a 3D run) into --out's")
+                        help="join the runs of these results .json files (e.g. a 2D and a 3D run) into --out's; "
+                             "a later file's rows of a case already there replace those rows (merge_runs)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     json_path, png_path = out.with_suffix(".json"), out.with_suffix(".png")
@@ -535,7 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]
-        results = dict(runs=[run for part in parts for run in part["runs"]], meta=dict(parts[0]["meta"]))
+        results = dict(runs=merge_runs(parts), meta=dict(parts[0]["meta"]))
         results["meta"].update(
             command=" + ".join(part["meta"]["command"] for part in parts),
             minutes=sum(part["meta"]["minutes"] for part in parts),

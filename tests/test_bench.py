@@ -209,3 +209,28 @@ def test_identity_pairs_are_untransformed_and_scored_on_the_bench_path(data, tmp
     results["meta"] = dict(date="today", machine="m", threads=1, minutes=0.1, command="c", notes=["a note"])
     text = identity.report(results)
     assert "| firekit refinement alone |" in text and "| ANTs SyN |" in text and "a note" in text
+
+
+def test_rotation_bench_scores_both_paths_on_the_same_turned_pairs(data, tmp_path):
+    from bench import rotations
+
+    rows = rotations.run(data, [180], 1, ["T2"], tmp_path, subjects=("subj002",), log=lambda line: None)
+    assert [row["path"] for row in rows] == list(rotations.PATHS)
+    assert all(row["pairs"] == len(row["dice"]) == 1 and 0 <= row["mean"] <= 1 for row in rows)
+    assert rows[0]["unaligned"] == rows[1]["unaligned"]  # the same turned pair for both paths
+    meta = dict(command="python -m bench.rotations", date="today", machine="here", minutes=0.1, model="m.pt")
+    text = rotations.report(dict(meta=meta, rows=rows))
+    assert "| ±180° | T2-like | --init search-axes | 1 |" in text
+
+
+def test_merging_runs_joins_cases_and_replaces_rerun_rows():
+    first = dict(runs=[dict(ndim=2, case="t2", pairs=40, rows={"a": [1], "b": [2]}),
+                       dict(ndim=3, case="t2", pairs=2, rows={"a": [3]})])
+    rerun = dict(runs=[dict(ndim=2, case="t2", pairs=40, rows={"b": [20], "c": [30]}),
+                       dict(ndim=2, case="t2", pairs=8, rows={"a": [9]}),  # other pairs: another run
+                       dict(ndim=3, case="mono", pairs=2, rows={"a": [4]})])
+    runs = vs_ants.merge_runs([first, rerun])
+    assert [(r["ndim"], r["case"], r["pairs"]) for r in runs] == [(2, "t2", 40), (3, "t2", 2), (2, "t2", 8),
+                                                                  (3, "mono", 2)]
+    assert runs[0]["rows"] == {"a": [1], "b": [20], "c": [30]}
+    assert first["runs"][0]["rows"] == {"a": [1], "b": [2]}  # the inputs are left as they were
