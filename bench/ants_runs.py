@@ -50,11 +50,14 @@ def run_ants(kind: str, moving, fixed, seed: int) -> dict:
     # `ants.config._random_seed`; a `random_seed=` argument is swallowed by `**kwargs`, and its
     # `set_ants_deterministic` also forces one ITK thread. antsRegistration reads a seed of 0 as
     # none (a clock seed), so the bench's seed s is passed as s + 1. Unseeded, a row moves run to run.
-    before = getattr(ants.config, "_random_seed", None)
-    ants.config._random_seed = int(seed) + 1
+    config = getattr(ants, "config", None)  # antspyx >= 0.5; older releases run unseeded
+    before = getattr(config, "_random_seed", None)
+    if config is not None:
+        config._random_seed = int(seed) + 1
     try:
         (moving_image, fixed_image, reg), wall, cpu = peers.timed(solve)
     finally:
-        ants.config._random_seed = before
+        if config is not None:
+            config._random_seed = before
     field, backward = ants_fields(reg, moving_image, fixed_image)
     return dict(field=field, backward=backward, wall=wall, cpu=cpu)

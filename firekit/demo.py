@@ -44,14 +44,19 @@ def _ants_syn_labels(pair: dict, shape: tuple[int, ...]) -> np.ndarray | None:
 
     fixed, moving = read(pair["fixed"]), read(pair["moving"])
     # antspyx seeds antsRegistration's sampling only from ants.config._random_seed (a random_seed=
-    # argument is dropped; 0 means a clock seed), as bench/ants_runs.py does.
-    before, ants.config._random_seed = ants.config._random_seed, 1
+    # argument is dropped; 0 means a clock seed), as bench/ants_runs.py does; releases before 0.5
+    # have no ants.config and run unseeded.
+    config = getattr(ants, "config", None)
+    before = getattr(config, "_random_seed", None)
+    if config is not None:
+        config._random_seed = 1
     try:
         transform = ants.registration(fixed, moving, "SyN")["fwdtransforms"]
     except RuntimeError:  # e.g. an image too small for SyN's default pyramid: the row is left out
         return None
     finally:
-        ants.config._random_seed = before
+        if config is not None:
+            config._random_seed = before
     labels = ants.apply_transforms(fixed, read(pair["moving_labels"]), transform, interpolator="nearestNeighbor")
     return labels.numpy().astype(np.int64).reshape(shape)
 
