@@ -372,3 +372,31 @@ def test_large_images_are_checked_on_a_coarser_grid_with_the_same_choice(monkeyp
     assert coarse.verdict == full.verdict == "fallback" and coarse.chosen == full.chosen == "header"
     rank = lambda report: sorted(report.scores, key=report.scores.get)  # noqa: E731
     assert rank(coarse) == rank(full) == ["header", "start", "result"]
+
+
+def test_search_axes_keeps_the_answer_within_the_bound_where_its_own_fits_worse(subject, monkeypatch):
+    # A wider search can lead refinement to a worse optimum (bench/rotations.md): here the searched
+    # refinement is made to answer a 90-degree turn; the answer within the header bound is a
+    # candidate of the check, which keeps it.
+    from firekit.registration import refine as refine_module
+
+    moving, fixed, moving_labels, fixed_labels = _pair(subject, 0.55, 12.0)
+    original = refine_module.refine
+
+    def astray(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if kwargs["config"].orientation != "search-axes":
+            return result
+        quarter = torch.tensor([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0]]).expand_as(result.theta)
+        shape = result.displacement.shape[2:]
+        displacement = spatial.affine_to_displacement(quarter, shape)
+        return result._replace(theta=quarter, displacement=displacement, nonrigid=torch.zeros_like(displacement),
+                               warped=spatial.warp(args[0], displacement))
+
+    monkeypatch.setattr(refine_module, "refine", astray)
+    bounded = register(None, moving, fixed, refine="auto", spacing=SPACING, symmetric=False)
+    searched = register(None, moving, fixed, refine="auto", spacing=SPACING, symmetric=False,
+                        orientation="search-axes")
+    assert searched.check.chosen == "header-bound", searched.check
+    assert searched.check.scores["header-bound"] < searched.check.scores["result"]
+    assert _dice(searched, moving_labels, fixed_labels) == pytest.approx(_dice(bounded, moving_labels, fixed_labels))

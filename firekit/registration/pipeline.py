@@ -411,6 +411,13 @@ def _solve(model: Fire | None, x_moving: torch.Tensor, x_fixed: torch.Tensor, di
     candidates = [Candidate("result", theta, disp),
                   start_candidate(result.start, result.history["start"], starts.displacement0, x_fixed.shape[2:]),
                   header]
+    if orientation == "search-axes" and start is None:
+        # The search's wider set of starts (every 90/180-degree turn) can lead refinement to a worse
+        # optimum than the answer within the header bound (bench/rotations.md: a +-60 deg pair, Dice
+        # 0.839 -> 0.706, its MIND loss 0.145 -> 0.178): that answer is a candidate too (twice the time).
+        bounded = _solve(model, x_moving, x_fixed, direction, affine_only, config, device, synthesis, False,
+                         network_factor, "header", check=False, regions=regions)
+        candidates.insert(1, Candidate("header-bound", bounded[0], bounded[1]))
     return checked(x_moving.cpu(), x_fixed.cpu(), candidates, bounds, warped.detach().cpu(), regions.fixed,
                    regions.moving)
 
@@ -474,7 +481,9 @@ def register(model: Fire | None, moving, fixed, direction: str = "a2b", affine_o
         orientation: ``"header"`` (default) trusts the files' orientation: every affine (the start, the
             network's, the refinement's) turns by at most 45 deg, never reflects and scales each axis by a
             factor within 1/3-3 (:func:`firekit.registration.check.default_bounds`). ``"search-axes"`` also
-            tries every 90/180-degree turn and axis permutation, for files whose headers are wrong.
+            tries every 90/180-degree turn and axis permutation, for files whose headers are wrong; with
+            refinement, the answer found within the header bound is then one of the check's candidates
+            (twice the time), so the search never keeps a turn that fits worse.
         check: weigh the answer against its start and the headers' alignment by MIND-SSC and keep the best
             plausible one (:func:`firekit.registration.check.check`); a fallback is printed on stderr in
             one line and recorded in ``result.check``.
