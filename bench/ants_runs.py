@@ -49,7 +49,8 @@ def run_ants(kind: str, moving, fixed, seed: int) -> dict:
     # antspyx passes a seed to antsRegistration (`--random-seed`, its metric sampling) only from
     # `ants.config._random_seed`; a `random_seed=` argument is swallowed by `**kwargs`, and its
     # `set_ants_deterministic` also forces one ITK thread. antsRegistration reads a seed of 0 as
-    # none (a clock seed), so the bench's seed s is passed as s + 1. Unseeded, a row moves run to run.
+    # none (a clock seed), so the bench's seed s is passed as s + 1. Unseeded, a row moves run to run;
+    # seeded, it repeats on one ITK thread (--threads 1; several threads draw in the scheduler's order).
     config = getattr(ants, "config", None)  # antspyx >= 0.5; older releases run unseeded
     before = getattr(config, "_random_seed", None)
     if config is not None:
