@@ -34,33 +34,20 @@ PATHS = {"default (header bound 45 deg)": "header", "--init search-axes": "searc
 CONTRASTS = {"T2": "T2-like", "FLAIR": "FLAIR-like"}
 
 
-def pair_dice(result, pair: dict) -> float:
-    """Mean Dice (CSF, GM, WM) of the moving labels carried by ``result`` onto the fixed labels."""
+def mean_dice(moved: np.ndarray, fixed: np.ndarray) -> float:
+    """Mean Dice (CSF, GM, WM) of two label maps on one grid."""
     import torch
 
     from firekit.core import metrics
-    from firekit.data import io
 
-    moved = torch.as_tensor(np.asarray(result.apply(pair["moving_labels"]).data))
-    fixed = torch.as_tensor(np.asarray(io.load_labels(pair["fixed_labels"]).data))
-    return float(np.mean(list(metrics.dice(moved, fixed, [1, 2, 3]).values())))
-
-
-def unaligned_dice(pair: dict) -> float:
-    import torch
-
-    from firekit.core import metrics
-    from firekit.data import io
-
-    moving, fixed = (torch.as_tensor(np.asarray(io.load_labels(pair[key]).data))
-                     for key in ("moving_labels", "fixed_labels"))
-    return float(np.mean(list(metrics.dice(moving, fixed, [1, 2, 3]).values())))
+    return float(np.mean(list(metrics.dice(torch.as_tensor(moved), torch.as_tensor(fixed), [1, 2, 3]).values())))
 
 
 def run(data: Path, ranges, pairs: int, contrasts, work: Path, seed: int = 11, log=print,
         subjects=("subj008", "subj009")) -> list[dict]:
     """One row per (range, contrast, path): per-pair Dice, mean, failures, seconds."""
     import firekit
+    from firekit.data import io
     from firekit.data.augment import AugmentConfig
     from firekit.data.protocol import make_test_pairs
     from firekit.registration.pipeline import DEFAULT_MODEL
@@ -74,15 +61,18 @@ def run(data: Path, ranges, pairs: int, contrasts, work: Path, seed: int = 11, l
                 items += make_test_pairs(data / "test" / subject, work / f"rot{degrees}" / contrast / subject, pairs,
                                          ndim=2, moving=contrast, seed=seed, slice_band=(0.3, 0.8),
                                          config=AugmentConfig(rotation_deg=float(degrees)))
-            unaligned = [unaligned_dice(pair) for pair in items]
+            labels = [{key: io.load_labels(pair[key]) for key in ("moving_labels", "fixed_labels")} for pair in items]
+            unaligned = [mean_dice(np.asarray(pair["moving_labels"].data), np.asarray(pair["fixed_labels"].data))
+                         for pair in labels]
             for name, orientation in PATHS.items():
                 dice, seconds = [], []
-                for pair in items:
+                for pair, pair_labels in zip(items, labels):
                     started = time.perf_counter()
                     result = firekit.register(model, pair["moving"], pair["fixed"], direction="b2a", refine="auto",
                                               orientation=orientation)
                     seconds.append(time.perf_counter() - started)
-                    dice.append(pair_dice(result, pair))
+                    moved = np.asarray(result.apply(pair_labels["moving_labels"]).data)
+                    dice.append(mean_dice(moved, np.asarray(pair_labels["fixed_labels"].data)))
                 row = dict(degrees=degrees, contrast=contrast, path=name, pairs=len(items), dice=dice,
                            unaligned=float(np.mean(unaligned)), mean=float(np.mean(dice)),
                            failed=int(sum(d < FAIL_DICE for d in dice)), worst=float(min(dice)),
