@@ -37,14 +37,19 @@ def ants_fields(reg: dict, moving_image, fixed_image) -> tuple[np.ndarray, np.nd
         return ants.image_read(forward).numpy(), ants.image_read(backward).numpy()
 
 
-def run_ants(kind: str, moving, fixed, seed: int) -> dict:
-    """ANTs ``kind`` from moving to fixed (timed), its fields (see :func:`ants_fields`)."""
+def run_ants(kind: str, moving, fixed, seed: int, fixed_mask=None, moving_mask=None) -> dict:
+    """ANTs ``kind`` from moving to fixed (timed), its fields (see :func:`ants_fields`); ``fixed_mask``,
+    ``moving_mask`` (Volumes on each image's grid, nonzero = inside): ANTs' masks, at every stage."""
     import ants
+
+    masks = {key: to_ants(mask) for key, mask in (("mask", fixed_mask), ("moving_mask", moving_mask)) if mask is not None}
+    if masks:
+        masks["mask_all_stages"] = True
 
     def solve():
         moving_image, fixed_image = to_ants(moving), to_ants(fixed)
         return moving_image, fixed_image, ants.registration(fixed_image, moving_image, type_of_transform=kind,
-                                                            aff_metric="mattes")
+                                                            aff_metric="mattes", **masks)
 
     # antspyx passes a seed to antsRegistration (`--random-seed`, its metric sampling) only from
     # `ants.config._random_seed`; a `random_seed=` argument is swallowed by `**kwargs`, and its

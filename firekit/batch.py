@@ -38,6 +38,9 @@ from firekit.core.errors import FirekitError
 __all__ = ["Pair", "BatchPlan", "COLUMNS", "BASE_COLUMNS", "read_pairs", "plan", "run", "read_summary",
            "write_summary", "merge_summaries", "summary_path", "parse_shard", "shard_items"]
 
+# a mask cell that asks for the image's own foreground (firekit.registration.pipeline.FOREGROUND_MASK; not
+# imported from there, which would load torch before the CSV is checked)
+FOREGROUND_MASK = "foreground"
 INPUT_COLUMNS = ("moving", "fixed", "moving_labels", "fixed_labels", "initial_affine", "fixed_mask", "moving_mask")
 OUTPUT_COLUMNS = ("out", "out_labels", "field", "inverse_field", "affine")
 COLUMNS = (*INPUT_COLUMNS, "name", *OUTPUT_COLUMNS)
@@ -60,8 +63,8 @@ class Pair:
     moving_labels: Path | None
     fixed_labels: Path | None
     initial_affine: Path | None
-    fixed_mask: Path | None
-    moving_mask: Path | None
+    fixed_mask: Path | str | None  # or FOREGROUND_MASK
+    moving_mask: Path | str | None
     out: Path
     out_labels: Path | None
     field: Path
@@ -71,7 +74,8 @@ class Pair:
 
     @property
     def inputs(self) -> dict[str, Path]:
-        return {c: p for c in INPUT_COLUMNS if (p := getattr(self, c)) is not None}
+        """The input files (not a mask given as FOREGROUND_MASK)."""
+        return {c: p for c in INPUT_COLUMNS if isinstance(p := getattr(self, c), Path)}
 
     @property
     def outputs(self) -> dict[str, Path]:
@@ -169,8 +173,11 @@ def read_pairs(csv_path: str | os.PathLike, out_dir: str | os.PathLike) -> list[
             problems.append(f"{where}: no {' and no '.join(empty)} path; every pair needs both")
             continue
         inputs = {c: (base / Path(values[c]).expanduser() if values.get(c) else None) for c in INPUT_COLUMNS}
+        for column in ("fixed_mask", "moving_mask"):  # the keyword for the image's own foreground, not a file
+            if values.get(column) == FOREGROUND_MASK:
+                inputs[column] = FOREGROUND_MASK
         for column, path in inputs.items():
-            if path is not None and not path.exists():
+            if isinstance(path, Path) and not path.exists():
                 problems.append(f"{where}: {column} {path} not found; fix the path (relative paths are read from "
                                 f"the CSV's folder, {base})")
         for column in ("fixed_labels", "out_labels"):

@@ -11,7 +11,8 @@ from firekit import __version__
 from firekit.core.errors import FirekitError
 
 # firekit.workflows.RECIPES by name (kept here so that --help imports no torch; a test keeps them equal)
-RECIPE_NAMES = ("learn2d", "learn2d-fine", "learn2d-synth", "learn2d-near", "learn3d", "learn3d-near")
+RECIPE_NAMES = ("learn2d", "learn2d-fine", "learn2d-synth", "learn2d-near", "learn2d-contrast", "learn3d",
+                "learn3d-near")
 
 CONVENTIONS = (
     "Conventions: the displacement u lives on the fixed image's grid, in mm, with ITK/LPS signs "
@@ -90,7 +91,8 @@ def _train(args: argparse.Namespace) -> None:
         val_labels=args.val_labels, spacing=args.spacing, seed=args.seed, augment=not args.no_augment,
         resume=args.resume, overwrite=args.overwrite, device=args.device, progress=not args.quiet,
         val_every=args.val_every, checkpoint_every=args.checkpoint_every,
-        curriculum_steps=args.curriculum_steps, near_fraction=args.near_fraction, aux_weight=args.aux_weight,
+        curriculum_steps=args.curriculum_steps, near_fraction=args.near_fraction,
+        contrast_fraction=args.contrast_fraction, aux_weight=args.aux_weight,
         prealign=args.prealign,
         residual_bound=args.residual_bound, affine_pooling=args.affine_pooling, init=args.init,
         similarity_weight=args.similarity_weight, distill_weight=args.distill_weight,
@@ -464,6 +466,9 @@ def _add_train_loss_options(train: argparse.ArgumentParser) -> None:
     train.add_argument("--near-fraction", type=float, default=0.0,
                        help="draw this fraction of the pairs at or near alignment (B under A's transform, then "
                        "nothing or a small one; not in the paper; default 0 = off)")
+    train.add_argument("--contrast-fraction", type=float, default=0.0,
+                       help="pass this fraction of the pairs' B images through a random intensity curve, so the "
+                       "network meets other contrasts of the same anatomy (not in the paper; default 0 = off)")
     train.add_argument("--prealign", choices=["none", "moments"], default="none",
                        help="moments: the model starts each registration from the moments affine and learns the "
                        "rest (not in the paper; default none)")
@@ -594,10 +599,13 @@ def _add_register_method_options(register: argparse.ArgumentParser) -> None:
     register.add_argument("--fixed-mask", metavar="FILE",
                           help="a mask on the fixed grid (nonzero = inside; as ANTs' -x and elastix's -fMask): the "
                           "similarity of the moments search, the refinement and the check counts only inside it "
-                          "(and inside --moving-mask where the transform takes it). Needs refinement")
+                          "(and inside --moving-mask where the transform takes it); 'foreground': the fixed image's "
+                          "own voxels above its background (a skull-stripped fixed image against a whole-head "
+                          "moving one). Needs refinement")
     register.add_argument("--moving-mask", metavar="FILE",
                           help="a mask on the moving grid (nonzero = inside): leave out a lesion, a cropped part, a "
-                          "skull. Needs refinement")
+                          "skull; 'foreground': the moving image's own voxels above its background (a skull-stripped "
+                          "moving image against a whole-head fixed one). Needs refinement")
     register.add_argument("--no-check", action="store_true",
                           help="keep the registration's answer even when its start or the headers' alignment matches "
                           "better (by default the better one is kept and a line on stderr says so)")

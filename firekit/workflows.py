@@ -50,6 +50,14 @@ RECIPES: dict[str, dict] = {
                          invariance_weight=30.0, near_fraction=0.3, lr_affine=3e-4, lr_nonrigid=3e-4,
                          lr_synthesis=3e-4, schedule="cosine", warmup_steps=100, ema_decay=0.99, batch_size=4,
                          spacing=2.56, iterations=2_000, val_every=250, checkpoint_every=250),
+    # 2D, contrast stage: the shipped model (--init) with every term of the near-alignment stage while half of
+    # its pairs pass B through a random intensity curve (firekit.data.contrast), meant to let the network alone
+    # meet unseen contrasts. Measured: it did not (FLAIR-like 0.655 -> 0.613, T1 -> T1 0.694 -> 0.644; not
+    # shipped, bench/training.md section 9).
+    "learn2d-contrast": dict(preset="small", affine_pooling="keypoints", aux_weight=1000.0, synthesis_weight=10.0,
+                             invariance_weight=30.0, near_fraction=0.3, contrast_fraction=0.5, lr_affine=3e-4,
+                             lr_nonrigid=3e-4, lr_synthesis=3e-4, schedule="cosine", warmup_steps=100, ema_decay=0.99,
+                             batch_size=4, spacing=2.56, iterations=4_000, val_every=250, checkpoint_every=250),
     # 3D, the same recipe on volumes at 2.56 mm, batch 2 (plan it for a GPU: bench/gpu_train.py).
     "learn3d": dict(preset="small", affine_pooling="keypoints", aux_weight=1000.0, lr_affine=1e-3,
                     lr_nonrigid=1e-3, lr_synthesis=1e-3, schedule="cosine", warmup_steps=500, ema_decay=0.999,
@@ -85,6 +93,7 @@ def build_dataset(
     flags: tuple[str, str, str] = ("--a", "--b", "--labels"),
     counterparts: bool = False,
     near_fraction: float = 0.0,
+    contrast_fraction: float = 0.0,
 ) -> PairDataset:
     """Match, load and wrap subjects from globs into a :class:`PairDataset`.
 
@@ -94,6 +103,7 @@ def build_dataset(
         flags: the command-line names of the three globs, for error messages.
         counterparts: batches also carry each pair's aligned counterparts (``PairDataset``).
         near_fraction: the fraction of pairs drawn at or near alignment (``PairDataset``).
+        contrast_fraction: the fraction of pairs whose B image gets a random contrast (``PairDataset``).
     """
     from tqdm.auto import tqdm
 
@@ -110,7 +120,8 @@ def build_dataset(
     config = AugmentConfig() if augment is True else (augment or None)
     info = {"a": a, "b": b, "labels": labels}
     return PairDataset(loaded, ndim, config, seed=seed, pairing=pairing, spacing=spacing, info=info,
-                       curriculum_steps=curriculum_steps, counterparts=counterparts, near_fraction=near_fraction)
+                       curriculum_steps=curriculum_steps, counterparts=counterparts, near_fraction=near_fraction,
+                       contrast_fraction=contrast_fraction)
 
 
 def train_on_files(
@@ -135,6 +146,7 @@ def train_on_files(
     progress: bool = True,
     curriculum_steps: int = 0,
     near_fraction: float = 0.0,
+    contrast_fraction: float = 0.0,
     prealign: str = "none",
     residual_bound: float = 0.0,
     affine_pooling: str = "mean",
@@ -144,7 +156,8 @@ def train_on_files(
 ):
     """Train a FIRE model on subjects matched from globs; writes the run folder (see ``train``).
 
-    ``near_fraction``: the fraction of training pairs drawn at or near alignment (``PairDataset``).
+    ``near_fraction``: the fraction of training pairs drawn at or near alignment, ``contrast_fraction`` the
+    fraction whose B image gets a random contrast (``PairDataset``); validation pairs get neither.
     Validation uses the ``val_*`` globs when given, else fixed augmented pairs of the training
     subjects (only when labels are given). ``prealign``, ``residual_bound`` and ``affine_pooling`` go to the
     model (:class:`FireConfig`), ``train_options`` to :class:`TrainConfig`; ``callback`` to ``train`` (e.g. a
@@ -152,7 +165,8 @@ def train_on_files(
     """
     counterparts = bool(train_options.get("synthesis_weight") or train_options.get("invariance_weight"))
     dataset = build_dataset(a, b, labels, ndim, spacing, seed, augment, progress=progress,
-                            curriculum_steps=curriculum_steps, counterparts=counterparts, near_fraction=near_fraction)
+                            curriculum_steps=curriculum_steps, counterparts=counterparts, near_fraction=near_fraction,
+                            contrast_fraction=contrast_fraction)
     validation = None
     if val_a or val_b:
         if not (val_a and val_b):

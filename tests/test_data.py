@@ -159,3 +159,42 @@ def test_near_pairs_are_drawn_at_and_near_alignment(tmp_path):
         assert after < 0.35 * before, (int(i), float(before), float(after))
     with pytest.raises(FirekitError, match="near_fraction"):
         PairDataset(subjects, 2, AugmentConfig(), near_fraction=1.5)
+
+
+def test_contrast_pairs_change_b_by_one_curve_and_nothing_else(tmp_path):
+    """contrast_fraction=1: B (and its aligned counterpart) pass through one random intensity curve per
+    pair; A, the transforms and their answers are those drawn without it; background stays at -1."""
+    from firekit.data.augment import AugmentConfig
+    from firekit.data.contrast import apply_curve, random_curve
+
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in (40, 44, 8)], indexing="ij"))
+    image = (np.exp(-((grid[0] - 0.2) ** 2 / 0.1 + grid[1] ** 2 / 0.3)) + 0.6 * np.exp(-((grid[:2] + 0.3) ** 2).sum(0) / 0.05)).astype(np.float32)
+    io.save_nifti(image, np.eye(4), tmp_path / "s1" / "A.nii.gz")
+    io.save_nifti(image, np.eye(4), tmp_path / "s1" / "B.nii.gz")
+    subjects = [load_subject(s, [1.0, 1.0, None]) for s in find_pairs(f"{tmp_path}/*/A.nii.gz", f"{tmp_path}/*/B.nii.gz")]
+    options = dict(seed=3, spacing=1.0, near_fraction=1.0, counterparts=True)
+    plain = PairDataset(subjects, 2, AugmentConfig(), **options).sample(0, 12)
+    dataset = PairDataset(subjects, 2, AugmentConfig(), contrast_fraction=1.0, **options)
+    assert dataset.describe()["contrast_fraction"] == 1.0
+    batch = dataset.sample(0, 12)
+    for key in ("x_a", "u_a2b", "u_b2a", "x_a_on_b"):
+        assert torch.equal(batch[key], plain[key]), key
+    assert not torch.allclose(batch["x_b"], plain["x_b"], atol=0.05)
+    background = plain["x_b"] == -1
+    assert torch.equal(batch["x_b"][background], plain["x_b"][background])
+    aligned = plain["u_a2b"].flatten(1).abs().amax(dim=1) == 0
+    assert int(aligned.sum()) >= 2
+    for i in torch.nonzero(aligned).flatten():
+        # an aligned pair of one image: B is a function of A (one curve), the same for B's counterpart
+        assert torch.equal(batch["x_b_on_a"][i], batch["x_b"][i])
+        order = plain["x_b"][i].flatten().argsort()
+        values, curved = plain["x_b"][i].flatten()[order], batch["x_b"][i].flatten()[order]
+        same = values[1:] == values[:-1]
+        assert torch.equal(curved[1:][same], curved[:-1][same])
+    # the curve: background fixed, values in [-1, 1], the same for a seed
+    curve = random_curve(torch.Generator().manual_seed(0))
+    assert torch.equal(curve, random_curve(torch.Generator().manual_seed(0)))
+    x = torch.linspace(-1.5, 1.5, 101)
+    assert apply_curve(x, curve)[0] == -1 and apply_curve(x, curve).abs().max() <= 1
+    with pytest.raises(FirekitError, match="contrast_fraction"):
+        PairDataset(subjects, 2, AugmentConfig(), contrast_fraction=-0.1)

@@ -370,6 +370,32 @@ def test_refine_config_round_trips_and_rejects_bad_values():
             RefineConfig(final_rate=fraction)
     with pytest.raises(FirekitError, match="network_flow"):
         RefineConfig(network_flow="drop")
+    with pytest.raises(FirekitError, match="field_similarity"):
+        RefineConfig(field_similarity="nmi")
+
+
+def test_the_field_stage_takes_its_own_similarity_where_set():
+    """field_similarity changes the non-rigid stage alone: the same affine, another field, and the field
+    stage's logged similarity is NGF's (in [0, 1], not MIND's values)."""
+    from firekit.core.similarity import ngf_loss
+
+    shape = SHAPES[2]
+    fixed, _ = head(2, seed=7)
+    theta = spatial.affine_matrix(2, rotation=8.0, scale=[1.1, 1.0], translation=[0.04, 0.0])
+    moving = spatial.warp(fixed, spatial.affine_to_displacement(spatial.invert_affine(theta), shape))
+    options = dict(field_iterations=(15, 10))
+    mind = refine(moving, fixed, config=RefineConfig.preset(2, **options))
+    ngf = refine(moving, fixed, config=RefineConfig.preset(2, field_similarity="ngf", **options))
+    assert torch.equal(mind.theta, ngf.theta)
+    assert not torch.allclose(mind.nonrigid, ngf.nonrigid)
+    assert RefineConfig.preset(2, field_similarity="ngf").similarity_fn("field").features(fixed).shape[1] == 3
+    assert RefineConfig.preset(2).similarity_fn("field").features(fixed).shape[1] != 3
+    from firekit.registration.levels import downsample
+
+    first = float(ngf.history["field"][0, 0])  # the first step of the first level (half size), from no flow
+    warped = spatial.warp(moving, spatial.affine_to_displacement(ngf.theta, shape))
+    expected = float(ngf_loss(downsample(warped, 2), downsample(fixed, 2))[0])
+    assert abs(first - expected) < 0.02 * expected, (first, expected)
 
 
 def test_a_starting_flow_on_the_grid_is_corrected_whole():

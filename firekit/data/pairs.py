@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from firekit.data import io
+from firekit.data.contrast import apply_curve, random_curve
 from firekit.core import spatial
 from firekit.core.errors import FirekitError
 
@@ -325,6 +326,9 @@ class PairDataset:
             ``U(0, near_strength)``), so the network also sees answers at and near the identity
             (bench/training.md section 8). 0: every pair drawn independently (the paper).
         near_strength: the largest strength of the small transform of a near pair.
+        contrast_fraction: this fraction of the pairs pass their B image (and its aligned counterpart)
+            through a random intensity curve (:mod:`firekit.data.contrast`), so the network meets many
+            contrasts of B's anatomy. 0: B as stored (the paper).
     """
 
     def __init__(
@@ -343,6 +347,7 @@ class PairDataset:
         counterparts: bool = False,
         near_fraction: float = 0.0,
         near_strength: float = 0.25,
+        contrast_fraction: float = 0.0,
     ):
         if not subjects:
             raise FirekitError("no subjects to train on")
@@ -350,6 +355,8 @@ class PairDataset:
             raise FirekitError(f"pairing must be 'subject' or 'random', got {pairing!r}")
         if not (0.0 <= near_fraction <= 1.0 and 0.0 <= near_strength <= 1.0):
             raise FirekitError(f"near_fraction and near_strength must be in [0, 1], got {near_fraction}, {near_strength}")
+        if not 0.0 <= contrast_fraction <= 1.0:
+            raise FirekitError(f"contrast_fraction must be in [0, 1], got {contrast_fraction}")
         data_ndim = subjects[0].a.ndim - 2
         if any(s.a.ndim - 2 != data_ndim for s in subjects):
             raise FirekitError("subjects mix 2D and 3D images; use one kind per dataset")
@@ -368,6 +375,7 @@ class PairDataset:
         self.counterparts = bool(counterparts)
         self.near_fraction = float(near_fraction)
         self.near_strength = float(near_strength)
+        self.contrast_fraction = float(contrast_fraction)
         self.slicewise = data_ndim == 3 and ndim == 2
         self.shape = tuple(
             max(s.a.shape[2 + i] for s in self.subjects) for i in range(ndim)
@@ -403,6 +411,7 @@ class PairDataset:
             "curriculum_start": self.curriculum_start,
             "near_fraction": self.near_fraction,
             "near_strength": self.near_strength,
+            "contrast_fraction": self.contrast_fraction,
         }
 
     def _image(self, subject: SubjectData, key: str, k: int) -> torch.Tensor | None:
@@ -483,6 +492,11 @@ class PairDataset:
             if self.counterparts and phi_a is not None and other is subject:
                 b_on_a = _warp_image(self._image(subject, "b", k), phi_a)
                 a_on_b = _warp_image(self._image(subject, "a", k), phi_b)
+            # Drawn last, so that a pair's transforms do not depend on the contrast setting.
+            if self.contrast_fraction > 0 and float(torch.rand((), generator=generator)) < self.contrast_fraction:
+                curve = random_curve(generator)
+                x_b = apply_curve(x_b, curve)
+                b_on_a = None if b_on_a is None else apply_curve(b_on_a, curve)
             for key, value in zip(out, (x_a, x_b, labels_a, labels_b, u_a2b, u_b2a, b_on_a, a_on_b)):
                 out[key].append(value)
         batch = {key: torch.cat(values) for key, values in out.items() if all(v is not None for v in values)}
@@ -490,6 +504,7 @@ class PairDataset:
 
     def validation(self, count: int, seed: int = 12345) -> list[dict[str, torch.Tensor]]:
         """``count`` fixed single-pair batches (same draw every call), for validation Dice."""
+        # Validation pairs keep B's stored contrast (contrast_fraction 0), comparable across runs.
         held = PairDataset(self.subjects, self.ndim, self.augment, seed, self.pairing, self.spacing, targets=False)
         held.items = self.items
         return [held.sample(i, 1) for i in range(count)]

@@ -205,7 +205,7 @@ def moments_search(moving: Pyramid, fixed: Pyramid, config: RefineConfig,
     (:func:`_centre_candidates`) and the principal axes matched under every rotation of
     :func:`candidate_rotations`; those outside ``config.bounds`` (a turn beyond the bound under
     ``orientation="header"``, a reflection, an extreme scale) are never kept unless nothing else is.
-    ``regions`` (masks, :class:`PyramidRegions`) weigh the similarity; with any, the FFT shift search is off.
+    ``regions`` (masks, :class:`PyramidRegions`) weigh the similarity, the FFT shift search's too.
     """
     ndim = fixed.image.ndim - 2
     moving_shape, fixed_shape = moving.image.shape[2:], fixed.image.shape[2:]
@@ -225,14 +225,13 @@ def moments_search(moving: Pyramid, fixed: Pyramid, config: RefineConfig,
     first = _rank(thetas, moving_small, fixed_features, similarity, fixed_shape, bounds, weights)
     search = partial(_local_search, centre_f=centre_f, moving_small=moving_small, fixed_features=fixed_features,
                      similarity=similarity, fixed_shape=fixed_shape, config=config, weights=weights)
-    if (config.shift_reach <= 0 or config.shift_starts < 1 or not (similarity.pointwise and similarity.warpable)
-            or weights is not None):
+    if config.shift_reach <= 0 or config.shift_starts < 1 or not (similarity.pointwise and similarity.warpable):
         return _diverse(*search(first), keep, config.start_spread)
     # The best candidates also compete moved to their best shifts (FFT), as a family of their own:
     # the unshifted keep starts too, since at this resolution a shift can pull a small, near-round
     # foreground off.
     top = first[0][:, : config.shift_starts]
-    moved, moved_scores = _best_shifts(top, moving_small, fixed_features, similarity, config.shift_reach)
+    moved, moved_scores = _best_shifts(top, moving_small, fixed_features, similarity, config.shift_reach, weights)
     shifted = search(_merge_ranked(first, _ranked(moved, moved_scores, fixed_shape, bounds)))
     if keep == 1:  # the shifted family holds the unshifted candidates too
         return _diverse(*shifted, 1, config.start_spread)
@@ -324,7 +323,8 @@ def _perturbations(centre: torch.Tensor, shape, stretches: Sequence[float], turn
 
 
 def _best_shifts(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_features: torch.Tensor,
-                 similarity: Similarity, reach: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 similarity: Similarity, reach: float,
+                 weights: _Weights | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each candidate, the shift of fixed's grid that its similarity prefers, by FFT.
 
     Candidate ``theta`` ``(B, K, n, n+1)`` is tried as ``x -> theta(x + t)`` for every whole-voxel
@@ -334,9 +334,13 @@ def _best_shifts(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_feature
     there, not wrapped). The centres of mass misplace the answer when the field of view cuts the
     moving foreground: this finds it whatever the linear part.
 
+    With ``weights`` (the masks) the difference is averaged over the voxels inside fixed's mask whose
+    shifted point lies inside moving's, as the similarity's masked comparison does, at the shifts where
+    that overlap holds at least :data:`SHIFT_OVERLAP` of its largest size (a sliver of overlap says nothing).
+
     Returns:
         the shifted candidates ``(B, K, n, n+1)`` and their scores ``(B, K)`` (mean squared
-        feature difference, as the similarity's own comparison without a mask, but for the features
+        feature difference, as the similarity's own comparison, but for the features
         at the grid's border, which see the padded moving image).
     """
     batch, count, ndim = thetas.shape[0], thetas.shape[1], thetas.shape[2]
@@ -363,13 +367,16 @@ def _best_shifts(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_feature
             warped = spatial.warp(moving_small[b:b + 1].expand(part.shape[0], *moving_small.shape[1:]),
                                   spatial.affine_to_displacement(on_big, big))
             features = similarity.features(warped)  # (k, C, *big)
-            spectrum = torch.fft.rfftn(features, dim=dims)
-            cross = torch.fft.irfftn(spectrum * fixed_spectrum[b:b + 1].conj(), s=big, dim=dims).sum(dim=1)
-            energy = torch.fft.irfftn(torch.fft.rfftn(features.square().sum(dim=1, keepdim=True), dim=dims)
-                                      * ones[b:b + 1].conj(), s=big, dim=dims)[:, 0]
-            window = tuple(slice(0, 2 * p + 1) for p in pad)
-            ssd = (fixed_energy[b] - 2 * cross[(slice(None), *window)] + energy[(slice(None), *window)])
-            ssd = ssd.flatten(1) / (voxels * channels)
+            window = (slice(None), *(slice(0, 2 * p + 1) for p in pad))
+            if weights is not None:
+                ssd = _masked_shift_ssd(features, fixed_features[b:b + 1], weights, b, on_big, big, padding)[window]
+            else:
+                spectrum = torch.fft.rfftn(features, dim=dims)
+                cross = torch.fft.irfftn(spectrum * fixed_spectrum[b:b + 1].conj(), s=big, dim=dims).sum(dim=1)
+                energy = torch.fft.irfftn(torch.fft.rfftn(features.square().sum(dim=1, keepdim=True), dim=dims)
+                                          * ones[b:b + 1].conj(), s=big, dim=dims)[:, 0]
+                ssd = (fixed_energy[b] - 2 * cross[window] + energy[window]) / (voxels * channels)
+            ssd = ssd.flatten(1)
             best, where = ssd.min(dim=1)
             index = torch.stack(torch.unravel_index(where, tuple(2 * p + 1 for p in pad)), dim=1)  # (k, n)
             offset = index.to(part.dtype) - torch.tensor(pad, dtype=part.dtype, device=part.device)  # voxels
@@ -380,6 +387,42 @@ def _best_shifts(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_feature
             shifted.append(moved)
             scores.append(best)
     return torch.cat(shifted).view_as(thetas), torch.cat(scores).view(batch, count)
+
+
+# The masked shift search keeps shifts whose overlap of the masks is at least this share of the largest.
+SHIFT_OVERLAP = 0.5
+
+
+def _masked_shift_ssd(features: torch.Tensor, fixed_features: torch.Tensor, weights: _Weights, b: int,
+                      on_big: torch.Tensor, big: list[int], padding: list[int]) -> torch.Tensor:
+    """Masked mean squared feature difference at every shift of :func:`_best_shifts`' padded grid.
+
+    ``features`` ``(k, C, *big)``: moving's warped by each candidate ``on_big`` ``(k, n, n+1)``; fixed's
+    ``(1, C, *s)``. With ``w_f`` fixed's mask and ``w_m`` moving's warped alike, each term is a
+    cross-correlation ``sum_x a(x + t) c(x)`` by FFT: the difference ``sum w_f w_m (f - m)^2`` and the
+    overlap ``sum w_f w_m``. Returns ``(k, *big)``, infinite where the overlap is under :data:`SHIFT_OVERLAP`
+    of its largest.
+    """
+    dims = tuple(range(-len(big), 0))
+    count, channels = features.shape[0], features.shape[1]
+
+    def correlate(moving_part: torch.Tensor, fixed_part: torch.Tensor) -> torch.Tensor:
+        fixed_spectrum = torch.fft.rfftn(nnf.pad(fixed_part, padding), dim=dims)
+        return torch.fft.irfftn(torch.fft.rfftn(moving_part, dim=dims) * fixed_spectrum.conj(), s=big, dim=dims).sum(1)
+
+    fixed_weight = (torch.ones_like(fixed_features[:, :1]) if weights.fixed is None else weights.fixed[b:b + 1])
+    if weights.moving is None:
+        moving_weight = torch.ones_like(features[:, :1])
+    else:
+        moving_weight = spatial.warp(weights.moving[b:b + 1].expand(count, *weights.moving.shape[1:]),
+                                     spatial.affine_to_displacement(on_big, big), padding_mode="zeros")
+    overlap = correlate(moving_weight, fixed_weight)
+    difference = (correlate(moving_weight, fixed_weight * fixed_features.square().sum(dim=1, keepdim=True))
+                  - 2 * correlate(moving_weight * features, fixed_weight * fixed_features)
+                  + correlate(moving_weight * features.square().sum(dim=1, keepdim=True), fixed_weight))
+    enough = overlap >= SHIFT_OVERLAP * overlap.flatten(1).amax(dim=1).view(-1, *[1] * len(big))
+    return torch.where(enough & (overlap > 0), difference / (overlap.clamp_min(1e-6) * channels),
+                       torch.full_like(difference, float("inf")))
 
 
 def _rank(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_features: torch.Tensor, similarity: Similarity,

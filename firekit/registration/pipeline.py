@@ -102,9 +102,29 @@ def as_volume(image, name: str = "image") -> io.Volume:
     return io.Volume(array, np.eye(array.ndim + 1))
 
 
+# A mask argument that asks for the image's own foreground instead of a file (see foreground_mask).
+FOREGROUND_MASK = "foreground"
+
+
+def foreground_mask(image: io.Volume, name: str = "mask") -> io.Volume:
+    """``image``'s voxels above its lowest value, enclosed holes filled, as a 0/1 Volume: the region a
+    skull-stripped (or otherwise masked) image holds. Registering such an image to a whole head, the
+    similarity then leaves out what the strip removed instead of matching the brain's edge to the scalp."""
+    from scipy import ndimage
+
+    data = np.asarray(image.data)
+    inside = ndimage.binary_fill_holes(data > data.min())
+    if not inside.any():
+        raise FirekitError(f"{image.name}: is constant, so it has no foreground for the {name}; pass a mask file")
+    return image.with_data(inside.astype(np.float32))
+
+
 def as_mask(mask, image: io.Volume, name: str = "mask") -> io.Volume:
-    """A region of ``image`` (path, Volume or array of its shape; nonzero = inside) as a 0/1 Volume on
-    ``image``'s grid (an array takes ``image``'s affine)."""
+    """A region of ``image`` (path, Volume or array of its shape; nonzero = inside; or ``"foreground"``: its
+    own foreground, :func:`foreground_mask`) as a 0/1 Volume on ``image``'s grid (an array takes ``image``'s
+    affine)."""
+    if isinstance(mask, str) and mask == FOREGROUND_MASK:
+        return foreground_mask(image, name)
     if isinstance(mask, (np.ndarray, torch.Tensor)):
         mask = np.asarray(mask.detach().cpu() if isinstance(mask, torch.Tensor) else mask, dtype=np.float32)
         if mask.ndim not in (2, 3):
@@ -492,9 +512,10 @@ def register(model: Fire | None, moving, fixed, direction: str = "a2b", affine_o
             moving points, as ``result.affine``). With a model it starts beside the network's affine. The
             start is trusted, so the 45-degree rotation bound is lifted (as ``"search-axes"``). Needs refinement.
         fixed_mask, moving_mask: a region of each image (paths, Volumes or arrays of its shape; nonzero =
-            inside) outside which the similarity does not count, in the moments search, the refinement and
-            the check (as ANTs' ``-x`` and elastix's masks): a lesion, a cropped field of view, a skull to
-            ignore. Needs refinement.
+            inside; or ``"foreground"``: the image's own voxels above its background, for a skull-stripped
+            image against a whole head, :func:`foreground_mask`) outside which the similarity does not
+            count, in the moments search, the refinement and the check (as ANTs' ``-x`` and elastix's
+            masks): a lesion, a cropped field of view, a skull to ignore. Needs refinement.
     """
     moving, fixed = as_volume(moving, "moving image"), as_volume(fixed, "fixed image")
     plan = _plan(model, moving, fixed, affine_only, refine, seed, similarity, synthesis, progress, symmetric,

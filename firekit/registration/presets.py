@@ -93,6 +93,8 @@ class RefineConfig(PlainConfig):
 
     Attributes:
         similarity: ``"mind"`` (multi-modal default), ``"ngf"``, ``"lncc"`` or ``"mse"``.
+        field_similarity: the non-rigid stage's similarity, where it differs from ``similarity`` (the
+            moments search, the affine stage and the check keep ``similarity``); None: the same.
         mind_radius, mind_dilation: MIND-SSC patch half-width and neighbour distance (voxels of
             each pyramid level).
         ngf_eps: NGF edge threshold (intensity per voxel, images in [-1, 1]).
@@ -199,6 +201,7 @@ class RefineConfig(PlainConfig):
     config_name = "refine config"
 
     similarity: str = "mind"
+    field_similarity: str | None = None
     mind_radius: int = 1
     mind_dilation: int = 1
     ngf_eps: float = 0.005
@@ -250,6 +253,9 @@ class RefineConfig(PlainConfig):
         if self.similarity not in SIMILARITIES:
             raise FirekitError(
                 f"RefineConfig.similarity must be one of {sorted(SIMILARITIES)}, got {self.similarity!r}")
+        if self.field_similarity is not None and self.field_similarity not in SIMILARITIES:
+            raise FirekitError(f"RefineConfig.field_similarity must be None or one of {sorted(SIMILARITIES)}, got "
+                               f"{self.field_similarity!r}")
         if self.regulariser not in REGULARISERS:
             raise FirekitError(
                 f"RefineConfig.regulariser must be one of {sorted(REGULARISERS)}, got {self.regulariser!r}")
@@ -300,7 +306,9 @@ class RefineConfig(PlainConfig):
         """The :class:`~firekit.registration.check.AffineBounds` every affine of this refinement keeps within."""
         return default_bounds(ndim, self.orientation)
 
-    def similarity_fn(self) -> Similarity:
-        """The configured :class:`~firekit.core.similarity.Similarity`."""
-        return get_similarity(self.similarity, radius=self.mind_radius, dilation=self.mind_dilation,
+    def similarity_fn(self, stage: str = "affine") -> Similarity:
+        """The configured :class:`~firekit.core.similarity.Similarity` of a stage (``"field"``: the non-rigid
+        stage's, ``field_similarity`` where set)."""
+        name = self.field_similarity if stage == "field" and self.field_similarity is not None else self.similarity
+        return get_similarity(name, radius=self.mind_radius, dilation=self.mind_dilation,
                               eps=self.ngf_eps, window=self.lncc_window)

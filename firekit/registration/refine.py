@@ -97,8 +97,7 @@ def refine(
         fixed_mask, moving_mask: optional ``(B, 1, *S)`` weights in [0, 1] on each image's grid (a
             region of interest, 0 over a lesion or a structure to ignore): the similarity of the
             moments search, the affine and the non-rigid stages counts only voxels inside both (as
-            ANTs' ``-x`` and elastix's masks). The moments themselves and the FFT shift search
-            ignore the masks (the search is then off).
+            ANTs' ``-x`` and elastix's masks), the FFT shift search's too. The centres of mass ignore them.
         moving_view: optional ``(B, 1, *S_m)`` weights, where moving holds image data (its field of
             view when it was resampled onto a larger grid); used with ``config.outside_cost`` > 0.
 
@@ -133,7 +132,8 @@ def refine(
 
     clock = time.perf_counter()
     nonrigid, field_history, reg_history = optimise_field(
-        moving, fixed_pyramid, theta, displacement0, similarity, config, progress, generator, regions)
+        moving, fixed_pyramid, theta, displacement0, config.similarity_fn("field"), config, progress, generator,
+        regions)
     history["field"] = torch.stack(field_history) if field_history else fixed.new_zeros(0, batch)
     history["regulariser"] = torch.stack(reg_history) if reg_history else fixed.new_zeros(0, batch)
     with torch.no_grad():
