@@ -249,3 +249,13 @@ def test_merging_runs_joins_cases_and_replaces_rerun_rows():
                                                                   (3, "mono", 2)]
     assert runs[0]["rows"] == {"a": [1], "b": [20], "c": [30]}
     assert first["runs"][0]["rows"] == {"a": [1], "b": [2]}  # the inputs are left as they were
+
+
+def test_the_field_similarity_variants_are_valid_3d_settings():
+    from bench.field_similarity import VARIANTS
+    from firekit.registration.refine import RefineConfig
+
+    configs = {name: RefineConfig.preset(3, **overrides) for name, overrides in VARIANTS.items()}
+    assert configs["default"] == RefineConfig.preset(3)
+    assert configs["field ngf"].field_similarity == "ngf" and configs["field ngf"].similarity == "mind"
+    assert len({repr(c) for c in configs.values()}) == len(configs)  # each variant changes something
