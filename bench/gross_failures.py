@@ -69,7 +69,6 @@ def build_pairs(work: Path, subjects, pairs_2d: int, pairs_3d: int, seed: int = 
     """Write the subjects (with the PD-like contrast) and the protocol pairs under ``work``."""
     from firekit.data import io
     from firekit.data.braindata import demo_subject
-    from firekit.data.protocol import make_test_pairs, read_pairs
 
     records = []
     cases = [(c, s) for c in CONTRASTS for s in subjects]
@@ -85,12 +84,8 @@ def build_pairs(work: Path, subjects, pairs_2d: int, pairs_3d: int, seed: int = 
                 for name, volume in demo_subject(subject, extra=("PD",)).items():
                     io.save_nifti(volume.data, volume.affine, subject_dir / f"{name}.nii.gz")
             out = work / f"pairs{ndim}d" / contrast / subject_dir.name
-            try:
-                pairs = read_pairs(out)
-                assert len(pairs) == count
-            except Exception:
-                pairs = make_test_pairs(subject_dir, out, count, ndim=ndim, moving=contrast, fixed="T1",
-                                        seed=seed + 1000 * subject + 17 * ndim + len(records), slice_band=SLICE_BAND)
+            pairs = cached_pairs(subject_dir, out, count, ndim=ndim, moving=contrast, fixed="T1",
+                                 seed=seed + 1000 * subject + 17 * ndim + len(records), slice_band=SLICE_BAND)
             for k, pair in enumerate(pairs):
                 pair.update(id=f"{ndim}d/{contrast}/{subject_dir.name}/pair{k:03d}", contrast=contrast)
             slice_heights(pairs, io.load_labels(subject_dir / "labels.nii.gz").data)
@@ -115,7 +110,23 @@ def _firekit_methods(ndim: int, model, direction: str = "b2a") -> dict:
     return {"firekit default (network + refinement)": default, "firekit --no-network": no_network}
 
 
-def _score(field: np.ndarray, volumes: dict) -> dict:
+def cached_pairs(subject_dir: Path, out: Path, count: int, **options) -> list[dict]:
+    """The ``count`` protocol pairs an earlier run wrote under ``out``, else made there now
+    (``make_test_pairs(subject_dir, out, count, **options)``)."""
+    from firekit.data.protocol import make_test_pairs, read_pairs
+
+    try:
+        pairs = read_pairs(out)
+    except Exception:  # none written yet, or unreadable: made again
+        pairs = None
+    if pairs is None or len(pairs) != count:
+        pairs = make_test_pairs(subject_dir, out, count, **options)
+    return pairs
+
+
+def _score(field: np.ndarray, volumes: dict, label_ids=LABEL_IDS) -> dict:
+    """Mean Dice of ``label_ids`` (the moving labels carried by ``field``) and end-point error (mm) over the fixed
+    labels."""
     import torch
 
     from firekit.registration import fields
@@ -125,7 +136,7 @@ def _score(field: np.ndarray, volumes: dict) -> dict:
     brain = fixed_labels > 0
     warped = fields.apply_field(volumes["moving_labels"], field, volumes["fixed"], labels=True)
     dice = metrics.dice(torch.as_tensor(warped.astype(np.int64)), torch.as_tensor(fixed_labels.astype(np.int64)),
-                        LABEL_IDS)
+                        label_ids)
     epe = float(np.linalg.norm(field - volumes["true_field"], axis=-1)[brain].mean())
     return dict(dice=float(np.mean(list(dice.values()))), epe=epe)
 

@@ -90,9 +90,8 @@ def build_subject(work: Path) -> Path:
 
 
 def build_pairs(work: Path, pairs_2d: int, pairs_3d: int) -> list[dict]:
-    from bench.gross_failures import slice_heights
+    from bench.gross_failures import cached_pairs, slice_heights
     from firekit.data import io
-    from firekit.data.protocol import make_test_pairs, read_pairs
 
     subject = build_subject(work)
     labels = io.load_labels(subject / "labels.nii.gz").data
@@ -103,12 +102,8 @@ def build_pairs(work: Path, pairs_2d: int, pairs_3d: int) -> list[dict]:
             if count == 0:
                 continue
             out = work / f"pairs{ndim}d" / contrast
-            try:
-                pairs = read_pairs(out)
-                assert len(pairs) == count
-            except Exception:
-                pairs = make_test_pairs(subject, out, count, ndim=ndim, moving=contrast, fixed="T1",
-                                        seed=100 * ndim + k, slice_band=(0.10, 0.95))
+            pairs = cached_pairs(subject, out, count, ndim=ndim, moving=contrast, fixed="T1", seed=100 * ndim + k,
+                                 slice_band=(0.10, 0.95))
             for index, pair in enumerate(pairs):
                 # The shipped model's T1 path (a2b) for T1 -> T1; its T2-like path (b2a) for the T2-like image.
                 pair.update(id=f"{ndim}d/{contrast}/pair{index:03d}", contrast=contrast,

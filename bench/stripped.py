@@ -56,7 +56,7 @@ def build_subject(work: Path) -> Path:
 
 
 def build_pairs(work: Path, pairs_2d: int, pairs_3d: int) -> list[dict]:
-    from firekit.data.protocol import make_test_pairs, read_pairs
+    from bench.gross_failures import cached_pairs
 
     subject = build_subject(work)
     records = []
@@ -65,12 +65,8 @@ def build_pairs(work: Path, pairs_2d: int, pairs_3d: int) -> list[dict]:
             if count == 0:
                 continue
             out = work / f"strip{ndim}d" / key
-            try:
-                pairs = read_pairs(out)
-                assert len(pairs) == count
-            except Exception:
-                pairs = make_test_pairs(subject, out, count, ndim=ndim, moving=moving, fixed=fixed,
-                                        seed=500 + 10 * ndim + k, slice_band=(0.3, 0.8))
+            pairs = cached_pairs(subject, out, count, ndim=ndim, moving=moving, fixed=fixed, seed=500 + 10 * ndim + k,
+                                 slice_band=(0.3, 0.8))
             for index, pair in enumerate(pairs):
                 pair.update(id=f"{ndim}d/{key}/pair{index:03d}", case=label, stripped="moving" if key == "T1strip"
                             else "fixed")
@@ -80,18 +76,9 @@ def build_pairs(work: Path, pairs_2d: int, pairs_3d: int) -> list[dict]:
 
 def score(field: np.ndarray, volumes: dict) -> dict:
     """Dice of the labels the fixed brain holds and end-point error (mm) over them."""
-    import torch
+    from bench.gross_failures import _score
 
-    from firekit.core import metrics
-    from firekit.registration import fields
-
-    fixed_labels = volumes["fixed_labels"].data
-    brain = fixed_labels > 0
-    warped = fields.apply_field(volumes["moving_labels"], field, volumes["fixed"], labels=True)
-    ids = [int(v) for v in np.unique(fixed_labels) if v]
-    dice = metrics.dice(torch.as_tensor(warped.astype(np.int64)), torch.as_tensor(fixed_labels.astype(np.int64)), ids)
-    epe = float(np.linalg.norm(field - volumes["true_field"], axis=-1)[brain].mean())
-    return dict(dice=float(np.mean(list(dice.values()))), epe=epe)
+    return _score(field, volumes, [int(v) for v in np.unique(volumes["fixed_labels"].data) if v])
 
 
 def methods(model) -> dict:

@@ -86,6 +86,9 @@ def test_the_masked_shift_search_finds_a_shift_a_decoy_hides():
 
 
 def test_the_cli_and_a_pairs_csv_take_foreground_for_a_mask(strip_pairs, tmp_path, capsys):
+    from firekit import batch
+
+    assert batch.FOREGROUND_MASK == FOREGROUND_MASK  # the CSV reader's copy (it must not import torch)
     pair = strip_pairs[0]  # stripped moving
     out = tmp_path / "warped.nii.gz"
     code = cli_main(["register", "--moving", pair["moving"], "--fixed", pair["fixed"], "--out", str(out),

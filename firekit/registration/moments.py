@@ -353,13 +353,15 @@ def _best_shifts(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_feature
     chunk = max(1, _SCORE_VOXELS // math.prod(big))
     dims = tuple(range(-ndim, 0))
     padding = [v for p in reversed(pad) for v in (0, 2 * p)]  # fixed at the start of the padded grid
-    fixed_spectrum = torch.fft.rfftn(nnf.pad(fixed_features, padding), dim=dims)
-    fixed_energy = fixed_features.square().sum(dim=1).flatten(1).sum(dim=1)  # (B,)
-    ones = torch.fft.rfftn(nnf.pad(torch.ones_like(fixed_features[:, :1]), padding), dim=dims)
+    if weights is None:
+        fixed_spectrum = torch.fft.rfftn(nnf.pad(fixed_features, padding), dim=dims)
+        fixed_energy = fixed_features.square().sum(dim=1).flatten(1).sum(dim=1)  # (B,)
+        ones = torch.fft.rfftn(nnf.pad(torch.ones_like(fixed_features[:, :1]), padding), dim=dims)
     channels = fixed_features.shape[1]
     voxels = math.prod(int(size) for size in shape)
     shifted, scores = [], []
     for b in range(batch):
+        masked = None if weights is None else _masked_fixed_spectra(fixed_features[b:b + 1], weights, b, padding)
         for start in range(0, count, chunk):
             part = thetas[b, start:start + chunk]  # (k, n, n+1)
             on_big = part.clone()
@@ -368,8 +370,8 @@ def _best_shifts(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_feature
                                   spatial.affine_to_displacement(on_big, big))
             features = similarity.features(warped)  # (k, C, *big)
             window = (slice(None), *(slice(0, 2 * p + 1) for p in pad))
-            if weights is not None:
-                ssd = _masked_shift_ssd(features, fixed_features[b:b + 1], weights, b, on_big, big, padding)[window]
+            if masked is not None:
+                ssd = _masked_shift_ssd(features, masked, weights, b, on_big, big)[window]
             else:
                 spectrum = torch.fft.rfftn(features, dim=dims)
                 cross = torch.fft.irfftn(spectrum * fixed_spectrum[b:b + 1].conj(), s=big, dim=dims).sum(dim=1)
@@ -393,33 +395,51 @@ def _best_shifts(thetas: torch.Tensor, moving_small: torch.Tensor, fixed_feature
 SHIFT_OVERLAP = 0.5
 
 
-def _masked_shift_ssd(features: torch.Tensor, fixed_features: torch.Tensor, weights: _Weights, b: int,
-                      on_big: torch.Tensor, big: list[int], padding: list[int]) -> torch.Tensor:
+class _MaskedFixed(NamedTuple):
+    """Spectra of fixed's side of :func:`_masked_shift_ssd` for one pair, padded as :func:`_best_shifts` pads:
+    its mask ``w_f``, ``w_f |f|^2`` and ``w_f f``."""
+
+    weight: torch.Tensor
+    energy: torch.Tensor
+    features: torch.Tensor
+
+
+def _masked_fixed_spectra(fixed_features: torch.Tensor, weights: _Weights, b: int,
+                          padding: list[int]) -> _MaskedFixed:
+    """:class:`_MaskedFixed` of pair ``b`` (fixed's features ``(1, C, *s)``), computed once for all its candidates."""
+    dims = tuple(range(-(fixed_features.ndim - 2), 0))
+    weight = torch.ones_like(fixed_features[:, :1]) if weights.fixed is None else weights.fixed[b:b + 1]
+    parts = (weight, weight * fixed_features.square().sum(dim=1, keepdim=True), weight * fixed_features)
+    return _MaskedFixed(*(torch.fft.rfftn(nnf.pad(part, padding), dim=dims) for part in parts))
+
+
+def _masked_shift_ssd(features: torch.Tensor, fixed: _MaskedFixed, weights: _Weights, b: int,
+                      on_big: torch.Tensor, big: list[int]) -> torch.Tensor:
     """Masked mean squared feature difference at every shift of :func:`_best_shifts`' padded grid.
 
-    ``features`` ``(k, C, *big)``: moving's warped by each candidate ``on_big`` ``(k, n, n+1)``; fixed's
-    ``(1, C, *s)``. With ``w_f`` fixed's mask and ``w_m`` moving's warped alike, each term is a
-    cross-correlation ``sum_x a(x + t) c(x)`` by FFT: the difference ``sum w_f w_m (f - m)^2`` and the
-    overlap ``sum w_f w_m``. Returns ``(k, *big)``, infinite where the overlap is under :data:`SHIFT_OVERLAP`
-    of its largest.
+    ``features`` ``(k, C, *big)``: moving's warped by each candidate ``on_big`` ``(k, n, n+1)``; ``fixed``:
+    fixed's side (:func:`_masked_fixed_spectra`). With ``w_f`` fixed's mask and ``w_m`` moving's warped alike,
+    each term is a cross-correlation ``sum_x a(x + t) c(x)`` by FFT: the difference ``sum w_f w_m (f - m)^2``
+    and the overlap ``sum w_f w_m``. Returns ``(k, *big)``, infinite where the overlap is under
+    :data:`SHIFT_OVERLAP` of its largest.
     """
     dims = tuple(range(-len(big), 0))
     count, channels = features.shape[0], features.shape[1]
 
-    def correlate(moving_part: torch.Tensor, fixed_part: torch.Tensor) -> torch.Tensor:
-        fixed_spectrum = torch.fft.rfftn(nnf.pad(fixed_part, padding), dim=dims)
-        return torch.fft.irfftn(torch.fft.rfftn(moving_part, dim=dims) * fixed_spectrum.conj(), s=big, dim=dims).sum(1)
+    def correlate(moving_spectrum: torch.Tensor, fixed_spectrum: torch.Tensor) -> torch.Tensor:
+        return torch.fft.irfftn(moving_spectrum * fixed_spectrum.conj(), s=big, dim=dims).sum(1)
 
-    fixed_weight = (torch.ones_like(fixed_features[:, :1]) if weights.fixed is None else weights.fixed[b:b + 1])
     if weights.moving is None:
         moving_weight = torch.ones_like(features[:, :1])
     else:
         moving_weight = spatial.warp(weights.moving[b:b + 1].expand(count, *weights.moving.shape[1:]),
                                      spatial.affine_to_displacement(on_big, big), padding_mode="zeros")
-    overlap = correlate(moving_weight, fixed_weight)
-    difference = (correlate(moving_weight, fixed_weight * fixed_features.square().sum(dim=1, keepdim=True))
-                  - 2 * correlate(moving_weight * features, fixed_weight * fixed_features)
-                  + correlate(moving_weight * features.square().sum(dim=1, keepdim=True), fixed_weight))
+    weight_spectrum = torch.fft.rfftn(moving_weight, dim=dims)
+    overlap = correlate(weight_spectrum, fixed.weight)
+    difference = (correlate(weight_spectrum, fixed.energy)
+                  - 2 * correlate(torch.fft.rfftn(moving_weight * features, dim=dims), fixed.features)
+                  + correlate(torch.fft.rfftn(moving_weight * features.square().sum(dim=1, keepdim=True), dim=dims),
+                              fixed.weight))
     enough = overlap >= SHIFT_OVERLAP * overlap.flatten(1).amax(dim=1).view(-1, *[1] * len(big))
     return torch.where(enough & (overlap > 0), difference / (overlap.clamp_min(1e-6) * channels),
                        torch.full_like(difference, float("inf")))
