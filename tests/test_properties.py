@@ -161,6 +161,25 @@ def test_a_large_turn_plus_a_smooth_field_inverts_when_its_affine_is_given(grid,
     assert error[inside_points.expand_as(error)].max() <= (1e-3 if dtype == torch.float32 else 1e-6)
 
 
+def test_the_inverse_stops_once_its_steps_are_below_the_tolerance_and_stays_accurate(monkeypatch):
+    # A turned, scaled smooth 3D field: the preconditioned iteration with a tolerance stops early
+    # (each step is one warp) and lands within the tolerance's order of the long float64 iteration.
+    shape = (24, 28, 20)
+    theta = spatial.affine_matrix(3, rotation=(25.0, 0.0, 10.0), scale=(1.2, 0.9, 1.0)).double()
+    field = spatial.compose_affine_displacement(theta, smooth_field(shape, 1, torch.float64, 5, 0.3))
+    reference = spatial.invert_displacement(field, 80, theta=theta)
+    warps = []
+    plain_warp = spatial.warp
+    monkeypatch.setattr(spatial, "warp", lambda *a, **k: warps.append(1) or plain_warp(*a, **k))
+    inverse = spatial.invert_displacement(field.float(), 80, theta=theta.float(), tolerance=1e-3)
+    assert 2 <= len(warps) < 20, len(warps)
+    error = spatial.normalised_to_voxel(inverse.double() - reference).norm(dim=1)
+    assert error.mean() < 2e-3 and error.max() < 0.05, (error.mean(), error.max())
+    warps.clear()
+    spatial.invert_displacement(field, 12, theta=theta)  # no tolerance: every step runs
+    assert len(warps) == 12
+
+
 def test_a_half_turn_defeats_the_plain_inverse_and_not_the_preconditioned_one():
     # inside_points: away from the border, where the half-turned field stays on the grid
     shape = (24, 20)

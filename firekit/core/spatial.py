@@ -522,7 +522,7 @@ def voxel_affine_to_normalised(matrix: torch.Tensor, shape: Sequence[int]) -> to
 
 
 def invert_displacement(displacement: torch.Tensor, iterations: int = 40,
-                        theta: torch.Tensor | None = None) -> torch.Tensor:
+                        theta: torch.Tensor | None = None, tolerance: float = 0.0) -> torch.Tensor:
     """Inverse of a smooth invertible field by fixed-point iteration ``v(x) = -u(x + v(x))``.
 
     The plain iteration converges only where the field moves points by less than their spacing changes
@@ -532,16 +532,28 @@ def invert_displacement(displacement: torch.Tensor, iterations: int = 40,
 
     Args:
         displacement: ``(B, ndim, *spatial)`` normalised.
+        iterations: at most this many corrections.
         theta: ``(B, ndim, ndim + 1)`` normalised affine the field is close to, or None.
+        tolerance: stop once a correction moves the grid's points by less than this on average (voxels);
+            0 always runs ``iterations``.
 
     Returns:
         ``(B, ndim, *spatial)`` normalised ``v`` with ``(x + v) + u(x + v) = x``.
     """
     ndim = _check_field(displacement)
+
+    scales = _axis_scales(displacement.shape[2:], displacement).flatten()  # normalised -> voxels, per axis
+
+    def settled(step: torch.Tensor) -> bool:  # the step's mean length in voxels (its L1 norm: cheap, >= L2)
+        return tolerance > 0 and float((step.abs().mean(dim=[0, *range(2, ndim + 2)]) * scales).sum()) < tolerance
+
     if theta is None:
         inverse = -displacement
         for _ in range(iterations):
-            inverse = -warp(displacement, inverse)
+            updated = -warp(displacement, inverse)
+            inverse, step = updated, updated - inverse
+            if settled(step):
+                break
         return inverse
     theta = theta.to(displacement.dtype)
     inverse = affine_to_displacement(invert_affine(theta), displacement.shape[2:])
@@ -549,5 +561,8 @@ def invert_displacement(displacement: torch.Tensor, iterations: int = 40,
     for _ in range(iterations):
         # residual r(x) = (x + v) + u(x + v) - x; Newton-like step with the affine's Jacobian
         residual = inverse + warp(displacement, inverse)
-        inverse = inverse - torch.einsum("bij,bj...->bi...", linear_inverse, residual)
+        step = torch.einsum("bij,bj...->bi...", linear_inverse, residual)
+        inverse = inverse - step
+        if settled(step):
+            break
     return inverse

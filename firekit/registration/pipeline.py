@@ -70,6 +70,10 @@ DEFAULT_MODEL = Path(__file__).parent.parent / "weights" / "fire2d_t1_t2like_sma
 # kind, 40 of a real head with skull). Beyond SYMMETRIC_GAP_MM one direction went wrong, and their average
 # would be ~10 mm off too: the one-way answer (which the check has weighed) is kept instead.
 SYMMETRIC_GAP_MM = 20.0
+# The backward field's inverse stops once a fixed-point step moves the grid's points by under this many
+# voxels on average: 7 float32 steps (0.8 s) on a 3D 128 x 160 x 128 field, within 0.0005 voxel (mean;
+# 0.004 at the 99th percentile) of 60 float64 steps, where 30 float64 steps took 8.3 s.
+INVERSE_TOLERANCE = 1e-3
 
 
 def load(path: str | os.PathLike | None = None, map_location: str | torch.device = "cpu") -> Fire:
@@ -317,11 +321,13 @@ def _initial_affine(initial_affine, n: int) -> np.ndarray | None:
     return matrix
 
 
-def backward_inverse(theta_back: torch.Tensor, displacement_back: torch.Tensor, iterations: int = 30) -> torch.Tensor:
+def backward_inverse(theta_back: torch.Tensor, displacement_back: torch.Tensor, iterations: int = 30,
+                     tolerance: float = INVERSE_TOLERANCE) -> torch.Tensor:
     """The inverse of a backward registration's field, ``(B, n, *S)`` normalised, by fixed-point iteration
-    preconditioned by its affine (the plain iteration diverges for large turns, a 180-degree one)."""
-    return spatial.invert_displacement(displacement_back.double(), iterations,
-                                       theta=theta_back.double()).to(displacement_back.dtype)
+    preconditioned by its affine (the plain iteration diverges for large turns, a 180-degree one), until a
+    step moves the points by under ``tolerance`` voxels on average."""
+    return spatial.invert_displacement(displacement_back.float(), iterations, theta=theta_back.float(),
+                                       tolerance=tolerance).to(displacement_back.dtype)
 
 
 def direction_gap(displacement: torch.Tensor, inverse_back: torch.Tensor, grid_affine: np.ndarray,
