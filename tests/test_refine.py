@@ -67,6 +67,32 @@ def test_mind_offsets_are_non_opposite_face_neighbour_pairs(ndim):
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("radius, dilation", [(2, 2), (1, 1), (0, 3), (3, 1)])
+def test_mind_matches_its_definition_channel_by_channel_away_from_the_border(ndim, radius, dilation):
+    # The definition, pair by pair: D_pq(x) = box_r[(I(x + d p) - I(x + d q))^2], I replicate-padded.
+    image = similarity.box_filter(torch.rand(2, 1, *[s // 2 + 3 for s in SHAPES[ndim]],
+                                             generator=torch.Generator().manual_seed(ndim)), 1)
+    shape = image.shape[2:]
+    padded = torch.nn.functional.pad(image, [dilation] * (2 * ndim), mode="replicate")
+
+    def at(offset):
+        return padded[(slice(None), slice(None), *[slice(dilation * (1 + o), dilation * (1 + o) + s)
+                                                   for o, s in zip(offset, shape)])]
+
+    distance = similarity.box_filter(torch.cat([(at(p) - at(q)).square() for p, q in similarity.mind_offsets(ndim)],
+                                               dim=1), radius)
+    distance = distance - distance.min(dim=1, keepdim=True).values
+    variance = distance.mean(dim=1, keepdim=True)
+    level = variance.flatten(1).mean(dim=1).view(-1, 1, *([1] * ndim))
+    expected = torch.exp(-distance / torch.maximum(torch.minimum(variance, level * 1000), level * 0.001))
+    inner = (slice(None), slice(None), *[slice(radius + dilation, s - radius - dilation) for s in shape])
+    descriptor = similarity.mind_ssc(image, radius, dilation)
+    assert descriptor.shape == expected.shape
+    # the variance's image mean also reads the border voxels: equal to float precision inside
+    torch.testing.assert_close(descriptor[inner], expected[inner], rtol=1e-4, atol=2e-3)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
 def test_mind_ignores_contrast_inversion_and_monotone_remapping(ndim):
     image, labels = head(ndim, seed=1)
     other, _ = head(ndim, seed=5)
