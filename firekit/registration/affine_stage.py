@@ -65,8 +65,8 @@ def optimise_affine(theta: torch.Tensor, moving: Pyramid, fixed: Pyramid, simila
                           rows=repeat, regions=regions, outside_cost=config.outside_cost)
             with torch.no_grad():
                 final = judge.loss(partial(spatial.affine_to_displacement, flat)).view(batch, repeat)
-            # A start that drifted out of the bounds loses to any that stayed inside.
-            allowed = plausible_mask(flat, fixed.image.shape[2:], config.bounds(fixed.image.ndim - 2))
+            # A start that drifted out of the bounds (past their drift allowance) loses to any that stayed inside.
+            allowed = plausible_mask(flat, fixed.image.shape[2:], config.bounds(fixed.image.ndim - 2).drifted())
             final = torch.where(allowed.view(batch, repeat).to(final.device), final, final + 1e6)
             best = final.argmin(dim=1)
             flat = flat.view(batch, repeat, *flat.shape[1:])[rows, best]

@@ -22,7 +22,7 @@ start into a candidate and :func:`slices_report` sums up a volume checked slice 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Sequence
 
 import torch
@@ -43,6 +43,11 @@ ORIENTATIONS = ("header", "search-axes")
 # up to 15 deg about each axis in 3D (~26 deg in all); scans of heads tilt by less. Each bound
 # leaves a margin of ~20 deg above the protocol's largest turn.
 _MAX_ROTATION_DEG = {2: 45.0, 3: 45.0}
+# An optimised affine (the refinement's, the network's answer) may turn this far past the rotation bound
+# that its starts keep: a 3D head turned by 43.8 deg (and scaled, sheared) came back turned by 46 deg, was
+# rejected and its start kept (EPE 14 mm), and a start that drifted past 45 deg to the right answer lost
+# to one that stayed inside (EPE 19 mm). A 90 or 180 degree turn stays far outside.
+DRIFT_DEG = 10.0
 # The protocol scales one axis by 1 +- 0.5 (so the answer by 0.67-2) with a 10 % jitter and shear;
 # a factor 3 either way leaves room for real differences in head size and field of view.
 _SCALE_RANGE = (1.0 / 3.0, 3.0)
@@ -68,6 +73,13 @@ class AffineBounds:
         if self.max_rotation_deg is not None and not 0 <= self.max_rotation_deg <= 180:
             raise FirekitError(f"AffineBounds.max_rotation_deg must be in [0, 180] or None, got "
                                f"{self.max_rotation_deg}")
+
+    def drifted(self, degrees: float = DRIFT_DEG) -> "AffineBounds":
+        """The bounds of an affine optimised from a start within these: the rotation bound raised by ``degrees``
+        (:data:`DRIFT_DEG`), so that an answer near the bound is not rejected for the optimiser's last degrees."""
+        if self.max_rotation_deg is None:
+            return self
+        return replace(self, max_rotation_deg=min(self.max_rotation_deg + degrees, 180.0))
 
 
 def default_bounds(ndim: int, orientation: str = "header") -> AffineBounds:
@@ -213,7 +225,8 @@ def check(moving: torch.Tensor, fixed: torch.Tensor, candidates: Sequence[Candid
         moving, fixed: ``(B, 1, *S)`` images on one grid (normalised intensities).
         candidates: the answer first (named ``"result"``), then the candidates to fall back to, in
             order of preference on ties (e.g. its start, then the headers' identity).
-        bounds: an answer or candidate outside them is never kept.
+        bounds: a candidate outside them is never kept, nor the answer outside ``bounds.drifted()``
+            (it was optimised from a start within them).
         fixed_mask, moving_mask: optional ``(B, 1, *S)`` weights (the user's masks): the similarity
             counts only inside both.
 
@@ -225,7 +238,8 @@ def check(moving: torch.Tensor, fixed: torch.Tensor, candidates: Sequence[Candid
     shape = fixed.shape[2:]
     with torch.no_grad():
         losses = _scores(moving, fixed, [c.displacement for c in candidates], fixed_mask, moving_mask)  # (K, B)
-    outside = [implausible(c.theta, shape, bounds) for c in candidates]  # per candidate, per pair
+    outside = [implausible(c.theta, shape, bounds.drifted() if k == 0 else bounds)  # per candidate, per pair
+               for k, c in enumerate(candidates)]
     allowed = torch.tensor([[why is None for why in per_pair] for per_pair in outside], device=losses.device)
     reasons = outside[0]
     theta = candidates[0].theta.clone()
