@@ -303,6 +303,12 @@ def test_symmetric_keeps_the_one_way_answer_when_the_backward_one_went_wrong(mon
     assert len(calls) == 2
     np.testing.assert_allclose(kept, one_way, atol=1e-5)
     assert "disagree" in capsys.readouterr().err
+    # an inverse that diverged (non-finite: its gap is NaN, which no threshold rejects) is refused too
+    monkeypatch.setattr(pipeline, "_solve", solve)
+    monkeypatch.setattr(pipeline, "backward_inverse", lambda theta, disp: torch.full_like(disp, float("nan")))
+    kept = register(None, moving, fixed, refine=5, spacing=None, symmetric=True).displacement
+    np.testing.assert_allclose(kept, one_way, atol=1e-5)
+    assert "disagree" in capsys.readouterr().err
 
 
 def test_shipped_3d_model_loads_with_its_training_spacing_and_registers_a_volume():

@@ -25,6 +25,7 @@ image is sampled once, on its own grid.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field, replace
@@ -556,7 +557,7 @@ def _both_ways(solve, grid: _Grid, plan: _Plan, direction: str, start: torch.Ten
     inverse_back = backward_inverse(theta_back, disp_back)
     foreground = None if plan.config is None else grid.fixed > plan.config.foreground
     gap = direction_gap(disp, inverse_back, grid.affine, foreground)
-    if gap > SYMMETRIC_GAP_MM:  # one direction went wrong: their average would be wrong too
+    if not math.isfinite(gap) or gap > SYMMETRIC_GAP_MM:  # one direction went wrong (or its inverse diverged)
         print(f"firekit: {name}: registered both ways, the two answers disagree by {gap:.1f} mm over the fixed "
               f"image's foreground (sound pairs: under {SYMMETRIC_GAP_MM:g} mm); kept the one-way answer",
               file=sys.stderr, flush=True)
