@@ -588,9 +588,9 @@ def _add_register_method_options(register: argparse.ArgumentParser) -> None:
                           help="register both ways and average: inverse-consistent with the reverse registration "
                           "(twice the time); default: on for 2D images with refinement, off in 3D")
     register.add_argument("--init", choices=["header", "search-axes"], default="header",
-                          help="header (default): trust the files' orientation, so no affine turns by more than 45 deg, "
-                          "reflects, or scales an axis by more than 3x; search-axes: also try every 90/180-degree turn "
-                          "and axis permutation, for files whose headers are wrong")
+                          help="header (default): trust the files' orientation, so no start turns by more than 45 deg "
+                          "(no answer by more than 55), reflects, or scales an axis by more than 3x; search-axes: also "
+                          "try every 90/180-degree turn and axis permutation, for files whose headers are wrong")
     register.add_argument("--initial-affine", metavar="FILE",
                           help="start the refinement from this affine (ITK .tfm/.txt, e.g. firekit register --affine, "
                           "or ANTs' *GenericAffine.mat; fixed -> moving points) instead of the moments search; with a "

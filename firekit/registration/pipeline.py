@@ -502,11 +502,13 @@ def register(model: Fire | None, moving, fixed, direction: str = "a2b", affine_o
             this result. Twice the time. ``"auto"`` (default): on for 2D images with refinement on (about
             0.25 s more per 128 x 160 slice; on 504 protocol pairs the end-point error fell from 1.57 to
             1.25 mm and the worst from 8.0 to 5.4 mm, Dice 0.822 -> 0.824: ``bench/gross_failures.md``),
-            off in 3D (twice ~12 s, for no gain in Dice) and for the network alone. Where the two answers
-            disagree grossly (:data:`SYMMETRIC_GAP_MM`: one direction went wrong), the one-way answer
-            is kept and one line on stderr says so.
+            off in 3D (twice ~9 s; on the bench's 3D cases EPE lower, Dice -0.007 / -0.003 / +0.006) and
+            for the network alone. Where the two answers disagree grossly (:data:`SYMMETRIC_GAP_MM`: one
+            direction went wrong, or the backward inverse diverged), the one-way answer is kept and one line
+            on stderr says so.
         orientation: ``"header"`` (default) trusts the files' orientation: every affine (the start, the
-            network's, the refinement's) turns by at most 45 deg, never reflects and scales each axis by a
+            network's, the refinement's) turns by at most 45 deg (an optimised answer up to
+            :data:`~firekit.registration.check.DRIFT_DEG` more), never reflects and scales each axis by a
             factor within 1/3-3 (:func:`firekit.registration.check.default_bounds`). ``"search-axes"`` also
             tries every 90/180-degree turn and axis permutation, for files whose headers are wrong; with
             refinement, the answer found within the header bound is then one of the check's candidates
