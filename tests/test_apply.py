@@ -228,14 +228,15 @@ def test_initial_affine_starts_beyond_the_header_bound(tmp_path, capsys):
     from firekit.core.errors import FirekitError
     from firekit.registration.pipeline import load, register
 
-    moving, fixed, turn, truth, mask = turned_pair(tmp_path)
+    # 75 deg: past the 45-deg bound of the starts and the 10 deg an answer may drift beyond it
+    moving, fixed, turn, truth, mask = turned_pair(tmp_path, degrees=75.0)
     start = write_itk_affine(turn, tmp_path / "start.tfm")
     error = {}
     for name, initial in (("without", None), ("with file", start), ("with matrix", turn)):
         result = register(None, moving, fixed, refine=30, initial_affine=initial)
         error[name] = np.linalg.norm(result.displacement - truth, axis=-1)[mask].mean()
     assert error["with file"] < 0.5 and error["with matrix"] < 0.5, error
-    assert error["without"] > 3.0, error  # the search stops at the 45-degree bound: ~15 degrees off
+    assert error["without"] > 3.0, error  # the answer stops within 55 deg: ~20 degrees off
     with_model = register(load(), moving, fixed, refine=30, initial_affine=start)  # beside the network's start
     assert np.linalg.norm(with_model.displacement - truth, axis=-1)[mask].mean() < 0.5
     with pytest.raises(FirekitError, match="turn refinement on"):
