@@ -124,7 +124,7 @@ def mind_offsets(ndim: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     return [(p, q) for p, q in itertools.combinations(units, 2) if any(a + b != 0 for a, b in zip(p, q))]
 
 
-def _difference_vectors(ndim: int) -> tuple[list[tuple[int, ...]], list[tuple[int, int, tuple[int, ...]]]]:
+def _difference_vectors(ndim: int) -> tuple[list[tuple[int, ...]], list[tuple[int, tuple[int, ...]]]]:
     """The distinct offsets ``v = ±(p - q)`` of :func:`mind_offsets`' pairs, and for each pair ``(p, q)``: the
     index of its ``v`` and the offset ``o`` (``q``, or ``p`` where ``v = q - p``) at which ``(I(x + d p) -
     I(x + d q))^2 = (I(y + d v) - I(y))^2`` with ``y = x + d o``. 3 vectors serve the 4 pairs in 2D, 6 the 12 in 3D."""
