@@ -278,7 +278,8 @@ def test_symmetric_auto_registers_2d_both_ways_and_3d_one_way():
 
 def test_symmetric_keeps_the_one_way_answer_when_the_backward_one_went_wrong(monkeypatch, capsys):
     """Registering both ways, an average with a wrong backward answer would be wrong too: when the two
-    directions disagree grossly, the (checked) one-way answer is kept and one line says so."""
+    directions disagree grossly, the similarity judges and the (checked) one-way answer is kept, one line
+    says so; a backward answer that cannot be inverted is refused too."""
     import firekit.registration.pipeline as pipeline
     from firekit.data.phantom import phantom_pair
 
@@ -290,25 +291,57 @@ def test_symmetric_keeps_the_one_way_answer_when_the_backward_one_went_wrong(mon
     assert np.abs(both - one_way).max() > 1e-3 and "disagree" not in capsys.readouterr().err  # a sound pair: averaged
     solve, calls = pipeline._solve, []
 
-    def backward_turned(model, x_moving, x_fixed, direction, **options):
-        calls.append(direction)
-        result = solve(model, x_moving, x_fixed, direction, **options)
-        if len(calls) == 2:  # the backward registration, turned by a half turn
-            half_turn = spatial.affine_matrix(2, rotation=180.0)
-            return half_turn, spatial.affine_to_displacement(half_turn, x_fixed.shape[2:]), result[2], result[3]
-        return result
+    def backward_wrong(wrong):
+        def solved(model, x_moving, x_fixed, direction, **options):
+            calls.append(direction)
+            result = solve(model, x_moving, x_fixed, direction, **options)
+            if len(calls) == 2:  # the backward registration, replaced by a wrong one
+                return wrong, spatial.affine_to_displacement(wrong, x_fixed.shape[2:]), result[2], result[3]
+            return result
+        return solved
 
-    monkeypatch.setattr(pipeline, "_solve", backward_turned)
-    kept = register(None, moving, fixed, refine=5, spacing=None, symmetric=True).displacement
-    assert len(calls) == 2
-    np.testing.assert_allclose(kept, one_way, atol=1e-5)
-    assert "disagree" in capsys.readouterr().err
+    # a half turn (implausible) and a shift by a third of the image (plausible, but the similarity says no)
+    for wrong in (spatial.affine_matrix(2, rotation=180.0), spatial.affine_matrix(2, translation=(0.6, 0.0))):
+        calls.clear()
+        monkeypatch.setattr(pipeline, "_solve", backward_wrong(wrong))
+        kept = register(None, moving, fixed, refine=5, spacing=None, symmetric=True).displacement
+        assert len(calls) == 2
+        np.testing.assert_allclose(kept, one_way, atol=1e-5)
+        assert "disagree" in (err := capsys.readouterr().err) and "kept the one-way answer" in err
     # an inverse that diverged (non-finite: its gap is NaN, which no threshold rejects) is refused too
     monkeypatch.setattr(pipeline, "_solve", solve)
     monkeypatch.setattr(pipeline, "backward_inverse", lambda theta, disp: torch.full_like(disp, float("nan")))
     kept = register(None, moving, fixed, refine=5, spacing=None, symmetric=True).displacement
     np.testing.assert_allclose(kept, one_way, atol=1e-5)
-    assert "disagree" in capsys.readouterr().err
+    assert "could not be inverted" in capsys.readouterr().err
+
+
+def test_symmetric_keeps_the_inverted_backward_answer_when_the_forward_one_went_wrong(monkeypatch, capsys):
+    """The judge works both ways: a forward answer shifted by a fifth of the image (the backward one sound)
+    gives way to the inverted backward answer, not to an average half as wrong."""
+    import firekit.registration.pipeline as pipeline
+    from firekit.data.phantom import phantom_pair
+
+    theta = spatial.affine_matrix(2, rotation=8, translation=(0.03, -0.02))
+    pair = phantom_pair((64, 64), theta, seed=5, contrasts=("t2", "t1"))
+    moving, fixed = (io.Volume(x[0, 0].numpy(), np.eye(3)) for x in (pair.x_a, pair.x_b))
+    sound = register(None, moving, fixed, refine=5, spacing=None, symmetric=True).displacement
+    solve, calls = pipeline._solve, []
+
+    def forward_shifted(model, x_moving, x_fixed, direction, **options):
+        calls.append(direction)
+        theta, disp, warped, reports = solve(model, x_moving, x_fixed, direction, **options)
+        if len(calls) == 1:
+            shift = torch.tensor([0.4, 0.0]).view(1, 2, *[1] * (disp.ndim - 2))
+            theta, disp = theta.clone(), disp + shift
+            theta[:, :, -1] += shift.flatten()
+        return theta, disp, warped, reports
+
+    monkeypatch.setattr(pipeline, "_solve", forward_shifted)
+    kept = register(None, moving, fixed, refine=5, spacing=None, symmetric=True).displacement
+    assert "kept the inverted backward answer" in capsys.readouterr().err
+    spacing_mm = 1.0  # np.eye(3) grids: 1 mm voxels, ITK fields in mm
+    assert np.abs(kept - sound).max(axis=-1).mean() < 1.0 * spacing_mm  # the sound answer, within a voxel
 
 
 def test_shipped_3d_model_loads_with_its_training_spacing_and_registers_a_volume():
