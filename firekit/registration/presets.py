@@ -79,9 +79,11 @@ _PRESETS: dict[int, dict] = {
 # ways (the default): on a real head with skull, which the network never saw (bench/real_heads.py, 40
 # pairs), mean Dice 0.865 -> 0.869 (T1) and 0.809 -> 0.828 (T2-like); on 504 protocol pairs of the
 # demo's kind 0.824 -> 0.823, EPE 1.25 -> 1.27 mm, no gross failure either way (bench/gross_failures.md).
-# 2D affine steps at 1/2 size 10 -> 5 (2026-12-07): 8 % faster (0.49x -> 0.45x the whole schedule from moments'
-# time); 504 protocol pairs 0.8236 -> 0.8227 mean Dice (EPE 1.28 -> 1.29 mm), 40 real-head pairs 0.852 -> 0.853
-# (EPE 0.56 -> 0.56 mm), no gross failure either way: the non-rigid stage takes up what the affine leaves.
+# 2D affine steps at 1/2 size 10 -> 5 (2026-12-07): 8 % faster, the non-rigid stage takes up what the affine
+# leaves. Probed interleaved (on top of a shared moments search, since dropped): 504 protocol pairs 0.8236 ->
+# 0.8227 mean Dice (EPE 1.28 -> 1.29 mm), 40 real-head pairs 0.852 -> 0.853, no gross failure either way. Then
+# bench/gross_failures.py with it: 0.8237 mean Dice, 1.29 mm, 0.26 s per pair, 0.47x the whole schedule from
+# moments' time (0.8213, 1.30 mm; the fifth session's (20, 10): 0.823, 1.29 mm, 0.51x).
 _NETWORK_PRESETS: dict[int, dict] = {
     2: dict(network_starts=1, cut_network_starts=2, affine_iterations=(20, 5), field_iterations=(20, 20),
             network_flow="grid"),
