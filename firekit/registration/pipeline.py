@@ -47,7 +47,7 @@ from firekit.fire.checkpoint import load_checkpoint
 from firekit.fire.model import Fire, other_direction
 from firekit.registration import refine as refinement
 from firekit.registration.apply import read_affine
-from firekit.registration.check import Candidate, CheckReport, check, checked, default_bounds, slices_report, start_candidate
+from firekit.registration.check import Candidate, CheckReport, checked, default_bounds, slices_report, start_candidate
 from firekit.registration.fields import FieldInverse, invert_field
 from firekit.registration.levels import Regions
 from firekit.registration.network import network_factor, network_slices, run_network, synthesise
@@ -577,15 +577,15 @@ def _both_ways(solve, grid: _Grid, plan: _Plan, direction: str, start: torch.Ten
     theta_inverse = spatial.invert_affine(theta_back.double()).to(theta.dtype)
     candidates = [Candidate("average", theta_average, disp_average), Candidate("one-way", theta, disp),
                   Candidate("inverted backward", theta_inverse, inverse_back.to(disp.dtype))]
-    masks = [None if m is None else m.cpu() for m in (grid.regions.fixed, grid.regions.moving)]
-    kept_theta, kept_disp, reports = check(grid.moving.cpu(), grid.fixed.cpu(), candidates,
-                                           default_bounds(grid.fixed.ndim - 2, plan.orientation), *masks)
+    kept_theta, kept_disp, kept_warped, reports = checked(
+        grid.moving.cpu(), grid.fixed.cpu(), candidates, default_bounds(grid.fixed.ndim - 2, plan.orientation),
+        spatial.warp(grid.moving, disp_average).cpu(), grid.regions.fixed, grid.regions.moving)
     if reports[0].verdict != "ok":
         scores = ", ".join(f"{k} {v:.4f}" for k, v in reports[0].scores.items() if v is not None)
         print(f"firekit: {name}: registered both ways, the two answers disagree by {gap:.1f} mm over the fixed "
               f"image's foreground (sound pairs: a few mm); kept the {reports[0].chosen} answer, whose similarity "
               f"is the best (MIND loss: {scores})", file=sys.stderr, flush=True)
-    return kept_theta, kept_disp, spatial.warp(grid.moving, kept_disp)
+    return kept_theta, kept_disp, kept_warped
 
 
 class _Plan(NamedTuple):
