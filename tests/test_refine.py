@@ -47,9 +47,11 @@ def mean_dice(labels_a, labels_b):
 
 
 def small_config(ndim, **overrides):
-    """The preset with its levels at 1/2 and full resolution, as these grids are 2-4 times smaller."""
-    return RefineConfig.preset(ndim, affine_levels=(2, 1), affine_iterations=(40, 20), field_levels=(2, 1),
-                               field_iterations=(40, 30), **overrides)
+    """The preset with its levels at 1/2 and full resolution, as these grids are 2-4 times smaller, and its
+    control points about as far apart in mm (the presets' 8 voxels are 10 mm on their 1.28 mm grid; 4 voxels
+    are 12 mm here)."""
+    return RefineConfig.preset(ndim, **{**dict(affine_levels=(2, 1), affine_iterations=(40, 20), field_levels=(2, 1),
+                                               field_iterations=(40, 30), grid_spacing=4), **overrides})
 
 
 # ------------------------------------------------------------------------------------------
@@ -435,8 +437,9 @@ def test_a_starting_flow_on_the_grid_is_corrected_whole():
     kept = refine(moving, fixed, displacement0=noise, config=config()).displacement
     gridded = refine(moving, fixed, displacement0=noise, config=config(network_flow="grid")).displacement
     inside = labels[:, 0] > 0
-    assert voxel_error(gridded, clean, inside) < 0.2
-    assert voxel_error(kept, clean, inside) > 3 * voxel_error(gridded, clean, inside)
+    # Control points 3, 4, 6 or 8 voxels apart: the gridded answer 0.12-0.27 voxel from the clean one, the kept 1.6.
+    assert voxel_error(gridded, clean, inside) < 0.3
+    assert voxel_error(kept, clean, inside) > 5 * voxel_error(gridded, clean, inside)
 
 
 def test_rates_decay_within_each_level_to_the_final_fraction(monkeypatch):
