@@ -69,7 +69,8 @@ _PRESETS: dict[int, dict] = {
         # 2026-12-07). Interleaved, one thread: the bench's 6 pairs T2-like 0.807 -> 0.810 mean Dice,
         # FLAIR-like 0.902 -> 0.905, T1 -> T1 0.936 -> 0.937, EPE 1.03 / 0.70 / 0.36 -> 1.00 / 0.65 / 0.33 mm;
         # 20 protocol pairs 0.821 -> 0.824 (EPE 1.29 -> 1.22 mm, worst 2.9 -> 2.5); 6 real-head pairs
-        # 0.821 -> 0.826 (0.79 -> 0.73 mm); same time. 6 scored between, 10-12 about level with 8.
+        # 0.821 -> 0.826 (0.79 -> 0.73 mm); same time. 6 scored between; 10-12 a little higher in T2-like and
+        # FLAIR-like (0.814-0.816, 0.906), level in T1 -> T1: kept at 8, as in 2D.
         grid_spacing=8, regulariser="diffusion", weight=0.1, field_mask=False,
         # Each level's rates decay (cosine) to 1/10: the sampled similarity's noisy gradients otherwise
         # keep Adam jittering about the optimum. Held-out validation pairs (2 per case, refinement
