@@ -20,7 +20,7 @@ import torch
 
 from firekit.fire.checkpoint import load_checkpoint
 
-ITERATIONS = 16  # room for four kills: each lets a run go on for one to three steps of a fraction of a second
+ITERATIONS = 16  # each of the four kills lets one to three new steps through: the last must still land before the end
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in every process: bitwise-equal sums
 
 
