@@ -1,6 +1,7 @@
-"""3D refinement alone with variants of its non-rigid stage, on pairs the bench already wrote.
+"""Refinement (alone, or after the 2D network) with variants of its non-rigid stage, on pairs the bench already wrote.
 
-    python -m bench.field_similarity PAIRS_DIR [PAIRS_DIR ...] --variants default "field ngf" ...
+    python -m bench.field_similarity PAIRS_DIR [PAIRS_DIR ...] --variants default "mind alone" ...
+    python -m bench.field_similarity W/2d/mono/subj008 --ndim 2 --network --variants "mind alone" "mind-mi 0.2"
 
 Each ``PAIRS_DIR`` holds a ``pairs.json`` of :func:`firekit.data.protocol.make_test_pairs` (``bench.vs_ants
 --work W`` leaves them under ``W/3d/CASE/SUBJECT``). Prints one line per variant: mean Dice (the
@@ -18,9 +19,15 @@ from pathlib import Path
 
 import numpy as np
 
-# name -> RefineConfig.preset(3, **overrides)
+# name -> RefineConfig.preset(ndim, **overrides)
 VARIANTS = {
     "default": {},
+    "mind alone": dict(field_similarity=None),  # the presets before 2026-12-07 (eighth session)
+    "mind-mi 0.1": dict(field_similarity="mind-mi", mi_weight=0.1),
+    "mind-mi 0.2": dict(field_similarity="mind-mi", mi_weight=0.2),
+    "mind-mi 0.3": dict(field_similarity="mind-mi", mi_weight=0.3),
+    "mind-mi 1": dict(field_similarity="mind-mi", mi_weight=1.0),
+    "mi": dict(field_similarity="mi"),
     "field ngf": dict(field_similarity="ngf"),
     "ngf": dict(similarity="ngf"),
     "iterations x2": dict(field_iterations=(120, 80, 40)),
@@ -36,30 +43,38 @@ VARIANTS = {
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from bench.vs_ants import load_pair, score
+    from bench.vs_ants import CASES, load_pair, score
     from firekit.data.braindata import LABEL_NAMES
-    from firekit.registration.pipeline import register
+    from firekit.registration.pipeline import load, register
     from firekit.registration.refine import RefineConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pairs", nargs="+", type=Path, help="folders holding a pairs.json")
     parser.add_argument("--variants", nargs="+", default=["default", "field ngf"], choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--ndim", type=int, default=3, choices=[2, 3])
+    parser.add_argument("--network", action="store_true", help="2D: the shipped model's start, then refinement")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    pairs = [pair for folder in args.pairs for pair in json.loads((folder / "pairs.json").read_text())]
-    for name in args.variants:
-        dice, epe, seconds = [], [], []
-        for pair in pairs:
-            volumes = load_pair(pair)
+    model = load("default") if args.network and args.ndim == 2 else None
+    start = "network" if model is not None else "moments"
+    pairs = [(folder, pair) for folder in args.pairs for pair in json.loads((folder / "pairs.json").read_text())]
+    found = {name: dict(dice=[], epe=[], seconds=[]) for name in args.variants}
+    for folder, pair in pairs:
+        volumes = load_pair(pair)
+        direction = CASES[folder.parent.name][2] if model is not None else "a2b"
+        for name in args.variants:
             clock = time.perf_counter()
-            result = register(None, volumes["moving"], volumes["fixed"], refine=RefineConfig.preset(3, **VARIANTS[name]))
-            seconds.append(time.perf_counter() - clock)
+            result = register(model, volumes["moving"], volumes["fixed"], direction=direction,
+                              refine=RefineConfig.preset(args.ndim, start=start, **VARIANTS[name]))
+            found[name]["seconds"].append(time.perf_counter() - clock)
             scores = score(result.displacement, None, pair, volumes, list(LABEL_NAMES))
-            dice.append(float(np.mean(list(scores["dice"].values()))))
-            epe.append(scores["epe"])
-        print(f"{name}: mean Dice {np.mean(dice):.3f}, EPE {np.mean(epe):.2f} mm, {np.mean(seconds):.1f} s per pair; "
-              "pairs " + " ".join(f"{d:.3f}/{e:.2f}" for d, e in zip(dice, epe)), flush=True)
+            found[name]["dice"].append(float(np.mean(list(scores["dice"].values()))))
+            found[name]["epe"].append(scores["epe"])
+    for name, got in found.items():
+        each = "" if args.ndim == 2 else "; pairs " + " ".join(f"{d:.3f}/{e:.2f}" for d, e in zip(got["dice"], got["epe"]))
+        print(f"{name}: mean Dice {np.mean(got['dice']):.4f}, EPE {np.mean(got['epe']):.3f} mm (median "
+              f"{np.median(got['epe']):.3f}), {np.mean(got['seconds']):.2f} s per pair{each}", flush=True)
     return 0
 
 

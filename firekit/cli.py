@@ -579,8 +579,10 @@ def _add_register_method_options(register: argparse.ArgumentParser) -> None:
                           help="classical mode: refinement alone from a moments initialisation (no weights needed)")
     register.add_argument("--seed", type=int, default=0, help="refinement seed (default 0; results are deterministic)")
     register.add_argument("--quiet", action="store_true", help="no refinement progress lines (shown for 3D images)")
-    register.add_argument("--similarity", choices=["mind", "ngf", "lncc", "mse"],
-                          help="refinement's similarity (default mind: modality independent)")
+    register.add_argument("--similarity", choices=["mind", "ngf", "lncc", "mse", "mi", "mind-mi"],
+                          help="refinement's similarity in every stage (default: MIND, modality independent, plus "
+                          "normalised mutual information in the non-rigid stage; mi and mind-mi turn the 2D start's "
+                          "shift search off)")
     register.add_argument("--synthesis", action="store_true",
                           help="refine FIRE's synthesis of moving in the fixed contrast against fixed (use with "
                           "--similarity lncc or mse across modalities)")

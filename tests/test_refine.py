@@ -144,6 +144,51 @@ def test_similarity_mask_weights_voxels(name):
     assert float(masked) < 1e-5 < float(whole)
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_mutual_information_is_lowest_aligned_and_blind_to_how_tissues_map_to_intensities(ndim):
+    image, labels = head(ndim, seed=1)
+    # A non-monotone remapping (as T2 or FLAIR against T1): the same structure, other intensities.
+    remapped = (0.9 - 1.6 * (image - 0.1).abs()).clamp(-1, 1)
+    aligned = similarity.mi_loss(remapped, image)
+    shifted = [similarity.mi_loss(torch.roll(remapped, k, dims=2), image) for k in (1, 2, 4)]
+    noise = similarity.mi_loss(torch.rand_like(image) * 2 - 1, image)
+    assert aligned.shape == (1,) and 0 <= float(aligned) < float(shifted[0]) < float(shifted[1]) < float(shifted[2])
+    assert float(shifted[2]) < float(noise) <= 1.0
+    # An inverted contrast is as informative as the original.
+    assert float(similarity.mi_loss(-image, image)) == pytest.approx(float(similarity.mi_loss(image, image)), abs=0.02)
+
+
+def test_mutual_information_counts_only_the_masked_voxels_and_its_gradient_reaches_the_moving_image():
+    image, _ = head(2, seed=3)
+    spoiled = image.clone()
+    spoiled[..., :, 40:] = torch.rand_like(spoiled[..., :, 40:]) * 2 - 1
+    mask = torch.zeros_like(image)
+    mask[..., :, :36] = 1.0
+    # (MIND's descriptors read the whole image's mean variance: within 1e-3 for mind-mi.)
+    for name, within in (("mi", 1e-5), ("mind-mi", 1e-3)):
+        split = similarity.get_similarity(name, radius=1, dilation=1)
+        masked = split.compare(split.features(spoiled), split.features(image), mask)
+        clean = split.compare(split.features(image), split.features(image), mask)
+        whole = split.compare(split.features(spoiled), split.features(image), None)
+        assert float(masked) == pytest.approx(float(clean), abs=within) and float(whole) > float(clean) + 0.01
+    moving = torch.roll(image, 2, dims=3).requires_grad_(True)
+    similarity.mi_loss(moving, image).sum().backward()
+    assert torch.isfinite(moving.grad).all() and float(moving.grad.abs().sum()) > 0
+
+
+def test_mind_mi_adds_the_weighted_mutual_information_to_mind():
+    image, _ = head(2, seed=4)
+    moved = torch.roll(image, 2, dims=2)
+    mixed = similarity.get_similarity("mind-mi", radius=1, dilation=1, mi_weight=0.5, bins=16)
+    features = mixed.features(image)
+    assert features.shape[1] == similarity.mind_ssc(image, 1, 1).shape[1] + 1
+    expected = (similarity.mind_loss(moved, image, radius=1, dilation=1)
+                + 0.5 * similarity.mi_loss(moved, image, bins=16))
+    torch.testing.assert_close(mixed.compare(mixed.features(moved), features, None), expected)
+    # A statistic of the voxels, not a sum of squared differences: the FFT shift search must not use it.
+    assert mixed.pointwise and not mixed.shiftable and similarity.get_similarity("mind").shiftable
+
+
 def test_similarity_rejects_bad_input():
     with pytest.raises(FirekitError, match="must be"):
         similarity.mind_ssc(torch.zeros(1, 2, 8, 8))
@@ -424,6 +469,37 @@ def test_the_field_stage_takes_its_own_similarity_where_set():
     warped = spatial.warp(moving, spatial.affine_to_displacement(ngf.theta, shape))
     expected = float(ngf_loss(downsample(warped, 2), downsample(fixed, 2))[0])
     assert abs(first - expected) < 0.02 * expected, (first, expected)
+
+
+def test_presets_add_mutual_information_to_mind_in_the_non_rigid_stage_and_it_lowers_the_error():
+    """The presets' non-rigid similarity is MIND + normalised mutual information (cine keeps MIND alone); on phantom
+    pairs with known warps, within one contrast and across two, it finds them more closely than MIND alone."""
+    from firekit.registration.cine import cine_refine_config
+
+    fixed, _ = head(2, seed=1)
+    channels = similarity.mind_ssc(fixed, 1, 1).shape[1]
+    for ndim in (2, 3):
+        preset = RefineConfig.preset(ndim)
+        assert preset.field_similarity == "mind-mi" and 0 < preset.mi_weight < 1
+        image = fixed if ndim == 2 else head(3, seed=1)[0]
+        width = similarity.mind_ssc(image, 1, 1).shape[1]
+        assert preset.similarity_fn("field").features(image).shape[1] == width + 1
+        assert cine_refine_config("auto", ndim).similarity_fn("field").features(image).shape[1] == width
+    assert preset.similarity_fn().features(fixed).shape[1] == channels  # the moments and the affine: MIND
+    errors = {None: [], "mind-mi": []}
+    for seed in (2, 3):
+        generator = torch.Generator().manual_seed(seed)
+        truth = augment.random_transform(SHAPES[2], SPACING_MM, generator, augment.AugmentConfig(strength=0.5))
+        for name in ("t1", "t2", "flair"):
+            moving, labels = head(2, seed=seed, name=name)
+            fixed_labels = augment.apply_labels(labels, truth)
+            fixed = phantom.contrast(fixed_labels[0, 0], "t1", seed=seed + 1)[None, None]
+            for field_similarity, found in errors.items():
+                result = refine(moving, fixed, config=small_config(2, field_similarity=field_similarity))
+                found.append(voxel_error(result.displacement, truth.displacement, fixed_labels[:, 0] > 0))
+    # Measured: MIND 0.41 / 0.37 / 0.86 / 0.57 / 0.42 / 0.53 voxel, with MI 0.37 / 0.35 / 0.52 / 0.37 / 0.36 / 0.50.
+    assert sum(errors["mind-mi"]) < 0.9 * sum(errors[None])
+    assert all(mixed < alone + 0.05 for mixed, alone in zip(errors["mind-mi"], errors[None]))
 
 
 def test_a_starting_flow_on_the_grid_is_corrected_whole():

@@ -172,6 +172,7 @@ def test_refinement_similarity_and_synthesis_path(monkeypatch):
 
     def spy(moving_tensor, fixed_tensor, **options):
         seen["moving"], seen["similarity"] = moving_tensor.detach().clone(), options["config"].similarity
+        seen["field"] = options["config"].similarity_fn("field").features(fixed_tensor).shape[1]
         return original(moving_tensor, fixed_tensor, **options)
 
     monkeypatch.setattr(refine_module, "refine", spy)
@@ -186,7 +187,7 @@ def test_refinement_similarity_and_synthesis_path(monkeypatch):
     # The warped image is moving's (not the synthesis) resampled by the field found.
     torch.testing.assert_close(network.warped, spatial.warp(network.moving, network.displacement), atol=1e-5, rtol=0)
     plain = register(None, moving, fixed, refine="auto", similarity="lncc", spacing=None)
-    assert seen["similarity"] == "lncc"
+    assert seen["similarity"] == "lncc" and seen["field"] == 1  # LNCC's features (the image) in every stage
     from firekit.core import metrics
 
     labels_moving, labels_fixed = pair.labels_a[0, 0], pair.labels_b[0, 0]

@@ -13,6 +13,9 @@ mean into a weighted mean.
 * :func:`lncc_loss`: 1 - squared local normalised cross-correlation in a moving window; the
   square makes it blind to a local contrast inversion.
 * :func:`mse_loss`: mean squared difference, for pairs of the same contrast.
+* :func:`mi_loss`: one minus the normalised mutual information of the two images' intensities
+  (Parzen-window joint histogram, as Mattes et al. 2003): any functional relation of the intensities,
+  judged over the whole image; ``"mind-mi"`` adds it to MIND (:func:`mind_mi`).
 
 Each loss is split into ``features(image)`` and ``compare(features_a, features_b, mask)`` (see
 :data:`SIMILARITIES`), so an optimiser can compute the fixed image's features once.
@@ -37,6 +40,8 @@ __all__ = [
     "ngf_loss",
     "lncc_loss",
     "mse_loss",
+    "mi_loss",
+    "mind_mi",
     "box_filter",
     "Similarity",
     "SIMILARITIES",
@@ -284,6 +289,87 @@ def mse_loss(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None)
     return _squared_difference(a, b, mask)
 
 
+def _cubic_parzen(x: torch.Tensor, bins: int, low: float, high: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Cubic B-spline Parzen window of intensities ``x`` ``(B, N)`` on ``bins`` bins over [low, high]: each voxel's
+    first bin ``(B, N)`` (long, in 0 .. bins - 1) and its 4 weights there and in the next three bins (each ``(B, N)``,
+    summing to 1, differentiable in ``x``). The window reaches one bin below the first and two above the last: a
+    histogram of ``bins + 3`` bins, bin ``k`` centred on intensity bin ``k - 1``."""
+    position = (x.clamp(low, high) - low) * ((bins - 1) / (high - low))
+    first = position.detach().floor()
+    f = position - first
+    f2 = f * f
+    f3 = f2 * f
+    g = 1 - f
+    weights = [g * g * g / 6, (3 * f3 - 6 * f2 + 4) / 6, (-3 * f3 + 3 * f2 + 3 * f + 1) / 6, f3 / 6]
+    return first.long(), weights
+
+
+def _mi_compare(fa: torch.Tensor, fb: torch.Tensor, mask: torch.Tensor | None, bins: int = 32,
+                low: float = -1.0, high: float = 1.0) -> torch.Tensor:
+    """``2 - (H(a) + H(b)) / H(a, b)`` of intensities ``(B, 1, *P)`` (the first one Parzen-windowed, differentiable;
+    the second binned), each voxel weighted by ``mask``."""
+    batch = max(fa.shape[0], fb.shape[0])
+    a = fa.expand(batch, *fa.shape[1:]).flatten(1)
+    b = fb.expand(batch, *fb.shape[1:]).flatten(1).detach()
+    first, weights = _cubic_parzen(a, bins, low, high)
+    if mask is not None:
+        voxel = mask.expand(batch, 1, *mask.shape[2:]).flatten(1).to(a)
+        weights = [w * voxel for w in weights]
+    width = bins + 3
+    fixed_bin = ((b.clamp(low, high) - low) * ((bins - 1) / (high - low))).round().long()
+    index = fixed_bin * width + first
+    joint = a.new_zeros(batch, bins * width)
+    for k, w in enumerate(weights):
+        joint = joint.scatter_add(1, index + k, w)
+    joint = joint / joint.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    joint = joint.view(batch, bins, width)
+
+    def entropy(p: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=dims)
+
+    joint_entropy = entropy(joint, (1, 2)).clamp_min(1e-6)
+    return 2.0 - (entropy(joint.sum(1), (1,)) + entropy(joint.sum(2), (1,))) / joint_entropy
+
+
+def mi_loss(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, bins: int = 32) -> torch.Tensor:
+    """One minus normalised mutual information, ``2 - (H(a) + H(b)) / H(a, b)`` (Studholme's NMI).
+
+    The joint histogram has ``bins`` bins per image over [-1, 1] (intensities outside are clamped):
+    ``a`` (the moving image as warped) falls into it through a cubic B-spline Parzen window, so the
+    loss is differentiable in ``a``; ``b`` (fixed) into one bin per voxel (as in Mattes et al. 2003).
+
+    Args:
+        a, b: ``(B, 1, *S)`` images in [-1, 1].
+        mask: optional ``(B, 1, *S)`` voxel weights.
+        bins: histogram bins per image.
+
+    Returns:
+        ``(B,)`` in [0, 1], 1 for independent images, lowest for images whose intensities fix each
+        other's (not 0: the window spreads each voxel of ``a`` over neighbouring bins).
+    """
+    _check_pair(a, b)
+    if bins < 4:
+        raise FirekitError(f"mi_loss needs bins >= 4, got {bins}")
+    return _mi_compare(a, b, mask, bins)
+
+
+def mind_mi(radius: int = 1, dilation: int = 1, mi_weight: float = 1.0, bins: int = 32) -> "Similarity":
+    """MIND plus ``mi_weight`` times :func:`mi_loss`: features are MIND's channels and the image as a last one.
+
+    MIND compares local structure and keeps the field from following intensity alone; the mutual
+    information over the whole image pins each edge where the two images' intensities say it is
+    (MIND's descriptors of two contrasts can prefer a slightly shifted edge; ``bench/field_similarity.md``).
+    """
+    def features(image: torch.Tensor) -> torch.Tensor:
+        return torch.cat([mind_ssc(image, radius, dilation), image], dim=1)
+
+    def compare(fa: torch.Tensor, fb: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        mind = _squared_difference(fa[:, :-1], fb[:, :-1], mask)
+        return mind + mi_weight * _mi_compare(fa[:, -1:], fb[:, -1:], mask, bins)
+
+    return Similarity(features, compare, shiftable=False)
+
+
 class Similarity(NamedTuple):
     """A similarity split into features computed once per image and a comparison of features.
 
@@ -293,24 +379,28 @@ class Similarity(NamedTuple):
         warpable: whether resampling an image's features approximates the features of the
             resampled image. False for NGF, whose gradient vectors turn with the image; MIND's
             descriptors depend on orientation only mildly.
-        pointwise: whether ``compare`` is a (weighted) mean of a per-voxel term, so that it can be
-            evaluated on any set of voxels laid out as a grid (e.g. a random sample). False for
-            LNCC, whose windows need the voxels' neighbours.
+        pointwise: whether ``compare`` can be evaluated on any set of voxels laid out as a grid (e.g.
+            a random sample): a (weighted) mean of a per-voxel term, or a statistic of the voxels'
+            values (mutual information). False for LNCC, whose windows need the voxels' neighbours.
+        shiftable: whether ``compare`` is a mean squared difference of the features, so that an FFT
+            can score every shift at once (the moments search's shift search).
     """
 
     features: Callable[[torch.Tensor], torch.Tensor]
     compare: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
     warpable: bool = True
     pointwise: bool = True
+    shiftable: bool = True
 
 
 def get_similarity(name: str, **options) -> Similarity:
     """The :class:`Similarity` called ``name`` (a key of :data:`SIMILARITIES`).
 
     Args:
-        name: ``"mind"``, ``"ngf"``, ``"lncc"`` or ``"mse"``.
-        options: ``radius``/``dilation`` (mind), ``eps`` (ngf, lncc), ``window`` (lncc); options
-            meant for another similarity are ignored.
+        name: ``"mind"``, ``"ngf"``, ``"lncc"``, ``"mse"``, ``"mi"`` or ``"mind-mi"``.
+        options: ``radius``/``dilation`` (mind, mind-mi), ``eps`` (ngf, lncc), ``window`` (lncc),
+            ``bins`` (mi, mind-mi), ``mi_weight`` (mind-mi); options meant for another similarity
+            are ignored.
     """
     if name not in SIMILARITIES:
         raise FirekitError(f"unknown similarity {name!r}; choose one of {sorted(SIMILARITIES)}")
@@ -322,15 +412,25 @@ def _mind(radius: int = 2, dilation: int = 2, **_) -> Similarity:
 
 
 def _ngf(eps: float = 0.005, **_) -> Similarity:
-    return Similarity(lambda x: ngf_features(x, eps), _ngf_compare, warpable=False)
+    return Similarity(lambda x: ngf_features(x, eps), _ngf_compare, warpable=False, shiftable=False)
 
 
 def _lncc(window: int = 9, eps: float = 1e-5, **_) -> Similarity:
-    return Similarity(lambda x: x, lambda a, b, mask: _lncc_compare(a, b, mask, window, eps), pointwise=False)
+    return Similarity(lambda x: x, lambda a, b, mask: _lncc_compare(a, b, mask, window, eps), pointwise=False,
+                      shiftable=False)
 
 
 def _mse(**_) -> Similarity:
     return Similarity(lambda x: x, _squared_difference)
 
 
-SIMILARITIES: dict[str, Callable[..., Similarity]] = {"mind": _mind, "ngf": _ngf, "lncc": _lncc, "mse": _mse}
+def _mi(bins: int = 32, **_) -> Similarity:
+    return Similarity(lambda x: x, lambda a, b, mask: _mi_compare(a, b, mask, bins), shiftable=False)
+
+
+def _mind_mi(radius: int = 2, dilation: int = 2, mi_weight: float = 1.0, bins: int = 32, **_) -> Similarity:
+    return mind_mi(radius, dilation, mi_weight, bins)
+
+
+SIMILARITIES: dict[str, Callable[..., Similarity]] = {"mind": _mind, "ngf": _ngf, "lncc": _lncc, "mse": _mse,
+                                                      "mi": _mi, "mind-mi": _mind_mi}

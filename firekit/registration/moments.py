@@ -225,7 +225,7 @@ def moments_search(moving: Pyramid, fixed: Pyramid, config: RefineConfig,
     first = _rank(thetas, moving_small, fixed_features, similarity, fixed_shape, bounds, weights)
     search = partial(_local_search, centre_f=centre_f, moving_small=moving_small, fixed_features=fixed_features,
                      similarity=similarity, fixed_shape=fixed_shape, config=config, weights=weights)
-    if config.shift_reach <= 0 or config.shift_starts < 1 or not (similarity.pointwise and similarity.warpable):
+    if config.shift_reach <= 0 or config.shift_starts < 1 or not (similarity.shiftable and similarity.warpable):
         return _diverse(*search(first), keep, config.start_spread)
     # The best candidates also compete moved to their best shifts (FFT), as a family of their own:
     # the unshifted keep starts too, since at this resolution a shift can pull a small, near-round

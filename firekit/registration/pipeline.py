@@ -496,7 +496,8 @@ def register(model: Fire | None, moving, fixed, direction: str = "a2b", affine_o
         refine: 0 network alone; ``"auto"`` the tuned refinement; K steps per pyramid level; or a
             ``RefineConfig``. A 2D model on a 3D volume refines in 3D from moments.
         seed: refinement seed (results are deterministic for a seed).
-        similarity: refinement's similarity (``"mind"``, ``"ngf"``, ``"lncc"``, ``"mse"``; default the preset's, MIND).
+        similarity: refinement's similarity in every stage (``"mind"``, ``"ngf"``, ``"lncc"``, ``"mse"``, ``"mi"``,
+            ``"mind-mi"``); default the preset's: MIND, plus mutual information in the non-rigid stage.
         synthesis: refinement registers FIRE's synthesis of moving in the fixed contrast (``F(G(moving))``) to
             fixed, so a mono-modal similarity (``"lncc"``, ``"mse"``) can be used across modalities; the
             transform found is applied to moving. Needs a model.
@@ -626,8 +627,8 @@ def _plan(model: Fire | None, moving: io.Volume, fixed: io.Volume, affine_only: 
         orientation = "search-axes"  # the given start may turn by more than the header bound
     if (similarity is not None or synthesis) and config is None:
         raise FirekitError("a refinement similarity or synthesis needs refinement on: pass refine='auto' or steps")
-    if similarity is not None:
-        config = replace(config, similarity=similarity)
+    if similarity is not None:  # the one similarity of every stage, the non-rigid one too
+        config = replace(config, similarity=similarity, field_similarity=None)
     if synthesis and (model is None or model.ndim < n):
         raise FirekitError("synthesis needs a model of the images' ndim (its decoder maps moving into fixed's contrast)")
     if model is not None and model.ndim > n:
