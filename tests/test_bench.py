@@ -251,11 +251,17 @@ def test_merging_runs_joins_cases_and_replaces_rerun_rows():
     assert first["runs"][0]["rows"] == {"a": [1], "b": [2]}  # the inputs are left as they were
 
 
-def test_the_field_similarity_variants_are_valid_3d_settings():
+@pytest.mark.parametrize("ndim, preset_variant", [(2, "mind-mi 0.3"), (3, "mind-mi 0.1")])
+def test_the_field_similarity_variants_are_valid_settings(ndim, preset_variant):
     from bench.field_similarity import VARIANTS
     from firekit.registration.refine import RefineConfig
 
-    configs = {name: RefineConfig.preset(3, **overrides) for name, overrides in VARIANTS.items()}
-    assert configs["default"] == RefineConfig.preset(3)
+    three_levels = ("field_levels", "field_iterations")  # the 3D schedule's variants: 3D only
+    configs = {name: RefineConfig.preset(ndim, **overrides) for name, overrides in VARIANTS.items()
+               if ndim == 3 or not any(key in overrides for key in three_levels)}
+    assert configs["default"] == RefineConfig.preset(ndim) == configs[preset_variant]  # the preset's own weight
     assert configs["field ngf"].field_similarity == "ngf" and configs["field ngf"].similarity == "mind"
-    assert len({repr(c) for c in configs.values()}) == len(configs)  # each variant changes something
+    assert configs["mind alone"].similarity_fn("field").features(torch.zeros(1, 1, *[8] * ndim)).shape[1] == \
+        2 * ndim * (ndim - 1)  # MIND's channels alone, as before the mutual information
+    others = [repr(c) for name, c in configs.items() if name != preset_variant]
+    assert len(set(others)) == len(others)  # every other variant changes something

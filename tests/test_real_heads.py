@@ -54,12 +54,16 @@ def test_a_head_stretched_past_the_field_of_view_registers(head, tmp_path):
                            slice_band=(0.10, 0.95))[18]
     volumes = load_pair(pair)
     epe = {}
-    for cost in (0.0, RefineConfig.preset(2).outside_cost):
+    cost = RefineConfig.preset(2).outside_cost
+    for name, options in (("mind, cost 0", dict(outside_cost=0.0, field_similarity=None)),
+                          ("cost 0", dict(outside_cost=0.0)), ("preset", {})):
         result = register(None, volumes["moving"], volumes["fixed"], direction="b2a",  # one way, as then
-                          refine=RefineConfig.preset(2, outside_cost=cost), symmetric=False)
-        epe[cost] = _score(result.displacement, volumes)["epe"]
-    assert epe[0.0] > EPE_LIMIT_MM and max(epe.values()) == epe[0.0], epe
-    assert min(epe.values()) < 6.0, epe
+                          refine=RefineConfig.preset(2, **options), symmetric=False)
+        epe[name] = _score(result.displacement, volumes)["epe"]
+    # The failure as found (MIND alone in the non-rigid stage); since mutual information is added to MIND
+    # (2026-12-07, eighth session) the uncut cost is no longer gross (8.8 mm) and the cost still registers it (2.7 mm).
+    assert epe["mind, cost 0"] > EPE_LIMIT_MM and cost > 0, epe
+    assert epe["cost 0"] > 2.5 * epe["preset"] and epe["preset"] < 6.0, epe
     # The default path: the network (trained on whole brains) starts beside two moments starts on such a
     # cut pair (RefineConfig.cut_network_starts; with one, 10.0 mm): 6.0 mm.
     result = register(load(), volumes["moving"], volumes["fixed"], direction="b2a", refine="auto")
