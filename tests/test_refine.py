@@ -476,16 +476,17 @@ def test_presets_add_mutual_information_to_mind_in_the_non_rigid_stage_and_it_lo
     pairs with known warps, within one contrast and across two, it finds them more closely than MIND alone."""
     from firekit.registration.cine import cine_refine_config
 
-    fixed, _ = head(2, seed=1)
-    channels = similarity.mind_ssc(fixed, 1, 1).shape[1]
     for ndim in (2, 3):
         preset = RefineConfig.preset(ndim)
         assert preset.field_similarity == "mind-mi" and 0 < preset.mi_weight < 1
-        image = fixed if ndim == 2 else head(3, seed=1)[0]
+        image = head(ndim, seed=1)[0]
         width = similarity.mind_ssc(image, 1, 1).shape[1]
         assert preset.similarity_fn("field").features(image).shape[1] == width + 1
+        assert preset.similarity_fn().features(image).shape[1] == width  # the moments and the affine: MIND
         assert cine_refine_config("auto", ndim).similarity_fn("field").features(image).shape[1] == width
-    assert preset.similarity_fn().features(fixed).shape[1] == channels  # the moments and the affine: MIND
+    for bad in (dict(mi_weight=-0.1), dict(mi_bins=3)):
+        with pytest.raises(FirekitError, match="mi_weight >= 0 and mi_bins >= 4"):
+            RefineConfig(**bad)
     errors = {None: [], "mind-mi": []}
     for seed in (2, 3):
         generator = torch.Generator().manual_seed(seed)

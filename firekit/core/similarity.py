@@ -289,12 +289,17 @@ def mse_loss(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None)
     return _squared_difference(a, b, mask)
 
 
+def _bin_position(x: torch.Tensor, bins: int, low: float, high: float) -> torch.Tensor:
+    """Intensities ``x`` clamped to [low, high] and measured in bins: 0 at ``low``, ``bins - 1`` at ``high``."""
+    return (x.clamp(low, high) - low) * ((bins - 1) / (high - low))
+
+
 def _cubic_parzen(x: torch.Tensor, bins: int, low: float, high: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Cubic B-spline Parzen window of intensities ``x`` ``(B, N)`` on ``bins`` bins over [low, high]: each voxel's
     first bin ``(B, N)`` (long, in 0 .. bins - 1) and its 4 weights there and in the next three bins (each ``(B, N)``,
     summing to 1, differentiable in ``x``). The window reaches one bin below the first and two above the last: a
     histogram of ``bins + 3`` bins, bin ``k`` centred on intensity bin ``k - 1``."""
-    position = (x.clamp(low, high) - low) * ((bins - 1) / (high - low))
+    position = _bin_position(x, bins, low, high)
     first = position.detach().floor()
     f = position - first
     f2 = f * f
@@ -316,7 +321,7 @@ def _mi_compare(fa: torch.Tensor, fb: torch.Tensor, mask: torch.Tensor | None, b
         voxel = mask.expand(batch, 1, *mask.shape[2:]).flatten(1).to(a)
         weights = [w * voxel for w in weights]
     width = bins + 3
-    fixed_bin = ((b.clamp(low, high) - low) * ((bins - 1) / (high - low))).round().long()
+    fixed_bin = _bin_position(b, bins, low, high).round().long()
     index = fixed_bin * width + first
     joint = a.new_zeros(batch, bins * width)
     for k, w in enumerate(weights):
@@ -353,7 +358,7 @@ def mi_loss(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None, 
     return _mi_compare(a, b, mask, bins)
 
 
-def mind_mi(radius: int = 1, dilation: int = 1, mi_weight: float = 1.0, bins: int = 32) -> "Similarity":
+def mind_mi(radius: int = 2, dilation: int = 2, mi_weight: float = 1.0, bins: int = 32) -> "Similarity":
     """MIND plus ``mi_weight`` times :func:`mi_loss`: features are MIND's channels and the image as a last one.
 
     MIND compares local structure and keeps the field from following intensity alone; the mutual

@@ -321,6 +321,9 @@ class RefineConfig(PlainConfig):
             raise FirekitError(f"RefineConfig.network_flow must be 'keep' or 'grid', got {self.network_flow!r}")
         if not 0 < self.final_rate <= 1:
             raise FirekitError(f"RefineConfig.final_rate must be a fraction in (0, 1], got {self.final_rate}")
+        if self.mi_weight < 0 or self.mi_bins < 4:
+            raise FirekitError(f"RefineConfig needs mi_weight >= 0 and mi_bins >= 4, got {self.mi_weight} and "
+                               f"{self.mi_bins}")
         if self.weight < 0 or self.affine_lr <= 0 or self.field_lr <= 0:
             raise FirekitError(
                 f"RefineConfig needs weight >= 0 and positive learning rates, got weight {self.weight}, "
